@@ -1,0 +1,72 @@
+"""featurebank: transfer learning by feature extraction.
+
+Export a pretrained backbone cut at an intermediate layer to one self-describing ONNX file,
+embed folders of images into a content-addressed on-disk cache with onnxruntime, then train
+light scikit-learn / FAISS models and search by similarity on the cached vectors.
+
+Names are imported lazily (PEP 562): ``import featurebank`` is cheap and never imports torch;
+only the export functions need it.
+
+>>> import featurebank as fb
+>>> fb.get_backbone("efficientnet_lite0").input_size
+(3, 224, 224)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it. Keep sorted by room, upstream first.
+_EXPORTS: dict[str, str] = {
+    # errors
+    **{
+        name: "featurebank.errors"
+        for name in (
+            "FeaturebankError",
+            "UnknownBackboneError",
+            "UnknownLayerError",
+            "UnknownTensorError",
+            "WeightsMismatchError",
+            "WeightsNotFoundError",
+            "ExportParityError",
+            "NotOnnxModelError",
+            "ModelCardError",
+            "FingerprintMismatchError",
+            "ImageDecodeError",
+            "StoreError",
+            "ProviderError",
+            "ClassifierFileError",
+        )
+    },
+    # artifact
+    "ModelCard": "featurebank.artifact",
+    "OutputSpec": "featurebank.artifact",
+    "Preprocessing": "featurebank.artifact",
+    "read_model_card": "featurebank.artifact",
+    # export (needs torch)
+    "BackboneSpec": "featurebank.export.registry",
+    "get_backbone": "featurebank.export.registry",
+    "list_backbones": "featurebank.export.registry",
+    "list_layers": "featurebank.export.layers",
+    "export_backbone": "featurebank.export.onnx_export",
+    "cut_onnx": "featurebank.export.onnx_cut",
+    "list_onnx_tensors": "featurebank.export.onnx_cut",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featurebank' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,5 @@
+import sys
+
+from featurebank.cli import main
+
+sys.exit(main())

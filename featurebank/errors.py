@@ -1,0 +1,103 @@
+"""Every error featurebank raises on purpose.
+
+Each one also subclasses the builtin it means, so ``except KeyError`` or
+``except ValueError`` in user code keeps working (the httpx pattern)::
+
+    FeaturebankError
+    ├── UnknownBackboneError      (KeyError)    backbone name not in the registry
+    ├── UnknownLayerError         (KeyError)    layer name not in the backbone
+    ├── UnknownTensorError        (KeyError)    tensor name not in an ONNX graph
+    ├── WeightsMismatchError      (ValueError)  checkpoint keys/shapes do not fit the network
+    ├── WeightsNotFoundError      (FileNotFoundError)  weights file or hub download unavailable
+    ├── ExportParityError         (ValueError)  exported ONNX disagrees with the source model
+    ├── NotOnnxModelError         (ValueError)  file is not a readable ONNX model
+    ├── ModelCardError            (ValueError)  ONNX file lacks or has a broken featurebank card
+    ├── FingerprintMismatchError  (ValueError)  vectors/classifier from another model
+    ├── ImageDecodeError          (ValueError)  an image cannot be decoded
+    ├── StoreError                (RuntimeError) the embedding store is unusable or corrupt
+    ├── ProviderError             (RuntimeError) requested execution provider is not active
+    └── ClassifierFileError       (ValueError)  a saved classifier cannot be loaded safely
+
+The CLI turns any ``FeaturebankError`` into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FeaturebankError",
+    "UnknownBackboneError",
+    "UnknownLayerError",
+    "UnknownTensorError",
+    "WeightsMismatchError",
+    "WeightsNotFoundError",
+    "ExportParityError",
+    "NotOnnxModelError",
+    "ModelCardError",
+    "FingerprintMismatchError",
+    "ImageDecodeError",
+    "StoreError",
+    "ProviderError",
+    "ClassifierFileError",
+]
+
+
+class FeaturebankError(Exception):
+    """Base class of every error featurebank raises deliberately."""
+
+
+class _KeyErrorMessage(KeyError):
+    # KeyError.__str__ quotes its argument (repr); our messages are sentences.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownBackboneError(FeaturebankError, _KeyErrorMessage):
+    """The backbone name is not registered; the message lists the closest names."""
+
+
+class UnknownLayerError(FeaturebankError, _KeyErrorMessage):
+    """The layer is not one the backbone can be cut at; the message lists valid ones."""
+
+
+class UnknownTensorError(FeaturebankError, _KeyErrorMessage):
+    """The tensor does not exist in the ONNX graph."""
+
+
+class WeightsMismatchError(FeaturebankError, ValueError):
+    """A checkpoint does not fit the network: missing, unexpected or misshapen keys."""
+
+
+class WeightsNotFoundError(FeaturebankError, FileNotFoundError):
+    """Weights could not be found locally nor downloaded."""
+
+
+class ExportParityError(FeaturebankError, ValueError):
+    """The exported ONNX model does not reproduce the source model within tolerance."""
+
+
+class NotOnnxModelError(FeaturebankError, ValueError):
+    """The file is missing, unreadable or not an ONNX model."""
+
+
+class ModelCardError(FeaturebankError, ValueError):
+    """The ONNX model has no featurebank card, or the card is invalid."""
+
+
+class FingerprintMismatchError(FeaturebankError, ValueError):
+    """Vectors or a classifier come from a different model than the one in use."""
+
+
+class ImageDecodeError(FeaturebankError, ValueError):
+    """An image file cannot be decoded (corrupt, unsupported, too large ...)."""
+
+
+class StoreError(FeaturebankError, RuntimeError):
+    """The embedding store is unusable, locked, or corrupt."""
+
+
+class ProviderError(FeaturebankError, RuntimeError):
+    """The requested onnxruntime execution provider is not the one running."""
+
+
+class ClassifierFileError(FeaturebankError, ValueError):
+    """A saved classifier is corrupt, untrusted, or of an unknown format version."""
