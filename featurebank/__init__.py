@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
             "StoreError",
             "ProviderError",
             "ClassifierFileError",
+            "IndexFileError",
+            "UnknownIdError",
         )
     },
     # artifact

@@ -16,7 +16,9 @@ Each one also subclasses the builtin it means, so ``except KeyError`` or
     ├── ImageDecodeError          (ValueError)  an image cannot be decoded
     ├── StoreError                (RuntimeError) the embedding store is unusable or corrupt
     ├── ProviderError             (RuntimeError) requested execution provider is not active
-    └── ClassifierFileError       (ValueError)  a saved classifier cannot be loaded safely
+    ├── ClassifierFileError       (ValueError)  a saved classifier cannot be loaded safely
+    ├── IndexFileError            (ValueError)  a saved similarity index is missing parts or corrupt
+    └── UnknownIdError            (KeyError)    id not present in a similarity index
 
 The CLI turns any ``FeaturebankError`` into a one-line message and exit code 2.
 """
@@ -38,6 +40,8 @@ __all__ = [
     "StoreError",
     "ProviderError",
     "ClassifierFileError",
+    "IndexFileError",
+    "UnknownIdError",
 ]
 
 
@@ -101,3 +105,11 @@ class ProviderError(FeaturebankError, RuntimeError):
 
 class ClassifierFileError(FeaturebankError, ValueError):
     """A saved classifier is corrupt, untrusted, or of an unknown format version."""
+
+
+class IndexFileError(FeaturebankError, ValueError):
+    """A saved similarity index directory is incomplete, inconsistent, or of an unknown format."""
+
+
+class UnknownIdError(FeaturebankError, _KeyErrorMessage):
+    """An id (content key or path) is not present in the similarity index."""
