@@ -1,0 +1,147 @@
+"""`featurebank backbones | layers | export | cut`: thin shells over featurebank.export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+POOLS = ("avg", "max", "gem", "token", "none")
+
+
+def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
+    p = sub.add_parser("backbones", help="list the registered backbones", formatter_class=formatter_class,
+                       description="List the registered backbones with their preprocessing, default layer, "
+                       "weights source and license. Any timm model name and torchvision/<model> also work.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_backbones)
+
+    p = sub.add_parser("layers", help="list the layers a backbone can be cut at", formatter_class=formatter_class,
+                       description="List the layers BACKBONE can be cut at, with output shape and stride.")
+    p.add_argument("backbone", metavar="BACKBONE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_layers)
+
+    p = sub.add_parser(
+        "export", help="export a backbone cut at a layer to one ONNX file", formatter_class=formatter_class,
+        description="Cut BACKBONE at one or more layers, add a pooling head, and write one self-describing "
+        "ONNX file (preprocessing, layer, pooling, dim and weights hash in its metadata), verified against "
+        "the source model.",
+        epilog="example:\n  featurebank export efficientnet_lite0 --layer blocks.5 --pool gem --normalize -o lite0-b5.onnx",
+    )
+    p.add_argument("backbone", metavar="BACKBONE", nargs="?", default="efficientnet_lite0",
+                   help="registry, timm or torchvision/<name> backbone (default: efficientnet_lite0)")
+    p.add_argument("--layer", dest="layers", action="append", metavar="NAME",
+                   help="layer to cut at (repeat for one output per layer; default: the backbone's default layer)")
+    p.add_argument("--pool", choices=POOLS, default=None, help="pooling head (default: avg, token for ViTs, none for logits)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors inside the graph")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--input", dest="input_format", choices=("float", "uint8"), default="float",
+                   help="float: NCHW normalised float32; uint8: NHWC uint8 pixels, the graph normalises")
+    p.add_argument("--weights", default=None, metavar="PATH|hub|random",
+                   help="weights file (.pth/.safetensors), 'hub' to download, 'random' (default: the registry's source)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "cut", help="cut any ONNX model at an intermediate tensor", formatter_class=formatter_class,
+        description="Cut an existing ONNX model (one featurebank did not write) at intermediate tensors, add "
+        "pooling, and stamp the featurebank metadata. Preprocessing is given by flags.",
+        epilog="examples:\n  featurebank cut resnet50.onnx --list\n"
+        "  featurebank cut resnet50.onnx --at /layer3/layer3.5/relu_2/Relu_output_0 --pool avg -o r50-l3.onnx",
+    )
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--list", action="store_true", help="list candidate tensors with shapes and exit")
+    p.add_argument("--at", action="append", metavar="TENSOR", help="tensor to cut at (repeat for several outputs)")
+    p.add_argument("--pool", choices=POOLS, default="avg")
+    p.add_argument("--normalize", action="store_true")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--input", dest="input_format", choices=("float", "uint8"), default="float")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="model input height and width (default: read from the graph)")
+    p.add_argument("--interpolation", default="bilinear")
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
+    p.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
+    p.add_argument("--name", default=None, help="backbone name stored in the card (default: the file stem)")
+    p.add_argument("-o", "--output", metavar="OUT.onnx")
+    p.set_defaults(func=_cut)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from featurebank.export.registry import DEFAULT_BACKBONE, list_backbones
+
+    specs = list_backbones()
+    if args.json:
+        print(json.dumps([{**s.__dict__, "preprocessing": s.preprocessing.to_dict()} for s in specs], indent=2, default=list))
+        return 0
+    rows = [
+        [s.name + (" *" if s.name == DEFAULT_BACKBONE else ""), "x".join(map(str, s.input_size[1:])), s.interpolation,
+         f"{s.crop_pct:g}", s.default_layer, s.weights, s.license]
+        for s in specs
+    ]
+    print(_table(rows, ["backbone", "input", "interp", "crop", "default layer", "weights", "license"]))
+    print("\n* the default. Any timm model name (weights via --weights PATH or the hub) and torchvision/<model> also work.")
+    return 0
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from featurebank.export.layers import list_layers
+
+    infos = list_layers(args.backbone)
+    if args.json:
+        print(json.dumps([{"name": i.name, "shape": i.shape, "stride": i.stride, "alias_of": i.alias_of} for i in infos], indent=2))
+        return 0
+    rows = [[i.name, "x".join(map(str, i.shape)), i.stride or "-", f"= {i.alias_of}" if i.alias_of else ""] for i in infos]
+    print(_table(rows, ["layer", "output shape", "stride", ""]))
+    return 0
+
+
+def _describe(card, path: str) -> None:
+    print(f"wrote {path}")
+    for o in card.outputs:
+        fig = card.verification.get("outputs", {}).get(o.name, {})
+        check = f"  parity: min cosine {fig['min_cosine']:.6f}, max abs diff {fig['max_abs_diff']:.2e}" if fig else ""
+        print(f"  output {o.name}: layer {o.layer}, pool {o.pooling}{', L2' if o.normalize else ''}, dim {o.dim}{check}")
+    print(f"  input {card.input_name}: {card.input_format}, preprocessing {json.dumps(card.preprocessing.to_dict())}")
+    print(f"  weights {card.weights_source} sha256 {card.weights_sha256[:16]}..., precision {card.precision}")
+    print(f"  fingerprint {card.fingerprint}")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from featurebank.export.onnx_export import export_backbone
+
+    card = export_backbone(
+        args.backbone, args.output, layers=args.layers, pool=args.pool, normalize=args.normalize,
+        precision=args.precision, input_format=args.input_format, weights=args.weights,
+    )
+    _describe(card, args.output)
+    return 0
+
+
+def _cut(args: argparse.Namespace) -> int:
+    from featurebank.export.onnx_cut import cut_onnx, list_onnx_tensors
+
+    if args.list:
+        rows = [[t.name, "x".join(str(s) for s in t.shape) if t.shape else "?", t.op_type] for t in list_onnx_tensors(args.model)]
+        print(_table(rows, ["tensor", "shape", "op"]))
+        return 0
+    if not args.at or not args.output:
+        from featurebank.errors import UnknownTensorError
+
+        raise UnknownTensorError("give --at TENSOR and -o OUT.onnx (or --list to see the tensors)")
+    from featurebank.artifact import Preprocessing
+    from featurebank.export.onnx_cut import graph_input_size
+
+    size = tuple(args.input_size) if args.input_size else graph_input_size(args.model)
+    pre = Preprocessing(input_size=(3, *size), interpolation=args.interpolation, crop_pct=args.crop_pct,
+                        mean=tuple(args.mean), std=tuple(args.std))
+    card = cut_onnx(args.model, args.at, args.output, pool=args.pool, normalize=args.normalize, preprocessing=pre,
+                    input_format=args.input_format, precision=args.precision, backbone=args.name)
+    _describe(card, args.output)
+    return 0

@@ -1,0 +1,251 @@
+"""Export a pretrained backbone, cut at one or more layers, as one self-describing ONNX file.
+
+The recipe:
+
+1. build the backbone and load its weights (:mod:`featurebank.export.weights`);
+2. cut it with FX so the graph holds only what the chosen layers need
+   (:func:`featurebank.export.layers.truncate`);
+3. ``torch.onnx.export`` the raw feature maps (float NCHW input ``pixels``, dynamic batch);
+4. add the pooling / L2 heads and, for ``input_format="uint8"``, the pixel-scaling prefix
+   (:mod:`featurebank.export.heads`, shared with ``featurebank cut``); fp16 if asked;
+5. stamp the :class:`~featurebank.artifact.ModelCard` into ``metadata_props``;
+6. verify: ``onnx.checker`` (full check), then onnxruntime against torch on seeded inputs
+   (:func:`featurebank.export.parity.compare_outputs`); a mismatch raises
+   :class:`~featurebank.errors.ExportParityError`;
+7. write atomically: nothing is left at the output path unless every step passed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from featurebank.artifact import ModelCard, OutputSpec, write_model_card
+from featurebank.errors import ExportParityError, UnknownLayerError
+from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
+from featurebank.export.layers import LayerInfo, list_layers, resolve_layers, truncate
+from featurebank.export.parity import compare_outputs, pool_reference
+from featurebank.export.registry import DEFAULT_BACKBONE, BackboneSpec, get_backbone
+from featurebank.export.weights import build_backbone
+
+__all__ = ["export_backbone", "OPSET"]
+
+OPSET = 18
+
+
+def _default_pool(info: LayerInfo, model: torch.nn.Module) -> str:
+    if info.layout == "NC":
+        return "none"
+    if info.layout == "NLC":
+        return "token" if getattr(model, "cls_token", None) is not None else "avg"
+    return "avg"
+
+
+def _output_names(layers: Sequence[LayerInfo]) -> list[str]:
+    if len(layers) == 1:
+        return ["embedding"]
+    return [f"embedding:{info.name}" for info in layers]
+
+
+def _check_output_path(output: str | os.PathLike[str]) -> Path:
+    path = Path(output)
+    if path.is_dir():
+        raise IsADirectoryError(21, "output path is a directory; give a file name like model.onnx", str(path))
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(2, "output folder does not exist; create it first", str(folder))
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(13, "output folder is not writable", str(folder))
+    return path
+
+
+def _seeded_pixels(spec: BackboneSpec, n: int, seed: int) -> np.ndarray:
+    """uint8 NHWC pixels: half seeded noise, half smooth gradients (realistic statistics)."""
+    rng = np.random.default_rng(seed)
+    _, h, w = spec.input_size
+    noise = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n // 2):
+        phase = rng.uniform(0, 2 * np.pi, size=3)
+        for c in range(3):
+            noise[i, :, :, c] = (127.5 + 127.5 * np.sin(xx / (7 + 5 * c) + yy / (11 + 3 * i) + phase[c])).astype(np.uint8)
+    return noise
+
+
+def _normalise(pixels: np.ndarray, spec: BackboneSpec) -> np.ndarray:
+    x = pixels.astype(np.float32) / 255.0
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def export_backbone(
+    backbone: str = DEFAULT_BACKBONE,
+    output: str | os.PathLike[str] = "model.onnx",
+    *,
+    layers: Sequence[str] | str | None = None,
+    pool: str | None = None,
+    normalize: bool = False,
+    precision: str = "fp32",
+    input_format: str = "float",
+    weights: str | os.PathLike[str] | None = None,
+    verify_pixels: np.ndarray | None = None,
+    seed: int = 0,
+) -> ModelCard:
+    """Export ``backbone`` cut at ``layers`` to ``output`` and return its model card.
+
+    Parameters
+    ----------
+    backbone : registry name, timm model name, or ``torchvision/<name>``
+    output : path of the ONNX file to write
+    layers : layer name(s) from :func:`~featurebank.export.layers.list_layers`; default the
+        backbone's ``default_layer``. Several give one graph output per layer.
+    pool : ``avg`` | ``max`` | ``gem`` | ``token`` | ``none``; default ``avg`` for feature
+        maps, ``token`` for ViT tokens, ``none`` for logits
+    normalize : L2-normalise each output vector inside the graph
+    precision : ``fp32`` or ``fp16`` (weights and compute; inputs/outputs stay float32)
+    input_format : ``float`` (NCHW float32, normalised) or ``uint8`` (NHWC uint8 pixels,
+        resized and cropped; the graph scales and normalises)
+    weights : None (the registry's source), a weights file, ``"hub"`` or ``"random"``
+    verify_pixels : optional (N, H, W, 3) uint8 images (already resized and cropped) added to
+        the seeded parity inputs, e.g. real photos
+    seed : seeds the random weights of test models and the parity inputs
+
+    Returns
+    -------
+    ModelCard
+        The card written into the file, with the parity figures in ``verification``.
+
+    Raises
+    ------
+    UnknownBackboneError, UnknownLayerError, WeightsMismatchError, WeightsNotFoundError,
+    ExportParityError, OSError (output not writable)
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be 'fp32' or 'fp16'; got precision={precision!r}")
+    if input_format not in ("float", "uint8"):
+        raise ValueError(f"input_format must be 'float' or 'uint8'; got input_format={input_format!r}")
+    if pool is not None and pool not in ("avg", "max", "gem", "token", "none"):
+        raise ValueError(f"pool must be one of avg, max, gem, token, none; got pool={pool!r}")
+    out_path = _check_output_path(output)
+    spec = get_backbone(backbone)
+    requested = [layers] if isinstance(layers, str) else list(layers or [spec.default_layer])
+
+    loaded = build_backbone(spec, weights, seed=seed)
+    infos = list_layers(spec, loaded.model)
+    chosen = resolve_layers(requested, infos)
+    pools = []
+    for info in chosen:
+        p = pool or _default_pool(info, loaded.model)
+        if info.layout == "NC" and p != "none":
+            raise UnknownLayerError(f"layer {info.name!r} is already a vector ({info.shape}); use --pool none")
+        if p == "token" and info.layout != "NLC":
+            raise UnknownLayerError(
+                f"--pool token needs a token layer (N, tokens, C); {info.name!r} is a {info.layout} map; use avg, max or gem"
+            )
+        pools.append(p)
+    cut = truncate(loaded.model, spec, chosen)
+    names = _output_names(chosen)
+
+    with tempfile.TemporaryDirectory(prefix=".featurebank-export-", dir=out_path.parent) as tmp:
+        raw_path = Path(tmp) / "raw.onnx"
+        dummy = torch.zeros(2, *spec.input_size)
+        raw_names = [f"raw{i}" for i in range(len(chosen))]
+        with torch.no_grad():
+            torch.onnx.export(
+                cut,
+                (dummy,),
+                str(raw_path),
+                input_names=["pixels"],
+                output_names=raw_names,
+                dynamic_axes={"pixels": {0: "batch"}, **{n: {0: "batch"} for n in raw_names}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        raw = onnx.load(str(raw_path))
+        heads = [
+            HeadSpec(tensor=raw_names[i], name=names[i], pooling=pools[i], normalize=normalize, layout=info.layout if info.layout != "NC" else "NCHW")
+            for i, info in enumerate(chosen)
+        ]
+        model = add_heads(raw, heads, input_format=input_format, preprocessing=spec.preprocessing)
+        if precision == "fp16":
+            model = convert_to_fp16(model)
+
+        # the card (verification figures added after the check)
+        outputs = []
+        for i, info in enumerate(chosen):
+            shape = info.shape if pools[i] == "none" else ((info.shape[0],) if info.layout == "NCHW" else (info.shape[-1],))
+            outputs.append(
+                OutputSpec.make(
+                    name=names[i], layer=info.name, pooling=pools[i], normalize=normalize, shape=shape,
+                    backbone=spec.name, weights_sha256=loaded.weights_sha256, weights_source=loaded.weights_source,
+                    preprocessing=spec.preprocessing, precision=precision,
+                )
+            )
+
+        # verify against torch
+        pixels = _seeded_pixels(spec, 4, seed)
+        if verify_pixels is not None:
+            pixels = np.concatenate([pixels, np.asarray(verify_pixels, np.uint8)], axis=0)
+        floats = _normalise(pixels, spec)
+        with torch.no_grad():
+            refs = [t.numpy() for t in cut(torch.from_numpy(floats))]
+        figures = _verify(model, refs, heads, pixels if input_format == "uint8" else floats, precision)
+
+        card = ModelCard(
+            backbone=spec.name,
+            weights_source=loaded.weights_source,
+            weights_sha256=loaded.weights_sha256,
+            weights_license=spec.license,
+            outputs=tuple(outputs),
+            preprocessing=spec.preprocessing,
+            input_name="pixels",
+            input_format=input_format,
+            precision=precision,
+            verification={"inputs": int(pixels.shape[0]), "seed": seed, "outputs": figures},
+        )
+        write_model_card(model, card)
+        onnx.checker.check_model(model, full_check=True)
+        final_tmp = Path(tmp) / "final.onnx"
+        onnx.save(model, str(final_tmp))
+        with open(final_tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(final_tmp, out_path)
+    return card
+
+
+def _verify(model: onnx.ModelProto, refs: list[np.ndarray], heads: list[HeadSpec], feed: np.ndarray, precision: str) -> dict:
+    import onnxruntime as ort
+
+    onnx.checker.check_model(model, full_check=True)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    got = sess.run([h.name for h in heads], {"pixels": feed})
+    figures = {}
+    for ref, out, head in zip(refs, got, heads):
+        if head.pooling == "none":
+            expected = pool_reference(ref, "none", layout=head.layout, normalize=head.normalize) if ref.ndim > 2 else _l2(ref, head.normalize)
+        else:
+            expected = pool_reference(ref, head.pooling, layout=head.layout, normalize=head.normalize)
+        try:
+            figures[head.name] = compare_outputs(expected, out, precision, name=head.name)
+        except ExportParityError as exc:
+            raise ExportParityError(f"{exc}; the export was not written") from None
+    return figures
+
+
+def _l2(x: np.ndarray, normalize: bool) -> np.ndarray:
+    if not normalize:
+        return x.astype(np.float32)
+    n = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32)
