@@ -52,6 +52,8 @@ __all__ = [
     "read_model_card",
     "write_model_card",
     "fingerprint_of",
+    "space_fingerprint",
+    "DECODE_MODES",
 ]
 
 #: Bumped whenever the meaning of a card field or of the preprocessing changes, so that
@@ -69,6 +71,21 @@ def fingerprint_of(payload: Mapping[str, Any]) -> str:
     """sha256 hex digest of a JSON-serialisable mapping, canonically encoded."""
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+#: How the embedder decodes images: ``exact`` reproduces the torch reference transform,
+#: ``fast`` decodes JPEGs at reduced scale first (slightly different vectors).
+DECODE_MODES = ("exact", "fast")
+
+
+def space_fingerprint(output_fingerprint: str, decode_mode: str) -> str:
+    """Identity of a cached vector space: one model output under one decode mode.
+
+    The embedding store keys vectors on it, so vectors of the two decode modes, or of two
+    models, never mix.
+    """
+    _choice(decode_mode, DECODE_MODES, "decode_mode")
+    return fingerprint_of({"output": output_fingerprint, "decode_mode": decode_mode})
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:

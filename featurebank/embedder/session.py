@@ -1,0 +1,133 @@
+"""onnxruntime sessions for featurebank models: provider choice, threads, IO binding.
+
+``device="auto"`` uses CUDA when onnxruntime can run it and the CPU otherwise, and says which
+one runs. ``device="cuda"`` fails loudly (:class:`~featurebank.errors.ProviderError`) when
+CUDA is not what runs: no silent fallback that changes speed by 20x without a word.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from featurebank.artifact import ModelCard
+from featurebank.errors import NotOnnxModelError, ProviderError
+
+__all__ = ["ModelRunner", "open_model", "physical_cores"]
+
+log = logging.getLogger("featurebank")
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def physical_cores() -> int:
+    """Cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _providers_for(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ProviderError(
+            f"--device cuda asked for, but this onnxruntime offers only {', '.join(available)}; "
+            "install onnxruntime-gpu (and not plain onnxruntime beside it), check `featurebank doctor`"
+        )
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class ModelRunner:
+    """A loaded featurebank ONNX model: its card and one onnxruntime session.
+
+    ``run(batch)`` takes the batch in the card's input format (uint8 NHWC or float32 NCHW)
+    and returns one float32 array per output, ``{name: (N, dim)}``.
+    Thread-safe: onnxruntime sessions may be run from several threads.
+    """
+
+    path: str
+    card: ModelCard
+    session: ort.InferenceSession
+    provider: str
+    output_names: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.provider == "CUDAExecutionProvider"
+
+    def run(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(outputs) if outputs is not None else self.output_names
+        if self.on_cuda:
+            # IO binding: the input is copied to the GPU once and outputs come back in place,
+            # without onnxruntime's extra staging copies.
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.card.input_name, np.ascontiguousarray(batch))
+            for name in names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
+        else:
+            values = self.session.run(names, {self.card.input_name: batch})
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, values)}
+
+
+def open_model(
+    model: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    spin: bool = False,
+) -> ModelRunner:
+    """Open a featurebank ONNX model for inference.
+
+    Parameters
+    ----------
+    model : path of an ONNX file written by ``featurebank export`` or ``featurebank cut``
+    device : ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda`` (error if unavailable)
+    threads : intra-op threads; default all cores this process may use
+    spin : let onnxruntime's threads busy-wait between ops. Off by default: the decode
+        workers share the cores, and spinning threads would steal their time.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got device={device!r}")
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise NotOnnxModelError(f"no model file at {path!r}; export one with `featurebank export -o {path}`")
+    providers = _providers_for(device)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads) if threads else physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    try:
+        session = ort.InferenceSession(path, opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise NotOnnxModelError(f"onnxruntime cannot load {path!r}: {str(exc).splitlines()[0][:300]}") from None
+    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    running = session.get_providers()[0]
+    if device == "cuda" and running != "CUDAExecutionProvider":
+        raise ProviderError(
+            f"--device cuda asked for, but onnxruntime runs {running} (CUDA failed to initialise: "
+            "check the CUDA/cuDNN libraries with `featurebank doctor`)"
+        )
+    if device == "auto" and "CUDAExecutionProvider" in providers and running != "CUDAExecutionProvider":
+        log.warning("CUDA is installed but onnxruntime could not start it; running on %s (see `featurebank doctor`)", running)
+    names = [o.name for o in session.get_outputs()]
+    missing = [o.name for o in card.outputs if o.name not in names]
+    if missing:
+        raise NotOnnxModelError(f"{path!r}: the model card names outputs {missing} that the graph lacks; re-export it")
+    return ModelRunner(path=path, card=card, session=session, provider=running, output_names=[o.name for o in card.outputs])
