@@ -1,0 +1,168 @@
+"""The store's SQLite catalog: stat cache, embedded items (path -> key, label), failures.
+
+One file ``catalog.sqlite`` in WAL mode with a busy timeout, so several processes can read
+and write it at once. Tables (plain SQL, readable with the ``sqlite3`` shell)::
+
+    stat_cache(path PK, size, mtime_ns, ctime_ns, inode, dev, key, hashed_at_ns)
+    items(path PK, key, label, updated)                  -- what was embedded, for export
+    failures(path, space, key, reason, attempts, time, PK(path, space))
+
+Vectors never live here: they are in the Arrow shard files.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from featurebank.errors import StoreError
+
+CATALOG_NAME = "catalog.sqlite"
+CATALOG_SCHEMA = 1
+BUSY_TIMEOUT_S = 60.0
+_CHUNK = 500  # rows per `IN (...)` query, below SQLite's default variable limit
+
+_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS stat_cache (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    hashed_at_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    path TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    label TEXT,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_key ON items(key);
+CREATE TABLE IF NOT EXISTS failures (
+    path TEXT NOT NULL,
+    space TEXT NOT NULL,
+    key TEXT,
+    reason TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    time REAL NOT NULL,
+    PRIMARY KEY (path, space)
+);
+"""
+
+
+class Catalog:
+    """Thin wrapper over one SQLite connection (autocommit; explicit write transactions)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / CATALOG_NAME
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(
+                str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); is the store on a network file system?")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            with self.write():
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, CATALOG_SCHEMA):
+                    raise StoreError(
+                        f"{self.path}: catalog schema version {version} is not supported by this featurebank "
+                        f"(supports {CATALOG_SCHEMA}); upgrade featurebank"
+                    )
+                for statement in _SCHEMA_SQL.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {CATALOG_SCHEMA}")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: catalog database is unusable: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def query_in(self, sql_prefix: str, values: Sequence) -> list[tuple]:
+        """Run ``sql_prefix + "(?, ?, ...)"`` over ``values`` in chunks; concatenated rows."""
+        rows: list[tuple] = []
+        with self._lock:
+            for s in range(0, len(values), _CHUNK):
+                part = values[s : s + _CHUNK]
+                rows.extend(self._conn.execute(sql_prefix + "(" + ",".join("?" * len(part)) + ")", part).fetchall())
+        return rows
+
+    # ------------------------------------------------------------------ stat cache
+    def stat_lookup(self, paths: Sequence[str]) -> dict[str, tuple]:
+        rows = self.query_in(
+            "SELECT path, size, mtime_ns, ctime_ns, inode, dev, key, hashed_at_ns FROM stat_cache WHERE path IN ", paths
+        )
+        return {r[0]: r[1:] for r in rows}
+
+    def stat_store(self, rows: Sequence[tuple]) -> None:
+        if not rows:
+            return
+        with self.write() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ctime_ns, inode, dev, key, hashed_at_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    # ------------------------------------------------------------------ items
+    def record_items(self, rows: Sequence[tuple[str, str, str | None]]) -> None:
+        now = time.time()
+        with self.write() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO items (path, key, label, updated) VALUES (?, ?, ?, ?)",
+                [(p, k, lab, now) for p, k, lab in rows],
+            )
+
+    # ------------------------------------------------------------------ failures
+    def record_failures(self, rows: Sequence[tuple[str, str, str | None, str]]) -> None:
+        now = time.time()
+        with self.write() as c:
+            c.executemany(
+                "INSERT INTO failures (path, space, key, reason, attempts, time) VALUES (?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT(path, space) DO UPDATE SET key = excluded.key, reason = excluded.reason, "
+                "attempts = failures.attempts + 1, time = excluded.time",
+                [(p, s, k, r, now) for p, s, k, r in rows],
+            )
+
+    def clear_failures(self, space: str | None, paths: Sequence[str] | None) -> int:
+        with self.write() as c:
+            if paths is None:
+                if space is None:
+                    return c.execute("DELETE FROM failures").rowcount
+                return c.execute("DELETE FROM failures WHERE space = ?", (space,)).rowcount
+            n = 0
+            for s in range(0, len(paths), _CHUNK):
+                part = list(paths[s : s + _CHUNK])
+                marks = ",".join("?" * len(part))
+                if space is None:
+                    n += c.execute(f"DELETE FROM failures WHERE path IN ({marks})", part).rowcount
+                else:
+                    n += c.execute(f"DELETE FROM failures WHERE space = ? AND path IN ({marks})", [space, *part]).rowcount
+            return n

@@ -1,0 +1,400 @@
+"""Shard files: Arrow IPC (Feather v2) files holding ``key`` + ``vector`` columns.
+
+One shard is an uncompressed Arrow IPC *file* (so it can be memory-mapped, zero copy) with
+
+* ``key``    : ``string``, the 64-char lowercase sha256 hex of the image file bytes
+* ``vector`` : ``fixed_size_list<float32 | float16>[dim]``
+
+Schema metadata carries ``featurebank.space`` (the space fingerprint) and
+``featurebank.store_format``; each record batch carries ``featurebank.sha256`` in its custom
+metadata, the sha256 of the batch's key bytes followed by its vector bytes, which
+:func:`check_shard` recomputes. Plain pyarrow reads a shard with
+``pyarrow.feather.read_table(path)`` or ``pyarrow.ipc.open_file(path).read_all()``.
+
+Writes are atomic: the file is written under a dot-prefixed temporary name in the same
+directory, flushed, fsynced, renamed into place, and the directory is fsynced. Readers list
+only names that do not start with a dot, so a writer killed mid-write leaves at most a
+temporary file that nobody reads; :func:`remove_stale_temps` deletes those whose writer is
+gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from featurebank.errors import StoreError
+
+SHARD_SUFFIX = ".arrow"
+TEMP_PREFIX = ".tmp-"
+KEY_LEN = 64
+#: A temporary file older than this is removed even if its writer's pid looks alive
+#: (pids get reused; a day is far longer than any single shard write).
+STALE_TEMP_AGE_S = 24 * 3600
+
+_HOST = socket.gethostname().replace("-", "_").replace(".", "_")[:32] or "host"
+_HEX_LUT = np.full(256, 255, dtype=np.uint8)
+_HEX_LUT[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- file helpers
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename inside it survives a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path(directory: Path, suffix: str = "") -> Path:
+    """A unique dot-prefixed temporary name in ``directory`` that records host and pid."""
+    return directory / f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename).
+
+    With ``exclusive=True`` the file is only created if absent (``os.link`` fails on an
+    existing name, so two racing processes cannot both win); returns False if it existed.
+    """
+    tmp = temp_path(path.parent, path.suffix)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale_temp(path: Path, now: float | None = None) -> bool:
+    """True for a leftover temporary file whose writer is dead (same host) or that is old."""
+    name = path.name
+    if not name.startswith(TEMP_PREFIX):
+        return False
+    now = time.time() if now is None else now
+    try:
+        age = now - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > STALE_TEMP_AGE_S:
+        return True
+    parts = name[len(TEMP_PREFIX) :].split("-")
+    if len(parts) >= 3 and parts[0] == _HOST and parts[1].isdigit():
+        return not _pid_alive(int(parts[1]))
+    return False
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete leftover temporary files of dead writers in ``directory``; return them."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for e in entries:
+        p = Path(e.path)
+        if e.name.startswith(TEMP_PREFIX) and is_stale_temp(p, now):
+            try:
+                os.unlink(p)
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def list_shards(directory: Path) -> list[str]:
+    """Names of committed shard files in ``directory``, oldest first (names sort by time)."""
+    try:
+        names = [e.name for e in os.scandir(directory) if e.name.endswith(SHARD_SUFFIX) and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    names.sort()
+    return names
+
+
+def new_shard_name() -> str:
+    # time first so that names sort by commit time; pid + random so concurrent writers
+    # (threads, processes, hosts) never pick the same name.
+    return f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+
+
+# ----------------------------------------------------------------------------- keys
+def keys_to_array(keys: Iterable[str] | np.ndarray, what: str = "keys") -> np.ndarray:
+    """Validate keys and return them as an ``S64`` array (ASCII bytes), shape (n,).
+
+    Raises ValueError naming the first bad key: keys must be 64-char lowercase sha256 hex.
+    """
+    if isinstance(keys, np.ndarray) and keys.dtype.kind in ("S", "U"):
+        arr = keys.reshape(-1)
+    else:
+        if isinstance(keys, (str, bytes)):
+            raise ValueError(f"{what} must be a sequence of sha256 hex strings, not a single string")
+        keys = list(keys)
+        for k in keys:
+            if not isinstance(k, (str, bytes, np.str_, np.bytes_)):
+                raise ValueError(f"{what} must be sha256 hex strings; got {type(k).__name__} {k!r}")
+        arr = np.asarray(keys)
+        if arr.size == 0:
+            return np.empty(0, dtype=f"S{KEY_LEN}")
+    if arr.size and arr.dtype.itemsize // (4 if arr.dtype.kind == "U" else 1) > KEY_LEN:
+        long_rows = np.flatnonzero(np.char.str_len(arr) > KEY_LEN)
+        if long_rows.size:
+            bad = int(long_rows[0])
+            raise ValueError(f"{what}[{bad}] = {arr[bad]!r} is not a sha256 hex digest (64 lowercase hex characters)")
+    if arr.dtype.kind == "U":
+        try:
+            arr = np.char.encode(arr, "ascii")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{what} must be sha256 hex digests (64 lowercase hex characters); found non-ASCII text") from exc
+    arr = np.ascontiguousarray(arr.astype(f"S{KEY_LEN}")) if arr.dtype != np.dtype(f"S{KEY_LEN}") else np.ascontiguousarray(arr)
+    if arr.size:
+        raw = arr.view(np.uint8).reshape(-1, KEY_LEN)
+        bad_rows = np.flatnonzero((_HEX_LUT[raw] == 255).any(axis=1))
+        if bad_rows.size:
+            bad = int(bad_rows[0])
+            raise ValueError(
+                f"{what}[{bad}] = {arr[bad].decode('ascii', 'replace')!r} is not a sha256 hex digest "
+                "(64 lowercase hex characters); compute keys with EmbeddingStore.hash_files"
+            )
+    return arr
+
+
+def key_prefix64(keys: np.ndarray) -> np.ndarray:
+    """The first 16 hex characters of ``S64`` keys as uint64, shape (n,). Order-preserving."""
+    raw = keys.view(np.uint8).reshape(-1, KEY_LEN)[:, :16]
+    nib = _HEX_LUT[raw].astype(np.uint64)
+    out = np.zeros(len(keys), dtype=np.uint64)
+    for i in range(16):
+        out |= nib[:, i] << np.uint64(4 * (15 - i))
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+def vector_type(dtype: str, dim: int) -> pa.DataType:
+    return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)
+
+
+def shard_schema(space_fp: str, dtype: str, dim: int, format_version: int) -> pa.Schema:
+    return pa.schema(
+        [pa.field("key", pa.string(), nullable=False), pa.field("vector", vector_type(dtype, dim), nullable=False)],
+        metadata={"featurebank.space": space_fp, "featurebank.store_format": str(format_version)},
+    )
+
+
+def batch_checksum(keys: np.ndarray, X: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(memoryview(np.ascontiguousarray(keys)).cast("B"))
+    h.update(memoryview(np.ascontiguousarray(X)).cast("B"))
+    return h.hexdigest()
+
+
+def make_batch(keys: np.ndarray, X: np.ndarray, schema: pa.Schema) -> tuple[pa.RecordBatch, dict[str, str]]:
+    """keys : (n,) S64; X : (n, dim) in the space dtype, C-contiguous."""
+    n, dim = X.shape
+    key_arr = pa.Array.from_buffers(
+        pa.string(), n, [None, pa.py_buffer(np.arange(0, (n + 1) * KEY_LEN, KEY_LEN, dtype=np.int32)), pa.py_buffer(keys)]
+    )
+    values = pa.array(X.reshape(-1), type=schema.field("vector").type.value_type)
+    vec = pa.FixedSizeListArray.from_arrays(values, dim)
+    batch = pa.record_batch([key_arr, vec], schema=schema)
+    return batch, {"featurebank.sha256": batch_checksum(keys, X)}
+
+
+class ShardWriter:
+    """Streams record batches into one shard, committed atomically by :meth:`commit`.
+
+    >>> w = ShardWriter(shard_dir, schema); w.write(keys, X); name = w.commit()
+    """
+
+    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+        self.directory = directory
+        self.schema = schema
+        self.tmp = temp_path(directory, SHARD_SUFFIX)
+        self._file = open(self.tmp, "wb")
+        self._writer = ipc.new_file(self._file, schema)
+        self.n_rows = 0
+
+    def write(self, keys: np.ndarray, X: np.ndarray) -> None:
+        if len(keys) == 0:
+            return
+        batch, meta = make_batch(keys, X, self.schema)
+        self._writer.write_batch(batch, custom_metadata=meta)
+        self.n_rows += len(keys)
+
+    def commit(self) -> str:
+        self._writer.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = new_shard_name()
+        os.rename(self.tmp, self.directory / name)
+        fsync_dir(self.directory)
+        return name
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - already failing; the temp file is removed below
+            pass
+        self._file.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def write_shard(directory: Path, schema: pa.Schema, keys: np.ndarray, X: np.ndarray) -> str:
+    """Write one shard atomically; returns its file name."""
+    w = ShardWriter(directory, schema)
+    try:
+        w.write(keys, X)
+        return w.commit()
+    except BaseException:
+        w.abort()
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class Block:
+    """One record batch of a shard, memory-mapped.
+
+    keys : (n,) S64 view into the file; vectors : (n, dim) float32/float16 view into the file.
+    """
+
+    shard: str
+    batch: int
+    keys: np.ndarray
+    vectors: np.ndarray
+    checksum: str | None
+
+
+def _string_column_as_s64(col: pa.Array, where: str) -> np.ndarray:
+    if col.type != pa.string():
+        raise StoreError(f"{where}: column 'key' has type {col.type}, expected string")
+    n = len(col)
+    if n == 0:
+        return np.empty(0, dtype=f"S{KEY_LEN}")
+    if col.null_count:
+        raise StoreError(f"{where}: column 'key' has {col.null_count} nulls")
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=col.offset + n + 1)[col.offset :]
+    if not np.all(np.diff(offsets) == KEY_LEN):
+        raise StoreError(f"{where}: column 'key' holds strings that are not {KEY_LEN} characters long")
+    data = col.buffers()[2]
+    return np.frombuffer(data, dtype=f"S{KEY_LEN}", count=n, offset=int(offsets[0]))
+
+
+def read_blocks(path: Path, dim: int, dtype: str) -> list[Block]:
+    """Memory-map a shard and return its record batches as numpy views.
+
+    The file descriptor is closed before returning; the mapping stays alive as long as the
+    arrays do, so a shard deleted by a concurrent compaction keeps serving this reader.
+    Raises FileNotFoundError if the shard vanished, StoreError if it does not parse or
+    its schema does not match (dim, dtype).
+    """
+    where = str(path)
+    try:
+        mm = pa.memory_map(str(path))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if not path.exists():
+            raise FileNotFoundError(str(path)) from exc
+        raise StoreError(f"{where}: cannot open shard: {exc}") from exc
+    try:
+        try:
+            reader = ipc.open_file(mm)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"{where}: not a readable Arrow IPC file (truncated or corrupt): {exc}") from exc
+        want = vector_type(dtype, dim)
+        names = reader.schema.names
+        if names[:2] != ["key", "vector"] or reader.schema.field("vector").type != want:
+            raise StoreError(
+                f"{where}: schema {reader.schema.field('vector').type if 'vector' in names else names} "
+                f"does not match the space (vector {want})"
+            )
+        blocks = []
+        for i in range(reader.num_record_batches):
+            try:
+                batch, meta = reader.get_batch_with_custom_metadata(i)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise StoreError(f"{where}: record batch {i} is unreadable (truncated or corrupt): {exc}") from exc
+            keys = _string_column_as_s64(batch.column(0), where)
+            vcol = batch.column(1)
+            if vcol.null_count:
+                raise StoreError(f"{where}: column 'vector' has {vcol.null_count} nulls")
+            flat = vcol.flatten().to_numpy(zero_copy_only=True)
+            vectors = flat.reshape(len(batch), dim)
+            checksum = None
+            if meta is not None:
+                raw = meta.get(b"featurebank.sha256")
+                checksum = raw.decode("ascii") if raw is not None else None
+            blocks.append(Block(shard=path.name, batch=i, keys=keys, vectors=vectors, checksum=checksum))
+        return blocks
+    finally:
+        mm.close()
+
+
+def check_blocks(blocks: list[Block], where: str) -> list[str]:
+    """Deep checks of a parsed shard: key syntax, finite vectors, checksums. Returns problems."""
+    problems = []
+    for b in blocks:
+        label = f"{where} batch {b.batch}"
+        try:
+            keys_to_array(b.keys, what="key")
+        except ValueError as exc:
+            problems.append(f"{label}: {exc}")
+        if b.vectors.size and not np.isfinite(b.vectors).all():
+            n_bad = int((~np.isfinite(b.vectors)).any(axis=1).sum())
+            problems.append(f"{label}: {n_bad} vectors contain NaN or inf")
+        if b.checksum is None:
+            problems.append(f"{label}: no featurebank.sha256 checksum in batch metadata")
+        elif batch_checksum(b.keys, b.vectors) != b.checksum:
+            problems.append(f"{label}: sha256 checksum mismatch (the file was modified or corrupted)")
+    return problems
+
+
+def iter_rows_chunks(blocks: list[Block], chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for b in blocks:
+        for s in range(0, len(b.keys), chunk):
+            yield b.keys[s : s + chunk], b.vectors[s : s + chunk]
