@@ -19,6 +19,7 @@ from featurebank.errors import FeaturebankError
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "featurebank.cli.export_cmds",
+    "featurebank.cli.store_cmds",
 )
 
 

@@ -940,7 +940,8 @@ def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Embeddin
         raise StoreError(f"{root} is a file, not a store directory")
     if not marker.exists():
         if not create:
-            raise StoreError(f"{root} is not a featurebank store (no {MARKER_NAME}); create it with open_store(path)")
+            what = "does not exist" if not root.exists() else f"is not a featurebank store (no {MARKER_NAME})"
+            raise StoreError(f"{root} {what}; check the path (a store is created by the first embedding run)")
         root.mkdir(parents=True, exist_ok=True)
         others = [n for n in os.listdir(root) if not n.startswith(TEMP_PREFIX)]
         if others:
