@@ -56,6 +56,9 @@ _EXPORTS: dict[str, str] = {
     "export_backbone": "featurebank.export.onnx_export",
     "cut_onnx": "featurebank.export.onnx_cut",
     "list_onnx_tensors": "featurebank.export.onnx_cut",
+    # store
+    "open_store": "featurebank.store",
+    "EmbeddingStore": "featurebank.store",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
