@@ -1,0 +1,1 @@
+def fuse_classifier(): pass
