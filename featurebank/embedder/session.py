@@ -7,6 +7,7 @@ CUDA is not what runs: no silent fallback that changes speed by 20x without a wo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -19,7 +20,7 @@ import onnxruntime as ort
 from featurebank.artifact import ModelCard
 from featurebank.errors import NotOnnxModelError, ProviderError
 
-__all__ = ["ModelRunner", "open_model", "physical_cores"]
+__all__ = ["ModelRunner", "open_model", "physical_cores", "cuda_status"]
 
 log = logging.getLogger("featurebank")
 
@@ -34,17 +35,49 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason): whether onnxruntime can really start its CUDA provider here.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even where no GPU or CUDA library is present;
+    only creating a session tells. Done once per process on a one-node graph.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, (
+            f"this onnxruntime build offers only {', '.join(ort.get_available_providers())} "
+            "(is plain onnxruntime installed over onnxruntime-gpu?)"
+        )
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    probe.ir_version = 9  # old enough for any onnxruntime that supports opset 17
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    previous = 2
+    ort.set_default_logger_severity(4)  # the CUDA loader logs its failure as an error otherwise
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        running = sess.get_providers()[0]
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return False, f"creating a CUDA session failed: {str(exc).splitlines()[0][:200]}"
+    finally:
+        ort.set_default_logger_severity(previous)
+    if running != "CUDAExecutionProvider":
+        return False, "onnxruntime-gpu is installed but CUDA did not start (no GPU, or CUDA 12/13 / cuDNN 9 libraries missing)"
+    return True, "CUDA provider starts"
+
+
 def _providers_for(device: str) -> list[str]:
-    available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
+    usable, reason = cuda_status()
+    if usable:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise ProviderError(
-            f"--device cuda asked for, but this onnxruntime offers only {', '.join(available)}; "
-            "install onnxruntime-gpu (and not plain onnxruntime beside it), check `featurebank doctor`"
-        )
+        raise ProviderError(f"--device cuda asked for, but CUDA cannot run here: {reason}; see `featurebank doctor`")
     return ["CPUExecutionProvider"]
 
 

@@ -1,0 +1,337 @@
+"""Folders of images to vectors: the batch pipeline and its cache.
+
+Stages (clip-retrieval's reader -> mapper -> writer, each timed on its own):
+
+* **read**: list the inputs (:func:`~featurebank.embedder.sources.list_images`), hash each
+  file's bytes (the store keeps a stat cache so unchanged files are not re-read), and drop
+  what the store already holds for this model and decode mode;
+* **decode**: a thread pool decodes and preprocesses images to uint8 (Pillow releases the
+  GIL), a bounded number of batches ahead, so decoding overlaps inference and memory stays
+  flat whatever the dataset size;
+* **infer**: one onnxruntime session runs each batch (CUDA with IO binding when present);
+* **write**: each batch goes into the store as one atomic shard, so a killed run loses at
+  most the batch in flight and a re-run redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from featurebank.artifact import DECODE_MODES, space_fingerprint
+from featurebank.embedder.decode import decode_image, to_model_input
+from featurebank.embedder.session import ModelRunner, open_model, physical_cores
+from featurebank.embedder.sources import ImageList, list_images
+from featurebank.errors import FeaturebankError, StoreError
+
+__all__ = ["embed_images", "load_embeddings", "EmbedReport", "Embeddings", "DEFAULT_DECODE_MODE", "space_of"]
+
+log = logging.getLogger("featurebank")
+
+#: Chosen from the measurement in benchmarks/RESULTS.md (see README, "Decode modes").
+DEFAULT_DECODE_MODE = "fast"
+
+
+@dataclass
+class EmbedReport:
+    """What a run did. ``timings`` holds seconds per stage (read, decode, infer, write)."""
+
+    total: int = 0
+    embedded: int = 0
+    cached: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    skipped_failed: int = 0
+    elapsed: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.elapsed if self.elapsed > 0 else 0.0
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.total} images: {self.embedded} embedded, {self.cached} from cache",
+            f"{self.duplicates} duplicate files" if self.duplicates else "",
+            f"{self.failed} failed" + (f" ({self.skipped_failed} known failures skipped; --retry-failed)" if self.skipped_failed else ""),
+            f"{self.elapsed:.1f}s" + (f" ({self.images_per_s:.1f} images/s)" if self.embedded else ""),
+        ]
+        return ", ".join(p for p in parts if p)
+
+
+@dataclass
+class Embeddings:
+    """Vectors for a list of images, in input order.
+
+    Attributes
+    ----------
+    paths : list of str, length n
+    labels : list of (str or None), length n
+    keys : list of str, content keys (sha256 of the file bytes; "" where unreadable)
+    ok : ndarray of shape (n,), bool; False where the image failed
+    vectors : dict output name -> ndarray of shape (n, dim), float32 (rows of failed images are 0)
+    report : :class:`EmbedReport`
+    """
+
+    paths: list[str]
+    labels: list[str | None]
+    keys: list[str]
+    ok: np.ndarray
+    vectors: dict[str, np.ndarray]
+    report: EmbedReport
+
+    @property
+    def X(self) -> np.ndarray:
+        """The vectors of the only output, ``(n, dim)`` float32."""
+        if len(self.vectors) != 1:
+            raise ValueError(f"model has {len(self.vectors)} outputs ({', '.join(self.vectors)}); use .vectors[name]")
+        return next(iter(self.vectors.values()))
+
+
+def space_of(runner: ModelRunner, output: str, decode_mode: str) -> str:
+    """The store space id of one model output under one decode mode."""
+    return space_fingerprint(runner.card.output(output).fingerprint, decode_mode)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
+
+
+def _as_runner(model: str | os.PathLike[str] | ModelRunner, device: str, threads: int | None) -> ModelRunner:
+    return model if isinstance(model, ModelRunner) else open_model(model, device=device, threads=threads)
+
+
+def embed_images(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | ImageList,
+    model: str | os.PathLike[str] | ModelRunner,
+    *,
+    store: Any = None,
+    decode_mode: str = DEFAULT_DECODE_MODE,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    retry_failed: bool = False,
+    return_vectors: bool = True,
+    progress: bool | None = None,
+) -> Embeddings:
+    """Embed images with a featurebank ONNX model, reusing and filling a store.
+
+    Parameters
+    ----------
+    source : folder (recursive; class subfolders give labels), .txt/.csv/.parquet list of
+        paths, a list of those, or an :class:`ImageList`
+    model : path of a featurebank ONNX model, or an open :class:`ModelRunner`
+    store : a store directory or an open store; None keeps vectors in memory only
+    decode_mode : ``"fast"`` (reduced-size JPEG decoding) or ``"exact"`` (the torch
+        reference preprocessing); part of the cache key
+    batch_size : images per inference batch and per store shard
+    workers : decode threads (default: all cores)
+    device : ``auto``, ``cpu`` or ``cuda``
+    retry_failed : decode again the images a previous run recorded as failed
+    return_vectors : load the vectors of every input into ``Embeddings.vectors``
+    progress : show a progress bar (default: when stderr is a terminal)
+
+    Returns
+    -------
+    Embeddings
+    """
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}; got decode_mode={decode_mode!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    t_start = time.perf_counter()
+    report = EmbedReport()
+    timings = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+
+    images = source if isinstance(source, ImageList) else list_images(source)
+    runner = _as_runner(model, device, threads)
+    card = runner.card
+    pre = card.preprocessing
+    report.total = len(images.paths)
+
+    from featurebank.store import open_store
+
+    st = None if store is None else (store if hasattr(store, "space") else open_store(store))
+    spaces = {}
+    if st is not None:
+        for o in card.outputs:
+            spaces[o.name] = st.space(
+                space_of(runner, o.name, decode_mode),
+                dim=o.dim,
+                info={"model_card_fingerprint": card.fingerprint, "output": o.to_dict(), "backbone": card.backbone,
+                      "decode_mode": decode_mode, "preprocessing": pre.to_dict()},
+            )
+
+    # read: content keys (stat-cached), then what is missing
+    t = time.perf_counter()
+    keys, read_errors = _hash(st, images.paths)
+    timings["read"] += time.perf_counter() - t
+    memory: dict[str, dict[str, np.ndarray]] = {o.name: {} for o in card.outputs}
+    failures: list[tuple[str, str | None, str]] = []
+    for path, reason in read_errors.items():
+        failures.append((path, None, reason))
+
+    first_space = next(iter(spaces.values()), None)
+    label_of = dict(zip(images.paths, images.labels))
+    unique: dict[str, str] = {}
+    for path, key in zip(images.paths, keys):
+        if key and key not in unique:
+            unique[key] = path
+    report.duplicates = sum(1 for k in keys if k) - len(unique)
+    todo_keys = list(unique)
+    if spaces:
+        have = np.ones(len(todo_keys), bool)
+        for sp in spaces.values():
+            have &= np.asarray(sp.contains(todo_keys), bool) if todo_keys else np.zeros(0, bool)
+        report.cached = int(have.sum())
+        todo_keys = [k for k, h in zip(todo_keys, have) if not h]
+        if not retry_failed and todo_keys:
+            known = {f.key for f in st.failures(first_space.fingerprint) if f.key}
+            skipped = [k for k in todo_keys if k in known]
+            report.skipped_failed = len(skipped)
+            todo_keys = [k for k in todo_keys if k not in known]
+
+    # decode + infer + write, decode running ahead on a thread pool
+    n_workers = workers or physical_cores()
+    bar = _progress(len(todo_keys), bool(progress), "embedding")
+    batches = [todo_keys[i : i + batch_size] for i in range(0, len(todo_keys), batch_size)]
+
+    def decode_batch(batch_keys: list[str]) -> tuple[list[str], np.ndarray | None, list[tuple[str, str]], float]:
+        t0 = time.perf_counter()
+        arrays, ok, errs = [], [], []
+        for k in batch_keys:
+            try:
+                arrays.append(decode_image(unique[k], pre, mode=decode_mode))
+                ok.append(k)
+            except FeaturebankError as exc:
+                errs.append((k, str(exc)))
+            except OSError as exc:  # vanished or unreadable between hashing and decoding
+                errs.append((k, f"{exc.strerror or exc}"))
+        stacked = np.stack(arrays) if arrays else None
+        return ok, stacked, errs, time.perf_counter() - t0
+
+    try:
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fb-decode") as pool:
+            pending: deque[Future] = deque()
+            it = iter(batches)
+            # keep a bounded number of batches decoding ahead: memory stays flat
+            ahead = max(2, n_workers + 1)
+            for b in it:
+                pending.append(pool.submit(decode_batch, b))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                ok_keys, pixels, errs, dt = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(decode_batch, nxt))
+                timings["decode"] += dt
+                for k, reason in errs:
+                    failures.append((unique[k], k, reason))
+                if pixels is not None:
+                    t = time.perf_counter()
+                    outs = runner.run(to_model_input(pixels, pre, card.input_format))
+                    timings["infer"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    ok_paths = [unique[k] for k in ok_keys]
+                    for name, vecs in outs.items():
+                        vecs = vecs.reshape(len(ok_keys), -1)
+                        if name in spaces:
+                            spaces[name].add(ok_keys, vecs, paths=ok_paths, labels=[label_of.get(p) for p in ok_paths])
+                        else:
+                            memory[name].update(zip(ok_keys, vecs))
+                    timings["write"] += time.perf_counter() - t
+                    report.embedded += len(ok_keys)
+                bar.update(len(ok_keys) + len(errs))
+    finally:
+        bar.close()
+        if st is not None and failures and first_space is not None:
+            st.record_failures(first_space.fingerprint, [{"path": p, "key": k, "reason": r} for p, k, r in failures])
+
+    report.failed = len(failures)
+    report.failures = [(p, r) for p, _, r in failures]
+    failed_keys = {k for _, k, _ in failures if k}
+
+    vectors: dict[str, np.ndarray] = {}
+    ok = np.array([bool(k) and k not in failed_keys for k in keys], bool)
+    if return_vectors:
+        for o in card.outputs:
+            X = np.zeros((len(keys), o.dim), np.float32)
+            rows = [i for i, k in enumerate(keys) if ok[i]]
+            want = [keys[i] for i in rows]
+            if o.name in spaces:
+                got, found = spaces[o.name].get(want) if want else (np.zeros((0, o.dim), np.float32), np.zeros(0, bool))
+                X[rows] = got
+                for i, f in zip(rows, found):
+                    ok[i] &= bool(f)
+            else:
+                for i in rows:
+                    vec = memory[o.name].get(keys[i])
+                    if vec is None:
+                        ok[i] = False
+                    else:
+                        X[i] = vec
+            vectors[o.name] = X
+    report.elapsed = time.perf_counter() - t_start
+    report.timings = timings
+    return Embeddings(paths=list(images.paths), labels=list(images.labels), keys=keys, ok=ok, vectors=vectors, report=report)
+
+
+def _hash(store: Any, paths: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Content keys for ``paths`` ("" where unreadable) and {path: reason} for those."""
+    if store is not None:
+        hashed = store.hash_files(paths)
+        return [k or "" for k in hashed.keys], {p: e for p, e in hashed.failed()}
+    import hashlib
+
+    keys, errors = [], {}
+    for p in paths:
+        try:
+            with open(p, "rb") as fh:
+                keys.append(hashlib.file_digest(fh, "sha256").hexdigest())
+        except OSError as exc:
+            keys.append("")
+            errors[p] = f"{exc.strerror or exc}"
+    return keys, errors
+
+
+def load_embeddings(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | ImageList,
+    model: str | os.PathLike[str] | ModelRunner,
+    store: Any,
+    *,
+    decode_mode: str = DEFAULT_DECODE_MODE,
+    output: str | None = None,
+    embed_missing: bool = True,
+    progress: bool | None = None,
+    **embed_options: Any,
+) -> tuple[np.ndarray, list[str], list[str | None], list[str]]:
+    """``(X, keys, labels, paths)`` for the images of ``source`` that have vectors, in source
+    order; images not yet embedded are embedded first (unless ``embed_missing=False``).
+
+    X : ndarray of shape (n_ok, dim), float32. Failed images are left out (listed by
+    ``featurebank store failures``).
+    """
+    emb = embed_images(source, model, store=store, decode_mode=decode_mode, progress=progress, **embed_options) if embed_missing else None
+    if emb is None:
+        raise StoreError("load_embeddings(embed_missing=False) is not supported yet")
+    name = emb.report and (output or (next(iter(emb.vectors)) if len(emb.vectors) == 1 else None))
+    if name is None:
+        raise ValueError(f"model has several outputs ({', '.join(emb.vectors)}); pass output=")
+    X = emb.vectors[name][emb.ok]
+    idx = np.flatnonzero(emb.ok)
+    return X, [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx]
