@@ -760,7 +760,7 @@ class EmbeddingStore:
                             pend_k.append(np.ascontiguousarray(b.keys[mask]))
                             pend_x.append(np.ascontiguousarray(b.vectors[mask]))
                             pend_rows += int(mask.sum())
-                            if pend_rows * row_bytes >= _COMPACT_BATCH_BYTES:
+                            if pend_rows * row_bytes >= min(_COMPACT_BATCH_BYTES, target_bytes):
                                 flush()
                 flush()
                 if writer is not None:
