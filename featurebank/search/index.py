@@ -1,0 +1,632 @@
+"""A FAISS similarity index over embedding vectors, keyed by string ids, persisted in a directory.
+
+The directory holds three files, written together (temporary directory, then rename)::
+
+    index_dir/
+    ├── index.faiss   the FAISS index (``faiss.write_index``); FAISS labels are int64
+    ├── ids.npy       label -> id, UTF-8 bytes (``S`` dtype); b"" marks a removed label
+    └── index.json    factory, metric, dim, count, nprobe, vector-space fingerprint, versions
+
+Ids are the store's content keys (64-hex sha256) or any other non-empty strings (paths).
+Cosine similarity is inner product on L2-normalised vectors; ``metric="l2"`` scores are
+squared Euclidean distances, FAISS's own convention (smaller is closer).
+
+>>> import numpy as np
+>>> X = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+>>> index = build_index(X, [f"v{i}" for i in range(100)])
+>>> scores, ids = index.search(X[:2], k=3)
+>>> ids[0][0], scores.shape
+('v0', (2, 3))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import faiss
+import numpy as np
+
+from featurebank import __version__
+from featurebank.errors import FingerprintMismatchError, IndexFileError, UnknownIdError
+
+__all__ = ["SimilarityIndex", "build_index", "open_index", "METRICS", "AUTO_FLAT_MAX"]
+
+METRICS = ("cosine", "l2")
+FORMAT_NAME = "featurebank.similarity_index"
+FORMAT_VERSION = 1
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.npy", "index.json"
+
+# `factory="auto"` stays exact (Flat) below this many vectors; see `resolve_factory`.
+AUTO_FLAT_MAX = 50_000
+
+_TRAIN_ERROR = re.compile(r"Number of training points \((\d+)\) should be at least as large as number of clusters \((\d+)\)")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    return metric
+
+
+def _check_space(space: str | None) -> str | None:
+    if space is not None and (not isinstance(space, str) or not space):
+        raise ValueError(f"space must be a non-empty vector-space fingerprint string or None; got {space!r}")
+    return space
+
+
+def as_vectors(X, *, name: str = "X", dim: int | None = None, metric: str = "l2") -> np.ndarray:
+    """Validate and convert vectors for FAISS.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features), real numbers
+    dim : expected n_features, or None to accept any
+    metric : "cosine" also L2-normalises the rows (and refuses all-zero rows)
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_features), float32, C-contiguous (a copy when normalised).
+    """
+    arr = np.asarray(X)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        hint = f" Use {name}.reshape(1, -1) for a single vector." if arr.ndim == 1 else ""
+        raise ValueError(f"{name} must be 2-D of shape (n_samples, n_features); got shape {arr.shape}.{hint}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty: n_samples=0")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} has {arr.shape[1]} features but the index holds {dim}-dimensional vectors")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"{name} has {bad.size} row(s) with NaN or inf (first at row {bad[0]}); "
+            "drop or re-embed them before indexing or searching"
+        )
+    if metric == "cosine":
+        norms = np.linalg.norm(arr, axis=1)
+        zero = norms == 0
+        if zero.any():
+            raise ValueError(
+                f"{name} has {int(zero.sum())} all-zero row(s) (first at row {np.flatnonzero(zero)[0]}); "
+                "cosine similarity is undefined for them; drop them or use metric='l2'"
+            )
+        arr = arr / norms[:, None]
+    return arr
+
+
+def _as_ids(ids, n: int, *, name: str = "ids") -> list[str]:
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of strings, not a single {type(ids).__name__}")
+    ids = list(ids)
+    if len(ids) != n:
+        raise ValueError(f"{name} has {len(ids)} entries but X has n_samples={n}; give one id per row")
+    for i, key in enumerate(ids):
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name}[{i}] must be a non-empty string; got {key!r}")
+    if len(set(ids)) != n:
+        seen: set[str] = set()
+        dup = next(k for k in ids if k in seen or seen.add(k))
+        raise ValueError(f"{name} holds duplicates (e.g. {dup!r}); each id may appear once")
+    return ids
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    return int(k)
+
+
+# ---------------------------------------------------------------------------- factory choice
+
+
+def resolve_factory(factory: str, n_samples: int) -> str:
+    """Turn ``"auto"`` into a FAISS factory string for `n_samples` vectors; others pass verbatim.
+
+    Why: below `AUTO_FLAT_MAX` (50,000) vectors an exact ``"Flat"`` scan of a query costs
+    at most 50k dot products (~13 M flops at 256-d, well under a millisecond on a modern core), so an
+    approximate index would buy nothing and cost a training pass. Above it, ``"IVF{nlist},Flat"``
+    with nlist ~ 4*sqrt(n) (the low end of the FAISS wiki's 4*sqrt(n) .. 16*sqrt(n) guideline,
+    rounded to a power of two) keeps k-means training cheap while a query scans only
+    nprobe/nlist of the vectors. Flat codes keep distances exact within the scanned lists.
+    """
+    if factory != "auto":
+        return factory
+    if n_samples < AUTO_FLAT_MAX:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n_samples)))
+    return f"IVF{nlist},Flat"
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists scanned per query for an IVF index: nlist/64, at least 8 (never above nlist).
+
+    FAISS's default of 1 loses much recall as soon as neighbours straddle cell borders;
+    scanning ~1.5 % of the lists gives recall@10 around 0.9+ on clustered embeddings
+    (see benchmarks/search_knn.py) while still skipping ~98 % of the vectors.
+    """
+    return int(min(nlist, max(8, nlist // 64)))
+
+
+def _faiss_metric(metric: str) -> int:
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
+def _new_faiss_index(dim: int, factory: str, metric: str) -> faiss.Index:
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"factory must be 'Flat', 'auto' or a FAISS factory string such as 'IVF1024,Flat'; got {factory!r}")
+    if factory.upper().startswith("IDMAP"):
+        raise ValueError(
+            f"factory {factory!r} must not contain IDMap: SimilarityIndex maps ids itself; "
+            f"pass {factory.split(',', 1)[-1]!r}"
+        )
+    try:
+        return faiss.index_factory(dim, factory, _faiss_metric(metric))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"factory {factory!r} is not a FAISS factory string FAISS accepts for dim={dim} "
+            f"({_faiss_reason(exc)}); examples: 'Flat', 'IVF1024,Flat', 'IVF256,PQ32', 'HNSW32'"
+        ) from None
+
+
+def _faiss_reason(exc: BaseException) -> str:
+    # FAISS messages are "Error in <C++ signature> at <file>:<line>: <reason>"; keep the reason.
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.rsplit(": ", 1)[-1] if " at " in text else text
+
+
+def _train(index: faiss.Index, X: np.ndarray, factory: str, random_state: int) -> None:
+    n = X.shape[0]
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and n < ivf.nlist:
+        raise ValueError(
+            f"factory {factory!r} needs at least {ivf.nlist} training vectors (one per inverted list) "
+            f"but got n_samples={n}; use factory='Flat' or fewer lists (about n_samples/39, e.g. "
+            f"'IVF{max(1, n // 39)},Flat')"
+        )
+    nlist = ivf.nlist if ivf is not None else 1
+    # 40 points per list clears FAISS's 39-per-centroid warning; 10,000 covers PQ codebooks (256 x 39).
+    n_train = min(n, max(40 * nlist, 10_000))
+    if n_train < n:
+        rows = np.sort(np.random.default_rng(random_state).choice(n, size=n_train, replace=False))
+        sample = X[rows]
+    else:
+        sample = X
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        m = _TRAIN_ERROR.search(str(exc))
+        if m:
+            raise ValueError(
+                f"factory {factory!r} needs at least {m.group(2)} training vectors but got n_samples={n}; "
+                "use factory='Flat' or a smaller quantizer"
+            ) from None
+        raise ValueError(f"FAISS could not train factory {factory!r} on n_samples={n}: {_faiss_reason(exc)}") from None
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+class SimilarityIndex:
+    """Nearest-neighbour search over vectors keyed by string ids.
+
+    Create one with `build_index` or `open_index`; do not call the constructor directly.
+
+    Attributes
+    ----------
+    factory : str, the FAISS factory string actually built ("auto" already resolved)
+    metric : "cosine" (scores are cosine similarities, larger is closer) or "l2" (scores are
+        squared Euclidean distances, smaller is closer)
+    dim : int, n_features of every vector
+    space : str or None, fingerprint of the vector space (model/layer) the vectors come from
+    count : int, number of vectors currently indexed
+    """
+
+    def __init__(self, index: faiss.Index, labels: np.ndarray, *, factory: str, metric: str, space: str | None) -> None:
+        self._index = index
+        self._labels = labels  # label -> UTF-8 id (S dtype); b"" = removed
+        self._label_of: dict[str, int] | None = None
+        self.factory = factory
+        self.metric = metric
+        self.space = space
+        self.dim = int(index.d)
+
+    # -- introspection
+
+    @property
+    def count(self) -> int:
+        return int(self._index.ntotal)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._ids()
+
+    def __repr__(self) -> str:
+        space = f", space={self.space!r}" if self.space else ""
+        return f"SimilarityIndex(factory={self.factory!r}, metric={self.metric!r}, dim={self.dim}, count={self.count}{space})"
+
+    @property
+    def ids(self) -> list[str]:
+        """The indexed ids, in the order they were added."""
+        return [b.decode() for b in self._labels if b]
+
+    @property
+    def nprobe(self) -> int | None:
+        """Inverted lists scanned per query (IVF indexes); None for indexes without lists."""
+        ivf = faiss.try_extract_index_ivf(self._index)
+        return None if ivf is None else int(ivf.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is None:
+            raise ValueError(f"nprobe applies to IVF indexes only; factory {self.factory!r} has no inverted lists")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= ivf.nlist:
+            raise ValueError(f"nprobe must be an integer in [1, nlist={ivf.nlist}]; got {value!r}")
+        ivf.nprobe = int(value)
+
+    def _ids(self) -> dict[str, int]:
+        # Built lazily: opening a big index just to search should not pay for a dict of all ids.
+        if self._label_of is None:
+            self._label_of = {b.decode(): i for i, b in enumerate(self._labels) if b}
+        return self._label_of
+
+    def _check_space(self, space: str | None, what: str) -> None:
+        _check_space(space)
+        if space is not None and space != self.space:
+            built = f"vector space {self.space!r}" if self.space else "no vector-space fingerprint"
+            raise FingerprintMismatchError(
+                f"cannot {what} vectors of space {space!r}: this index was built for {built}; "
+                "build a separate index for that model/layer"
+            )
+
+    def _labels_of(self, ids: Sequence[str]) -> np.ndarray:
+        table = self._ids()
+        missing = [k for k in ids if k not in table]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UnknownIdError(f"id {missing[0]!r}{more} is not in the index (count={self.count})")
+        return np.fromiter((table[k] for k in ids), dtype=np.int64, count=len(ids))
+
+    # -- mutation
+
+    def add(self, X, ids: Iterable[str], *, space: str | None = None) -> int:
+        """Add the rows of `X` whose ids are not indexed yet; rows with known ids are skipped.
+
+        No retraining and no rebuild: IVF indexes keep the lists learnt by `build_index`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, dim), float32 (other real dtypes are cast)
+        ids : sequence of n_samples unique non-empty strings
+        space : fingerprint of the space `X` comes from; refused if it is not this index's
+
+        Returns
+        -------
+        int, the number of vectors added.
+        """
+        self._check_space(space, "add")
+        Xv = as_vectors(X, dim=self.dim, metric=self.metric)
+        return self._add(Xv, _as_ids(ids, Xv.shape[0]))
+
+    def _add(self, Xv: np.ndarray, ids: list[str]) -> int:
+        table = self._ids()
+        new = np.fromiter((k not in table for k in ids), dtype=bool, count=len(ids))
+        if not new.any():
+            return 0
+        new_ids = [k for k, fresh in zip(ids, new) if fresh]
+        start = len(self._labels)
+        labels = np.arange(start, start + len(new_ids), dtype=np.int64)
+        self._index.add_with_ids(np.ascontiguousarray(Xv[new]), labels)
+        encoded = np.array([k.encode() for k in new_ids])
+        width = max(self._labels.dtype.itemsize, encoded.dtype.itemsize, 1)
+        self._labels = np.concatenate([self._labels.astype(f"S{width}"), encoded.astype(f"S{width}")])
+        table.update(zip(new_ids, labels.tolist()))
+        return len(new_ids)
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Remove vectors by id. Unknown ids raise `UnknownIdError` (nothing is removed then).
+
+        Works for Flat and IVF indexes; graph indexes (HNSW) cannot remove and raise ValueError.
+        Returns the number of vectors removed.
+        """
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return 0
+        labels = self._labels_of(ids)
+        try:
+            removed = int(self._index.remove_ids(labels))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"factory {self.factory!r} does not support removal ({_faiss_reason(exc)}); "
+                "rebuild the index without these ids"
+            ) from None
+        self._labels[labels] = b""
+        table = self._ids()
+        for k in ids:
+            del table[k]
+        return removed
+
+    # -- queries
+
+    def search(self, Q, k: int = 10, *, space: str | None = None, clip: bool = False) -> tuple[np.ndarray, list[list[str | None]]]:
+        """The `k` nearest indexed vectors of each query row.
+
+        Parameters
+        ----------
+        Q : array-like of shape (n_queries, dim)
+        k : number of neighbours; k > count is refused unless ``clip=True`` (then k = count)
+        space : fingerprint of the space `Q` comes from; refused if it is not this index's
+
+        Returns
+        -------
+        scores : ndarray of shape (n_queries, k), float32, best first (cosine similarity, or
+            squared L2 distance for metric="l2")
+        ids : list of n_queries lists of k ids. An IVF index whose probed lists hold fewer
+            than k vectors pads with id None and score NaN; raise `nprobe` to avoid that.
+        """
+        self._check_space(space, "search with")
+        Qv = as_vectors(Q, name="Q", dim=self.dim, metric=self.metric)
+        k = self._clip_k(_check_k(k), clip)
+        return self._search(Qv, k)
+
+    def search_by_id(self, ids: Sequence[str], k: int = 10, *, clip: bool = False) -> tuple[np.ndarray, list[list[str | None]]]:
+        """`search` with the indexed vectors of `ids` as queries (each finds itself first).
+
+        For compressed indexes (PQ, SQ) the query is the decoded, approximate vector.
+        """
+        if isinstance(ids, str):
+            raise ValueError("ids must be a sequence of ids; wrap a single id in a list")
+        k = self._clip_k(_check_k(k), clip)
+        Q = self.reconstruct(ids)
+        if self.metric == "cosine":  # decoding compressed codes can drift off the unit sphere
+            Q /= np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        return self._search(Q, k)
+
+    def reconstruct(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of `ids`, ndarray of shape (len(ids), dim), float32.
+
+        For metric="cosine" these are the L2-normalised vectors; compressed indexes return
+        their approximate decoding.
+        """
+        labels = self._labels_of(list(ids))
+        try:
+            return np.ascontiguousarray(self._index.reconstruct_batch(labels), dtype=np.float32)
+        except RuntimeError as exc:
+            raise ValueError(f"factory {self.factory!r} cannot return stored vectors ({_faiss_reason(exc)})") from None
+
+    def _clip_k(self, k: int, clip: bool) -> int:
+        if self.count == 0:
+            raise ValueError("the index is empty (count=0); add vectors before searching")
+        if k > self.count:
+            if not clip:
+                raise ValueError(
+                    f"k={k} is larger than the number of indexed vectors (count={self.count}); "
+                    f"pass k<={self.count} or clip=True"
+                )
+            k = self.count
+        return k
+
+    def _search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
+        D, I = self._index.search(Q, k)
+        D = np.asarray(D, dtype=np.float32)
+        missing = I < 0
+        D[missing] = np.nan
+        names = self._labels[np.where(missing, 0, I)]
+        out = [[None if miss else b.decode() for b, miss in zip(row, mrow)] for row, mrow in zip(names, missing)]
+        return D, out
+
+    def range_search(self, Q, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All indexed vectors within `threshold` of each (already validated) query row.
+
+        Cosine keeps similarity >= threshold; l2 keeps squared distance <= threshold.
+
+        Returns
+        -------
+        lims : ndarray (n_queries + 1,), int64, results of query i are [lims[i], lims[i+1])
+        scores : ndarray (n_results,), float32
+        labels : ndarray (n_results,), int64, internal labels (see `id_of_labels`)
+        """
+        Qv = as_vectors(Q, name="Q", dim=self.dim, metric=self.metric)
+        ip = self.metric == "cosine"
+        # FAISS keeps strictly-better results (ip: > radius, l2: < radius); widen by one ulp
+        # and filter exactly so that "similarity >= threshold" holds at the boundary.
+        radius = np.nextafter(np.float32(threshold), np.float32(-np.inf if ip else np.inf))
+        try:
+            lims, D, I = self._index.range_search(Qv, float(radius))
+        except RuntimeError as exc:
+            raise ValueError(f"factory {self.factory!r} does not support range search ({_faiss_reason(exc)})") from None
+        lims = lims.astype(np.int64)  # FAISS hands back uint64
+        keep = (D >= threshold) if ip else (D <= threshold)
+        query_of = np.repeat(np.arange(Qv.shape[0]), np.diff(lims))
+        counts = np.bincount(query_of[keep], minlength=Qv.shape[0])
+        new_lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return new_lims, D[keep].astype(np.float32), I[keep].astype(np.int64)
+
+    def id_of_labels(self, labels: np.ndarray) -> list[str]:
+        """Ids of internal labels as returned by `range_search`."""
+        return [b.decode() for b in self._labels[np.asarray(labels, dtype=np.int64)]]
+
+    # -- persistence
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to directory `path` atomically and return the path.
+
+        The files go to a temporary sibling directory first, are fsynced, then that
+        directory is renamed into place (an existing index there is swapped out and
+        deleted). A non-empty directory that is not an index is never overwritten.
+        """
+        path = Path(path)
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"cannot save the index to {path}: it exists and is not a directory")
+            if any(path.iterdir()) and not (path / META_FILE).is_file():
+                raise ValueError(f"refusing to overwrite {path}: it is a non-empty directory without {META_FILE}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            faiss.write_index(self._index, str(tmp / INDEX_FILE))
+            with open(tmp / IDS_FILE, "wb") as fh:
+                np.save(fh, self._labels, allow_pickle=False)
+            with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
+                json.dump(self._meta(), fh, indent=2)
+                fh.write("\n")
+            for name in (INDEX_FILE, IDS_FILE, META_FILE):
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.rename(path, old / "index")
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _meta(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "factory": self.factory,
+            "metric": self.metric,
+            "dim": self.dim,
+            "count": self.count,
+            "nprobe": self.nprobe,
+            "space": self.space,
+            "featurebank_version": __version__,
+            "faiss_version": faiss.__version__,
+        }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- public functions
+
+
+def build_index(
+    X,
+    ids: Iterable[str],
+    *,
+    factory: str = "Flat",
+    metric: str = "cosine",
+    space: str | None = None,
+    nprobe: int | None = None,
+    random_state: int = 0,
+) -> SimilarityIndex:
+    """Build a similarity index over the rows of `X`.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features), float32 (other real dtypes are cast);
+        NaN/inf rows are refused.
+    ids : sequence of n_samples unique non-empty strings (store content keys or paths)
+    factory : "Flat" (exact), "auto" (see `resolve_factory`: Flat below 50,000 vectors,
+        else "IVF{~4*sqrt(n)},Flat"), or any FAISS factory string verbatim, e.g.
+        "IVF1024,Flat", "IVF256,PQ32", "HNSW32".
+    metric : "cosine" (L2-normalise, then inner product) or "l2" (squared Euclidean)
+    space : fingerprint of the vector space (model/layer) the vectors come from; later
+        adds and searches that name another space are refused.
+    nprobe : inverted lists scanned per query for IVF factories (default `default_nprobe`)
+    random_state : seed of the training sample for factories that need training
+
+    Indexes that need training (IVF, PQ) are trained on a seeded sample of at most
+    max(40 * nlist, 10,000) rows; too few rows raise ValueError naming n_samples.
+    """
+    _check_metric(metric)
+    _check_space(space)
+    Xv = as_vectors(X, metric=metric)
+    ids = _as_ids(ids, Xv.shape[0])
+    resolved = resolve_factory(factory, Xv.shape[0])
+    inner = _new_faiss_index(Xv.shape[1], resolved, metric)
+    if not inner.is_trained:
+        _train(inner, Xv, resolved, random_state)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        # IVF indexes store our labels natively. IndexIDMap around them would be wrong after
+        # remove_ids (it compacts its label table while IVF keeps internal ids), and the hash
+        # direct map lets reconstruct() find vectors by label.
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        ivf.nprobe = default_nprobe(ivf.nlist)
+        index = inner
+    else:
+        index = faiss.IndexIDMap2(inner)
+    sim = SimilarityIndex(index, np.array([], dtype="S1"), factory=resolved, metric=metric, space=space)
+    if nprobe is not None:
+        sim.nprobe = nprobe
+    sim._add(Xv, ids)
+    return sim
+
+
+def open_index(path: str | os.PathLike) -> SimilarityIndex:
+    """Load an index saved by `SimilarityIndex.save`; checks that its files agree."""
+    path = Path(path)
+    if not path.is_dir():
+        leftovers = sorted(path.parent.glob(f".{path.name}.old-*/index")) if path.parent.is_dir() else []
+        hint = f"; an interrupted save left the previous index at {leftovers[0]}, move it back" if leftovers else ""
+        raise FileNotFoundError(2, f"no similarity index directory{hint}", str(path))
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexFileError(f"{path} is not a similarity index: {META_FILE} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexFileError(f"{meta_path} is unreadable: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise IndexFileError(f"{meta_path} is not a featurebank similarity index description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise IndexFileError(
+            f"{path} has index format_version {meta.get('format_version')!r}; this featurebank "
+            f"({__version__}) reads version {FORMAT_VERSION}; rebuild the index or upgrade featurebank"
+        )
+    for key in ("factory", "metric", "dim", "count"):
+        if key not in meta:
+            raise IndexFileError(f"{meta_path} lacks the field {key!r}")
+    if meta["metric"] not in METRICS:
+        raise IndexFileError(f"{meta_path} names unknown metric {meta['metric']!r}")
+    try:
+        index = faiss.read_index(str(path / INDEX_FILE))
+    except RuntimeError as exc:
+        raise IndexFileError(f"{path / INDEX_FILE} cannot be read by FAISS: {_faiss_reason(exc)}") from None
+    try:
+        labels = np.load(path / IDS_FILE, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise IndexFileError(f"{path / IDS_FILE} is unreadable: {exc}") from None
+    if labels.ndim != 1 or labels.dtype.kind != "S":
+        raise IndexFileError(f"{path / IDS_FILE} must be a 1-D bytes array; got {labels.dtype} {labels.shape}")
+    n_live = int(np.count_nonzero(labels))
+    if not (index.ntotal == meta["count"] == n_live) or index.d != meta["dim"]:
+        raise IndexFileError(
+            f"{path} is inconsistent: FAISS holds {index.ntotal} vectors of dim {index.d}, "
+            f"{IDS_FILE} names {n_live} ids, {META_FILE} says count={meta['count']} dim={meta['dim']}; rebuild it"
+        )
+    sim = SimilarityIndex(index, labels, factory=meta["factory"], metric=meta["metric"], space=meta.get("space"))
+    if meta.get("nprobe") is not None and sim.nprobe is not None:
+        sim.nprobe = int(meta["nprobe"])
+    return sim
