@@ -195,7 +195,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                     since_best += 1
                     if self.patience is not None and since_best >= self.patience:
                         break
-        mean_scores = np.nanmean(scores, axis=0)
+        # folds move in lockstep, so a C is either scored on every split or skipped (NaN)
+        mean_scores = scores.mean(axis=0)
         j_best = int(np.nanargmax(mean_scores))  # first maximum: the strongest regularisation
         self.Cs_ = Cs
         self.cv_scores_ = scores
