@@ -490,7 +490,7 @@ class EmbeddingStore:
             if (
                 c is not None
                 and c[:5] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                and max(st.st_mtime_ns, st.st_ctime_ns) + RACY_NS <= c[6]
+                and st.st_mtime_ns + RACY_NS <= c[6]
             ):
                 keys[i] = c[5]
                 n_cached += 1
