@@ -310,3 +310,15 @@ def test_items_remember_paths_and_labels(store, tmp_path):
     space.add(keys, make_vectors(2, 2), paths=[tmp_path / "a.jpg", tmp_path / "b.jpg"], labels=["x", None])
     items = {i.path: (i.key, i.label) for i in store.items()}
     assert items == {str(tmp_path / "a.jpg"): (keys[0], "x"), str(tmp_path / "b.jpg"): (keys[1], None)}
+
+
+def test_store_imports_neither_torch_nor_onnxruntime():
+    import subprocess
+
+    from store_helpers import PYTHON, subprocess_env
+
+    code = ("import sys, featurebank.store, featurebank.cli.store_cmds; "
+            "bad = [m for m in ('torch', 'onnxruntime', 'timm') if m in sys.modules]; print(bad)")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
