@@ -232,6 +232,8 @@ class SimilarityIndex:
     dim : int, n_features of every vector
     space : str or None, fingerprint of the vector space (model/layer) the vectors come from
     count : int, number of vectors currently indexed
+    source : dict or None, JSON-serialisable note of where the vectors came from (for
+        `index_store`: ``{"store": "/abs/store/dir"}``), saved with the index
     """
 
     def __init__(self, index: faiss.Index, labels: np.ndarray, *, factory: str, metric: str, space: str | None) -> None:
@@ -241,6 +243,7 @@ class SimilarityIndex:
         self.factory = factory
         self.metric = metric
         self.space = space
+        self.source: dict | None = None
         self.dim = int(index.d)
 
     # -- introspection
@@ -483,7 +486,7 @@ class SimilarityIndex:
             with open(tmp / IDS_FILE, "wb") as fh:
                 np.save(fh, self._labels, allow_pickle=False)
             with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
-                json.dump(self._meta(), fh, indent=2)
+                json.dump(self.info(), fh, indent=2)
                 fh.write("\n")
             for name in (INDEX_FILE, IDS_FILE, META_FILE):
                 with open(tmp / name, "rb") as fh:
@@ -501,7 +504,8 @@ class SimilarityIndex:
             raise
         return path
 
-    def _meta(self) -> dict:
+    def info(self) -> dict:
+        """What index.json records: factory, metric, dim, count, nprobe, space, source, versions."""
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -511,6 +515,7 @@ class SimilarityIndex:
             "count": self.count,
             "nprobe": self.nprobe,
             "space": self.space,
+            "source": self.source,
             "featurebank_version": __version__,
             "faiss_version": faiss.__version__,
         }
@@ -627,6 +632,7 @@ def open_index(path: str | os.PathLike) -> SimilarityIndex:
             f"{IDS_FILE} names {n_live} ids, {META_FILE} says count={meta['count']} dim={meta['dim']}; rebuild it"
         )
     sim = SimilarityIndex(index, labels, factory=meta["factory"], metric=meta["metric"], space=meta.get("space"))
+    sim.source = meta.get("source")
     if meta.get("nprobe") is not None and sim.nprobe is not None:
         sim.nprobe = int(meta["nprobe"])
     return sim
