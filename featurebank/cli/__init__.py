@@ -20,6 +20,7 @@ from featurebank.errors import FeaturebankError
 COMMAND_MODULES = (
     "featurebank.cli.export_cmds",
     "featurebank.cli.store_cmds",
+    "featurebank.cli.search_cmds",
 )
 
 
