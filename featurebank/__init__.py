@@ -59,6 +59,14 @@ _EXPORTS: dict[str, str] = {
     # store
     "open_store": "featurebank.store",
     "EmbeddingStore": "featurebank.store",
+    # search
+    "SimilarityIndex": "featurebank.search",
+    "build_index": "featurebank.search",
+    "open_index": "featurebank.search",
+    "index_store": "featurebank.search",
+    "query_index": "featurebank.search",
+    "find_duplicates": "featurebank.search",
+    "write_duplicates": "featurebank.search",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
