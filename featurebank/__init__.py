@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
             "ModelCardError",
             "FingerprintMismatchError",
             "ImageDecodeError",
+            "ImageSourceError",
             "StoreError",
             "ProviderError",
             "ClassifierFileError",
@@ -56,6 +57,11 @@ _EXPORTS: dict[str, str] = {
     "export_backbone": "featurebank.export.onnx_export",
     "cut_onnx": "featurebank.export.onnx_cut",
     "list_onnx_tensors": "featurebank.export.onnx_cut",
+    # embedder: decoding and input listing
+    "decode_image": "featurebank.embedder.decode",
+    "to_model_input": "featurebank.embedder.decode",
+    "list_images": "featurebank.embedder.sources",
+    "ImageList": "featurebank.embedder.sources",
     # store
     "open_store": "featurebank.store",
     "EmbeddingStore": "featurebank.store",

@@ -14,6 +14,7 @@ Each one also subclasses the builtin it means, so ``except KeyError`` or
     ├── ModelCardError            (ValueError)  ONNX file lacks or has a broken featurebank card
     ├── FingerprintMismatchError  (ValueError)  vectors/classifier from another model
     ├── ImageDecodeError          (ValueError)  an image cannot be decoded
+    ├── ImageSourceError          (ValueError)  an image folder or list file is missing or malformed
     ├── StoreError                (RuntimeError) the embedding store is unusable or corrupt
     ├── ProviderError             (RuntimeError) requested execution provider is not active
     ├── ClassifierFileError       (ValueError)  a saved classifier cannot be loaded safely
@@ -37,6 +38,7 @@ __all__ = [
     "ModelCardError",
     "FingerprintMismatchError",
     "ImageDecodeError",
+    "ImageSourceError",
     "StoreError",
     "ProviderError",
     "ClassifierFileError",
@@ -93,6 +95,10 @@ class FingerprintMismatchError(FeaturebankError, ValueError):
 
 class ImageDecodeError(FeaturebankError, ValueError):
     """An image file cannot be decoded (corrupt, unsupported, too large ...)."""
+
+
+class ImageSourceError(FeaturebankError, ValueError):
+    """An image source (folder, .txt/.csv/.parquet list) is missing, empty or malformed."""
 
 
 class StoreError(FeaturebankError, RuntimeError):

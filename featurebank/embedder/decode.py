@@ -29,7 +29,7 @@ Steps of :func:`decode_image`, in order:
 
 ``mode="exact"`` reproduces timm's transform pixel for pixel (same Pillow calls in the same
 order), with one guard: when the resized image would be more than ``_MAX_INTERMEDIATE``
-times the crop (aspect ratios beyond about 1:14), only the cropped region is resampled
+times the crop (aspect ratios beyond about 1:12), only the cropped region is resampled
 (``Image.resize(box=...)``), which differs by at most a level or two for smooth filters but
 keeps a 1 x 100000 image from allocating gigabytes.
 ``mode="fast"`` resamples only the cropped region, lets the JPEG decoder work at reduced
@@ -61,7 +61,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
-from featurebank.artifact import INPUT_FORMATS, ModelCard, Preprocessing
+from featurebank.artifact import DECODE_MODES, INPUT_FORMATS, ModelCard, Preprocessing
 from featurebank.errors import ImageDecodeError
 
 __all__ = [
@@ -73,7 +73,6 @@ __all__ = [
 
 #: Default pixel limit, the same as Pillow's own warning threshold (about 9459 x 9459).
 DEFAULT_MAX_PIXELS = 89_478_485
-DECODE_MODES = ("exact", "fast")
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -105,6 +104,17 @@ _MAX_INTERMEDIATE = 16
 # times larger than the target (Pillow's reducing_gap); 2.0 measured ~as good as 3.0 here.
 _REDUCING_GAP = 2.0
 
+# magic numbers, to tell "broken PNG" from "not an image at all"
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"RIFF", "WebP"),
+)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
@@ -330,9 +340,22 @@ def _open_image(fp, where: str, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(msg) from None
     except UnidentifiedImageError:
         head = _peek(fp)
+        kind = _claimed_format(head)
+        if kind:
+            raise ImageDecodeError(f"{where}: starts like a {kind} file but its header is corrupt or cut short") from None
         raise ImageDecodeError(f"{where}: not an image in a format Pillow can read (starts with {head!r})") from None
     except Exception as exc:  # malformed headers raise SyntaxError, struct.error, ValueError ...
-        raise ImageDecodeError(f"{where}: corrupt image header ({_describe(exc)})") from None
+        kind = _claimed_format(_peek(fp)) or "image"
+        raise ImageDecodeError(
+            f"{where}: starts like a {kind} file but its header is corrupt or cut short ({_describe(exc)})"
+        ) from None
+
+
+def _claimed_format(head: bytes) -> str | None:
+    kind = next((k for sig, k in _SIGNATURES if head.startswith(sig)), None)
+    if kind == "WebP" and head[8:12] != b"WEBP":
+        return None
+    return kind
 
 
 def _peek(fp) -> bytes:
@@ -425,7 +448,13 @@ def _process(
     channels, ch, cw = pre.input_size
     target = "L" if pre.channel_order == "L" else "RGB"
     filt = _FILTERS[pre.interpolation]
+    # draft() changes the image object in place: never on an Image the caller gave us
+    draft = mode == "fast" and owned and img.format == "JPEG"
     try:
+        if not draft:
+            # decode now, so that errors in the pixel data are not mistaken for EXIF trouble
+            # (PNG's getexif() would decode the whole image anyway)
+            img.load()
         orientation = _orientation(img)
         ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
         rw, rh = _resized_size(ow, oh, pre)
@@ -434,15 +463,14 @@ def _process(
         sx, sy = ow / rw, oh / rh
         src_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
-        # draft() changes the image object in place: never on an Image the caller gave us
-        if mode == "fast" and owned and img.format == "JPEG":
+        if draft:
             # decode at 1/2..1/8 scale, never below the resize target (Pillow picks the scale)
             req = (rw, rh) if (ow, oh) == (w, h) else (rh, rw)
             drafted = img.draft(None, req)
             if drafted is not None:
                 k = drafted[1][2] / w  # drafted size / original size, same on both axes
                 src_box = tuple(v * k for v in src_box)
-        img.load()
+            img.load()
         img = _to_mode(img, target)
         if orientation != 1:
             img = img.transpose(_ORIENTATION[orientation])
@@ -459,7 +487,7 @@ def _process(
         pixels = np.asarray(img)
     except _Unsupported as exc:
         raise ImageDecodeError(f"{where}: {exc}") from None
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):
         raise
     except Exception as exc:  # Pillow reports bad data with OSError, SyntaxError, ValueError ...
         raise ImageDecodeError(f"{where}: truncated or corrupt image data ({_describe(exc)})") from None
