@@ -91,10 +91,18 @@ class KeyIndex:
         if len(positions) == 0:
             return
         blk = self.block[positions]
-        order = np.argsort(blk, kind="stable")
+        row = self.row[positions]
+        # sort by (block, row): each block's mapped file is then read front to back, and a
+        # request covering a run of rows (the usual "load everything") scatters straight from
+        # the mapping without a temporary copy
+        order = np.lexsort((row, blk))
         blk_sorted = blk[order]
         cuts = np.flatnonzero(np.diff(blk_sorted)) + 1
         for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(order)]):
             sel = order[s:e]
             vecs = self.blocks[int(blk_sorted[s])].vectors
-            out[out_rows[sel]] = vecs[self.row[positions[sel]]]
+            r = row[sel]
+            if r[-1] - r[0] == len(r) - 1:  # sorted and unique, so a contiguous run
+                out[out_rows[sel]] = vecs[r[0] : r[-1] + 1]
+            else:
+                out[out_rows[sel]] = vecs[r]
