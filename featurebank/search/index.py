@@ -246,6 +246,19 @@ class SimilarityIndex:
         self.source: dict | None = None
         self.dim = int(index.d)
 
+    # FAISS indexes are SWIG objects and cannot be pickled; ship their serialized bytes
+    # (what faiss.write_index writes) so an index can cross process boundaries.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_index"] = faiss.serialize_index(self._index)
+        state["_label_of"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["_index"] = faiss.deserialize_index(state["_index"])
+        self.__dict__.update(state)
+
     # -- introspection
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -335,3 +336,14 @@ def test_repr_and_public_names():
     index = build_index(np.eye(3, dtype=np.float32), ["a", "b", "c"], space="s")
     assert repr(index) == "SimilarityIndex(factory='Flat', metric='cosine', dim=3, count=3, space='s')"
     assert isinstance(index, SimilarityIndex) and "a" in index and "z" not in index
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_pickle_round_trip(data, factory):
+    X, Q, ids = data
+    index = build_index(X, ids, factory=factory, space="s")
+    index.remove(ids[:3])
+    again = pickle.loads(pickle.dumps(index))
+    assert (again.count, again.nprobe, again.space, again.factory) == (2997, index.nprobe, "s", factory)
+    assert again.search(Q, k=5)[1] == index.search(Q, k=5)[1]
+    assert again.add(X[:3], ids[:3]) == 3 and index.count == 2997  # independent copies
