@@ -20,7 +20,6 @@ from featurebank.store.catalog import Catalog
 from featurebank.store.index import KeyIndex
 from featurebank.store.shards import (
     KEY_LEN,
-    SHARD_SUFFIX,
     TEMP_PREFIX,
     Block,
     ShardWriter,
