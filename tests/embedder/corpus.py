@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["Expected", "build_corpus"]
+__all__ = ["Expected", "build_corpus", "run_as_nobody"]
 
 
 @dataclass(frozen=True)
@@ -212,3 +212,33 @@ def build_corpus(folder: str | os.PathLike) -> dict[str, Expected]:
         broken.symlink_to("does_not_exist.jpg")
     out["broken_link.jpg"] = Expected("fail", match=r"broken symbolic link")
     return out
+
+
+def run_as_nobody(fn) -> str:
+    """Call ``fn()`` in a forked child running as uid/gid 65534 (nobody) and return
+    ``"ok"`` or ``"<ExceptionType>: <message>"``. Tests run as root here, and root reads
+    mode-000 files: this is the honest way to meet a real permission error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        msg = "child crashed"
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                fn()
+                msg = "ok"
+            except BaseException as exc:  # report anything to the parent
+                msg = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(w, msg.encode())
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from corpus import build_corpus
+from corpus import build_corpus, run_as_nobody
 from PIL import Image, ImageFile, ImageOps
 
 from featurebank.artifact import ModelCard, OutputSpec, Preprocessing
@@ -229,34 +229,8 @@ def test_sixteen_bit_is_scaled_not_clipped(corpus):
 
 
 def _decode_as_nobody(path, pre) -> str:
-    """decode_image in a forked child running as uid/gid 65534 (nobody): the honest way to
-    meet a permission error when the tests run as root."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        msg = "child crashed"
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                decode_image(path, pre)
-                msg = "decoded"
-            except ImageDecodeError as exc:
-                msg = f"ImageDecodeError: {exc}"
-            except BaseException as exc:  # report anything else to the parent
-                msg = f"{type(exc).__name__}: {exc}"
-        finally:
-            os.write(w, msg.encode())
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return b"".join(chunks).decode()
+    msg = run_as_nobody(lambda: decode_image(path, pre))
+    return "decoded" if msg == "ok" else msg
 
 
 def test_permission_denied(photos, tmp_path):
