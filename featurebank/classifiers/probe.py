@@ -66,8 +66,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         Validation accuracy of each split at each C (NaN where ``patience`` skipped it).
     scaler_ : StandardScaler
         Fitted on all data.
-    logistic_ : LogisticRegression
-        Fitted on the standardised data with ``C_``; its classes are ``0 .. n_classes-1``.
+    coef_ : ndarray of shape (n_classes, n_features), float32
+        Weights on the standardised features (one row per class, also for two classes).
+    intercept_ : ndarray of shape (n_classes,), float64
     n_features_in_ : int
     n_samples_fit_ : int
     n_iter_ : int
@@ -119,6 +120,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         raise ValueError(f"cv must be an int >= 2 (k folds) or a float in (0, 1) (validation fraction); got cv={cv!r}")
 
     def _encoded_class_weight(self):
+        """class_weight with keys turned into class indices (or "balanced" / None)."""
         cw = self.class_weight
         if cw is None or (isinstance(cw, str) and cw == "balanced"):
             return cw
@@ -131,12 +133,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 )
             return {index[k]: float(w) for k, w in cw.items()}
         raise ValueError(f"class_weight must be None, 'balanced' or a dict label -> weight; got {cw!r}")
-
-    def _logistic(self, C: float, class_weight) -> LogisticRegression:
-        return LogisticRegression(
-            C=float(C), solver="lbfgs", max_iter=int(self.max_iter), tol=float(self.tol),
-            class_weight=class_weight, warm_start=True,
-        )
 
     # -- fit ----------------------------------------------------------------------------
     def fit(self, X, y):
@@ -168,77 +164,82 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         class_weight = self._encoded_class_weight()
         splitter = self._splitter(counts, len(self.classes_), X.shape[0])
 
+        sample_weight = _class_sample_weight(class_weight, y_enc, len(self.classes_))
         folds = []
         for train, val in splitter.split(X, y_enc):
             scaler = StandardScaler().fit(X[train])
-            folds.append((scaler.transform(X[train]), y_enc[train], scaler.transform(X[val]), y_enc[val],
-                          self._logistic(Cs[0], class_weight)))
+            folds.append((scaler.transform(X[train]), y_enc[train], sample_weight[train],
+                          scaler.transform(X[val]), y_enc[val]))
 
+        n_classes = len(self.classes_)
+        params = [None] * len(folds)  # each split's solution, warm-starting the next C
         scores = np.full((len(folds), len(Cs)), np.nan)
-        best, since_best = -np.inf, 0
-        with warnings.catch_warnings():
-            # Exploratory fits at weak regularisation often stop at max_iter; only the final
-            # refit's convergence is reported.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            for j, C in enumerate(Cs):
-                for i, (X_tr, y_tr, X_va, y_va, lr) in enumerate(folds):
-                    lr.C = float(C)
-                    lr.fit(X_tr, y_tr)  # warm-started from the previous C
-                    scores[i, j] = float(np.mean(lr.predict(X_va) == y_va))
-                mean = scores[:, j].mean()
-                if mean > best:
-                    best, since_best = mean, 0
-                    # the folds' mean solution at the best C warm-starts the final refit
-                    start = (np.mean([f[4].coef_ for f in folds], axis=0),
-                             np.mean([f[4].intercept_ for f in folds], axis=0))
-                else:
-                    since_best += 1
-                    if self.patience is not None and since_best >= self.patience:
-                        break
-        # folds move in lockstep, so a C is either scored on every split or skipped (NaN)
-        mean_scores = scores.mean(axis=0)
-        j_best = int(np.nanargmax(mean_scores))  # first maximum: the strongest regularisation
+        best, since_best, start = -np.inf, 0, None
+        for j, C in enumerate(Cs):
+            for i, (X_tr, y_tr, sw_tr, X_va, y_va) in enumerate(folds):
+                params[i], _ = _fit_softmax(X_tr, y_tr, sw_tr, n_classes, C, params[i], self.max_iter, self.tol)
+                scores[i, j] = float(np.mean(np.argmax(_logits(X_va, *params[i]), axis=1) == y_va))
+            mean = scores[:, j].mean()
+            if mean > best:
+                # the splits' mean solution at the best C warm-starts the final refit
+                best, since_best = mean, 0
+                start = (np.mean([w for w, _ in params], axis=0), np.mean([b for _, b in params], axis=0))
+            else:
+                since_best += 1
+                if self.patience is not None and since_best >= self.patience:
+                    break
+        del folds
+        # splits move in lockstep, so a C is either scored on every split or skipped (NaN)
+        j_best = int(np.nanargmax(scores.mean(axis=0)))  # first maximum: strongest regularisation
         self.Cs_ = Cs
         self.cv_scores_ = scores
         self.C_ = float(Cs[j_best])
 
-        # Refit on everything, warm-started from the folds' mean solution at the chosen C
-        # (LogisticRegression's warm_start reads coef_ and intercept_).
-        del folds
         self.scaler_ = StandardScaler().fit(X)
-        lr = self._logistic(self.C_, class_weight)
-        lr.coef_, lr.intercept_ = start
-        lr.fit(self.scaler_.transform(X), y_enc)
-        self.logistic_ = lr
-        self.n_iter_ = int(np.max(lr.n_iter_))
+        (W, b), n_iter = _fit_softmax(self.scaler_.transform(X), y_enc, sample_weight, n_classes, self.C_,
+                                      start, self.max_iter, self.tol)
+        if n_iter >= self.max_iter:
+            warnings.warn(
+                f"LinearProbe's final fit (C={self.C_:g}) stopped at max_iter={self.max_iter} before lbfgs "
+                "converged; raise max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        self.coef_, self.intercept_ = W, b
+        self.n_iter_ = int(n_iter)
         self.n_samples_fit_ = int(X.shape[0])
         return self
 
     # -- predict ------------------------------------------------------------------------
-    def _transform(self, X) -> np.ndarray:
+    def _logits(self, X) -> np.ndarray:
         X = validate_data(self, X, reset=False, dtype=np.float32, ensure_all_finite=False, order="C")
         check_finite_rows(X)
-        return self.scaler_.transform(X)
+        # float64 here (unlike training): float32 BLAS results depend on the batch layout, and
+        # a sample's prediction must not depend on its batch
+        return _logits(self.scaler_.transform(X).astype(np.float64), self.coef_, self.intercept_)
 
     def decision_function(self, X):
-        """Logits: ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes."""
+        """Logits of the standardised vectors: ndarray of shape (n_samples, n_classes),
+        float64; for two classes, shape (n_samples,): the second logit minus the first."""
         check_is_fitted(self)
-        return self.logistic_.decision_function(self._transform(X))
-
-    def predict_proba(self, X):
-        """Class probabilities: ndarray of shape (n_samples, n_classes), float."""
-        check_is_fitted(self)
-        return self.logistic_.predict_proba(self._transform(X))
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def predict_log_proba(self, X):
         """Log of :meth:`predict_proba`."""
         check_is_fitted(self)
-        return self.logistic_.predict_log_proba(self._transform(X))
+        z = self._logits(X)
+        return z - _logsumexp(z)
+
+    def predict_proba(self, X):
+        """Class probabilities (softmax of the logits): ndarray of shape (n_samples, n_classes), float64."""
+        check_is_fitted(self)
+        return np.exp(self.predict_log_proba(X))
 
     def predict(self, X):
         """Labels: ndarray of shape (n_samples,), from ``classes_``."""
         check_is_fitted(self)
-        return self.classes_[self.logistic_.predict(self._transform(X))]
+        return self.classes_[np.argmax(self._logits(X), axis=1)]
 
     def to_sklearn(self):
         """The fitted probe as a plain ``Pipeline(StandardScaler, LogisticRegression)`` whose
@@ -248,6 +249,86 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
         from sklearn.pipeline import Pipeline
 
-        lr = copy.deepcopy(self.logistic_)
+        lr = LogisticRegression(C=self.C_)
+        W, b = self.coef_.astype(np.float64), self.intercept_.astype(np.float64)
+        if len(self.classes_) == 2:
+            # binary LogisticRegression is sigmoid(w.x + c): softmax over two logits is the
+            # sigmoid of their difference
+            W, b = W[1:] - W[:1], b[1:] - b[:1]
+        lr.coef_, lr.intercept_ = W, b
         lr.classes_ = self.classes_.copy()
+        lr.n_features_in_ = self.n_features_in_
+        lr.n_iter_ = np.array([self.n_iter_], dtype=np.int32)
         return Pipeline([("scaler", copy.deepcopy(self.scaler_)), ("logistic", lr)])
+
+
+# -- the solver -------------------------------------------------------------------------
+# LogisticRegression(solver="lbfgs") hands scipy float64 coefficients, so every loss
+# evaluation on float32 X upcasts X (n_samples x n_features) to float64 first. For
+# embeddings that copy dominates the time; here both matrix products stay in float32 and
+# only the small (n_samples, n_classes) logits are taken to float64. The objective is the
+# one LogisticRegression minimises with a multinomial loss:
+#     sum_i s_i * CE(softmax(W x_i + b), y_i) / sum(s)  +  ||W||^2 / (2 C sum(s))
+
+
+def _class_sample_weight(class_weight, y_enc: np.ndarray, n_classes: int) -> np.ndarray:
+    if class_weight is None:
+        return np.ones(len(y_enc), dtype=np.float64)
+    if isinstance(class_weight, str):  # "balanced", as sklearn defines it
+        counts = np.bincount(y_enc, minlength=n_classes)
+        per_class = len(y_enc) / (n_classes * counts)
+    else:
+        per_class = np.ones(n_classes)
+        for k, w in class_weight.items():
+            per_class[k] = w
+    return per_class[y_enc].astype(np.float64)
+
+
+def _logits(X: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (X @ W.T.astype(X.dtype, copy=False)).astype(np.float64) + b
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1, keepdims=True)
+    return m + np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+
+def _fit_softmax(X, y, sample_weight, n_classes, C, start, max_iter, tol):
+    """L2-regularised multinomial logistic regression by L-BFGS, float32 products.
+
+    X : (n_samples, n_features) float32, standardised; y : (n_samples,) int class indices;
+    start : (W, b) warm start or None. Returns ((W float32 (n_classes, n_features),
+    b float64 (n_classes,)), n_iter).
+    """
+    from scipy.optimize import minimize
+
+    n_features = X.shape[1]
+    s = sample_weight / sample_weight.sum()
+    alpha = 1.0 / (C * sample_weight.sum())
+    Y = np.zeros((len(y), n_classes), dtype=np.float64)
+    Y[np.arange(len(y)), y] = 1.0
+    rows = np.arange(len(y))
+
+    def loss_grad(theta):
+        W = theta[: n_classes * n_features].reshape(n_classes, n_features)
+        b = theta[n_classes * n_features:]
+        W32 = W.astype(np.float32)
+        z = _logits(X, W32, b)
+        lse = _logsumexp(z)
+        loss = float(np.dot(s, lse[:, 0] - z[rows, y])) + 0.5 * alpha * float(np.dot(theta[:W.size], theta[:W.size]))
+        G = (np.exp(z - lse) - Y) * s[:, None]  # d loss / d logits
+        # X.T @ G, not G.T @ X: OpenBLAS is several times slower on the (short, long) @ (long,
+        # wide) product than on its transpose
+        grad_W = (X.T @ G.astype(np.float32)).T.astype(np.float64) + alpha * W
+        return loss, np.concatenate([grad_W.ravel(), G.sum(axis=0)])
+
+    if start is None:
+        theta0 = np.zeros(n_classes * (n_features + 1))
+    else:
+        theta0 = np.concatenate([np.asarray(start[0], dtype=np.float64).ravel(), np.asarray(start[1], dtype=np.float64)])
+    # sklearn's own lbfgs settings for LogisticRegression
+    res = minimize(loss_grad, theta0, method="L-BFGS-B", jac=True,
+                   options={"maxiter": int(max_iter), "maxls": 50, "gtol": float(tol), "ftol": 64 * np.finfo(float).eps})
+    W = res.x[: n_classes * n_features].reshape(n_classes, n_features).astype(np.float32)
+    b = res.x[n_classes * n_features:].copy()
+    return (W, b), int(res.nit)
