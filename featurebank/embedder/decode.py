@@ -28,7 +28,7 @@ Steps of :func:`decode_image`, in order:
    straight to the input size (see :attr:`Preprocessing.resize_size`).
 
 ``mode="exact"`` reproduces timm's transform pixel for pixel (same Pillow calls in the same
-order), with one guard: when the resized image would be more than ``_MAX_INTERMEDIATE``
+order), with one guard: when the resized image would be more than 16
 times the crop (aspect ratios beyond about 1:12), only the cropped region is resampled
 (``Image.resize(box=...)``), which differs by at most a level or two for smooth filters but
 keeps a 1 x 100000 image from allocating gigabytes.
