@@ -156,18 +156,7 @@ def export_backbone(
         raw_path = Path(tmp) / "raw.onnx"
         dummy = torch.zeros(2, *spec.input_size)
         raw_names = [f"raw{i}" for i in range(len(chosen))]
-        with torch.no_grad():
-            torch.onnx.export(
-                cut,
-                (dummy,),
-                str(raw_path),
-                input_names=["pixels"],
-                output_names=raw_names,
-                dynamic_axes={"pixels": {0: "batch"}, **{n: {0: "batch"} for n in raw_names}},
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+        _torch_to_onnx(cut, dummy, raw_path, raw_names)
         raw = onnx.load(str(raw_path))
         heads = [
             HeadSpec(tensor=raw_names[i], name=names[i], pooling=pools[i], normalize=normalize, layout=info.layout if info.layout != "NC" else "NCHW")
@@ -218,6 +207,37 @@ def export_backbone(
             os.fsync(fh.fileno())
         os.replace(final_tmp, out_path)
     return card
+
+
+def _torch_to_onnx(cut: torch.nn.Module, dummy: torch.Tensor, path: Path, names: list[str]) -> None:
+    """Export the truncated network's raw feature maps with torch's exporter.
+
+    torch.export-based (``dynamo=True``, torch's default since 2.9) first: it folds batch
+    norms and gives a compact graph. A few models it cannot capture still export with the
+    TorchScript tracer; either way the parity check below verifies the result.
+    """
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+                torch.onnx.export(
+                    cut, (dummy,), str(path), input_names=["pixels"], output_names=names,
+                    dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
+                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+                )
+            return
+        except Exception as exc:  # torch.export raises many types (Unsupported, UserError, ...)
+            logging.getLogger("featurebank").info("torch.export could not capture the model (%s); using the tracer", exc)
+        torch.onnx.export(
+            cut, (dummy,), str(path), input_names=["pixels"], output_names=names,
+            dynamic_axes={"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
 
 
 def _verify(model: onnx.ModelProto, refs: list[np.ndarray], heads: list[HeadSpec], feed: np.ndarray, precision: str) -> dict:
