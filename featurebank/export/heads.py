@@ -39,6 +39,7 @@ __all__ = [
     "convert_to_fp16",
     "check_tensor_names",
     "graph_tensor_names",
+    "prune_graph",
     "INPUT_NAME",
     "HEAD_NODE_PREFIX",
     "INPUT_NODE_PREFIX",
@@ -169,8 +170,8 @@ def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
             vi.name = new
 
 
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop nodes, initializers, inputs and value_info the graph outputs do not need."""
+def prune_graph(graph: onnx.GraphProto) -> None:
+    """Drop nodes, initializers, inputs and value_info the graph outputs do not need (in place)."""
     needed = {o.name for o in graph.output}
     kept_nodes: list[onnx.NodeProto] = []
     for node in reversed(graph.node):
@@ -469,7 +470,7 @@ def add_heads(
         outputs.append(helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, shape))
     graph.node.extend(b.nodes)
     graph.output.extend(outputs)
-    _prune(graph)
+    prune_graph(graph)
 
     inp = _image_input(graph)
     if inp.type.tensor_type.elem_type != TensorProto.FLOAT:

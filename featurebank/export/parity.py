@@ -184,7 +184,7 @@ def compare_outputs(
     if min_cos < cos_required or max_abs > atol:
         raise ExportParityError(
             f"{name}: exported {precision} model disagrees with the source model: "
-            f"max abs diff {max_abs:.3g} (allowed {atol:.3g}), min cosine {min_cos:.6f} "
+            f"max abs diff {max_abs:.3g} (allowed {atol:.3g}), min cosine {min_cos:.8f} "
             f"(required {cos_required})"
         )
     return figures
