@@ -19,6 +19,7 @@ from featurebank.errors import FeaturebankError
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "featurebank.cli.export_cmds",
+    "featurebank.cli.embed_cmds",
     "featurebank.cli.store_cmds",
     "featurebank.cli.search_cmds",
 )
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"featurebank: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `featurebank ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("featurebank: interrupted; finished work is kept, run the same command to resume", file=sys.stderr)
         return 130

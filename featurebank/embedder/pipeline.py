@@ -62,7 +62,8 @@ class EmbedReport:
         parts = [
             f"{self.total} images: {self.embedded} embedded, {self.cached} from cache",
             f"{self.duplicates} duplicate files" if self.duplicates else "",
-            f"{self.failed} failed" + (f" ({self.skipped_failed} known failures skipped; --retry-failed)" if self.skipped_failed else ""),
+            f"{self.failed} failed",
+            f"{self.skipped_failed} failed before, skipped (--retry-failed to try again)" if self.skipped_failed else "",
             f"{self.elapsed:.1f}s" + (f" ({self.images_per_s:.1f} images/s)" if self.embedded else ""),
         ]
         return ", ".join(p for p in parts if p)
@@ -275,7 +276,8 @@ def embed_images(
             want = [keys[i] for i in rows]
             if o.name in spaces:
                 got, found = spaces[o.name].get(want) if want else (np.zeros((0, o.dim), np.float32), np.zeros(0, bool))
-                X[rows] = got
+                found = np.asarray(found, bool)
+                X[rows] = np.where(found[:, None], got, 0.0)
                 for i, f in zip(rows, found):
                     ok[i] &= bool(f)
             else:
