@@ -40,6 +40,8 @@ __all__ = [
     "check_tensor_names",
     "graph_tensor_names",
     "prune_graph",
+    "image_input",
+    "tensor_dims",
     "INPUT_NAME",
     "HEAD_NODE_PREFIX",
     "INPUT_NODE_PREFIX",
@@ -261,18 +263,20 @@ class _Builder:
         return self.op(op_type, [x], out=out, axes=list(axes), keepdims=keepdims)
 
 
-def _image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
+def image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
+    """The one graph input that is not an initializer; ValueError if there are more or none."""
     init = {t.name for t in graph.initializer}
     real = [i for i in graph.input if i.name not in init]
     if len(real) != 1:
         names = ", ".join(i.name for i in real) or "none"
         raise ValueError(
-            f"the graph needs exactly one image input for these outputs; it needs {len(real)} ({names})"
+            f"featurebank needs a graph with exactly one image input; this one has {len(real)} ({names})"
         )
     return real[0]
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+def tensor_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    """Dimensions of a ValueInfo: int, symbolic str, or None when unknown; [] if no shape."""
     if not vi.type.tensor_type.HasField("shape"):
         return []
     out: list[int | str | None] = []
@@ -343,8 +347,8 @@ def _add_one_head(b: _Builder, spec: HeadSpec, rank: int | None) -> None:
 
 def _add_uint8_prefix(graph: onnx.GraphProto, preprocessing: "Preprocessing", opset: int) -> None:
     """Replace the float NCHW input by a uint8 NHWC ``pixels`` input plus normalisation."""
-    old = _image_input(graph)
-    dims = _dims(old)
+    old = image_input(graph)
+    dims = tensor_dims(old)
     c, h, w = preprocessing.input_size
     if dims and len(dims) != 4:
         raise ValueError(f"input_format='uint8' needs a 4-D NCHW image input; {old.name!r} has shape {dims}")
@@ -452,7 +456,7 @@ def add_heads(
     outputs: list[onnx.ValueInfoProto] = []
     for spec in heads:
         info = infos.get(spec.tensor)
-        dims = _dims(info) if info is not None else []
+        dims = tensor_dims(info) if info is not None else []
         elem = info.type.tensor_type.elem_type if info is not None else TensorProto.FLOAT
         if elem != TensorProto.FLOAT:
             raise ValueError(
@@ -472,13 +476,13 @@ def add_heads(
     graph.output.extend(outputs)
     prune_graph(graph)
 
-    inp = _image_input(graph)
+    inp = image_input(graph)
     if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ValueError(
             f"input {inp.name!r} is {TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}; "
             "featurebank needs a float32 NCHW image input"
         )
-    dims = _dims(inp)
+    dims = tensor_dims(inp)
     if len(dims) == 4:
         for axis, want in zip((1, 2, 3), preprocessing.input_size):
             if isinstance(dims[axis], int) and dims[axis] != want:
@@ -491,7 +495,7 @@ def add_heads(
     elif inp.name != INPUT_NAME:
         _rename_tensor(graph, inp.name, INPUT_NAME)
     # dynamic batch on the (float or uint8) input
-    shape = _image_input(graph).type.tensor_type.shape
+    shape = image_input(graph).type.tensor_type.shape
     if len(shape.dim) >= 1:
         shape.dim[0].Clear()
         shape.dim[0].dim_param = _BATCH

@@ -32,9 +32,11 @@ from featurebank.export.heads import (
     add_heads,
     check_tensor_names,
     convert_to_fp16,
+    image_input,
     prune_graph,
+    tensor_dims,
 )
-from featurebank.export.parity import compare_outputs, pool_reference
+from featurebank.export.parity import compare_outputs, normalise_pixels, pool_reference, seeded_pixels
 
 __all__ = [
     "TensorInfo",
@@ -95,22 +97,6 @@ def _load(model_path: str | os.PathLike[str], *, load_external_data: bool = True
     return model
 
 
-def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    init = {t.name for t in model.graph.initializer}
-    real = [i for i in model.graph.input if i.name not in init]
-    if len(real) != 1:
-        names = ", ".join(i.name for i in real) or "none"
-        raise ValueError(f"featurebank cuts models with exactly one image input; this one has {len(real)} ({names})")
-    return real[0]
-
-
-def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        return []
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-
-
 def _infer_with_symbolic_batch(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """name -> inferred ValueInfo, with the input's batch axis made symbolic first."""
     m = onnx.ModelProto()
@@ -141,8 +127,8 @@ def graph_input_size(model_path: str | os.PathLike[str]) -> tuple[int, int]:
     yourself, e.g. ``--input-size 224 224``).
     """
     model = _load(model_path, load_external_data=False)
-    inp = _image_input(model)
-    dims = _dims(inp)
+    inp = image_input(model.graph)
+    dims = tensor_dims(inp)
     if len(dims) != 4:
         raise ValueError(f"input {inp.name!r} has shape {dims or '?'}; featurebank needs an (N, C, H, W) image input")
     h, w = dims[2], dims[3]
@@ -179,7 +165,7 @@ def list_onnx_tensors(model_path: str | os.PathLike[str]) -> list[TensorInfo]:
     image_dependent = {i.name for i in model.graph.input if i.name not in init}
     input_h = None
     try:
-        dims = _dims(_image_input(model))
+        dims = tensor_dims(image_input(model.graph))
         if len(dims) == 4 and isinstance(dims[2], int) and dims[2] > 0:
             input_h = dims[2]
     except ValueError:
@@ -198,7 +184,7 @@ def list_onnx_tensors(model_path: str | os.PathLike[str]) -> list[TensorInfo]:
             if vi is None:
                 continue
             elem = vi.type.tensor_type.elem_type
-            shape = tuple(None if isinstance(d, str) and d.startswith("unk__") else d for d in _dims(vi))
+            shape = tuple(None if isinstance(d, str) and d.startswith("unk__") else d for d in tensor_dims(vi))
             if elem not in _FLOAT_TYPES or len(shape) < 2:  # no batch axis: not a feature
                 continue
             stride = None
@@ -267,25 +253,6 @@ def _check_output_dir(output_path: Path, model_path: Path) -> None:
     os.unlink(probe)
 
 
-def _verification_pixels(c: int, h: int, w: int, n: int, seed: int) -> np.ndarray:
-    """(n, h, w, c) uint8: half seeded noise, half smooth seeded gradients."""
-    rng = np.random.default_rng(seed)
-    px = rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(n // 2):
-        phase = rng.uniform(0, 2 * np.pi, size=c)
-        for ch in range(c):
-            wave = 127.5 + 127.5 * np.sin(xx / (5 + 4 * ch) + yy / (9 + 3 * i) + phase[ch])
-            px[i, :, :, ch] = wave.astype(np.uint8)
-    return px
-
-
-def _normalise(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    x = pixels.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
 def _session(model: onnx.ModelProto, *, optimize: bool):
     import onnxruntime as ort
 
@@ -303,8 +270,8 @@ def _reference_maps(model: onnx.ModelProto, tensors: Sequence[str], floats: np.n
     del ref.graph.output[:]
     ref.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
     prune_graph(ref.graph)  # an early cut need not load the late weights
-    inp = _image_input(model)
-    dims = _dims(inp)
+    inp = image_input(model.graph)
+    dims = tensor_dims(inp)
     fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
     sess = _session(ref, optimize=False)
     step = fixed_batch or len(floats)
@@ -408,8 +375,8 @@ def cut_onnx(
     check_tensor_names(source.graph, tensors)
 
     # 1. the reference: the source graph with the cut tensors exposed, on seeded pixels
-    inp = _image_input(source)
-    dims = _dims(inp)
+    inp = image_input(source.graph)
+    dims = tensor_dims(inp)
     if len(dims) == 4:
         for axis, want in zip((1, 2, 3), preprocessing.input_size):
             if isinstance(dims[axis], int) and dims[axis] > 0 and dims[axis] != want:
@@ -420,8 +387,8 @@ def cut_onnx(
     fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
     n = fixed_batch if fixed_batch and fixed_batch > 1 else 2
     c, h, w = preprocessing.input_size
-    pixels = _verification_pixels(c, h, w, n, seed)
-    floats = _normalise(pixels, preprocessing)
+    pixels = seeded_pixels(n, h, w, c, seed=seed)
+    floats = normalise_pixels(pixels, preprocessing.mean, preprocessing.std)
     try:
         maps = _reference_maps(source, tensors, floats)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types

@@ -21,7 +21,7 @@ This module imports numpy only, so the embedder side could reuse it too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,6 +33,8 @@ __all__ = [
     "NORM_EPS",
     "pool_reference",
     "compare_outputs",
+    "seeded_pixels",
+    "normalise_pixels",
 ]
 
 #: precision -> (min cosine per row, max abs diff relative to max |reference|)
@@ -102,6 +104,31 @@ def pool_reference(
         norm = np.sqrt((y * y).sum(axis=axis, keepdims=True))
         y = y / np.maximum(norm, NORM_EPS)
     return y.astype(np.float32)
+
+
+def seeded_pixels(n: int, height: int, width: int, channels: int = 3, *, seed: int = 0) -> np.ndarray:
+    """Parity inputs with image-like statistics: half smooth seeded gradients, half noise.
+
+    Returns
+    -------
+    ndarray of shape (n, height, width, channels), uint8, the same for the same arguments.
+    """
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 256, size=(n, height, width, channels), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for i in range(n // 2):
+        phase = rng.uniform(0, 2 * np.pi, size=channels)
+        for ch in range(channels):
+            wave = 127.5 + 127.5 * np.sin(xx / (5 + 4 * ch) + yy / (9 + 3 * i) + phase[ch])
+            px[i, :, :, ch] = wave.astype(np.uint8)
+    return px
+
+
+def normalise_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (N, H, W, C) pixels -> float32 (N, C, H, W) ``(x / 255 - mean) / std``."""
+    x = np.asarray(pixels).astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _row_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -226,8 +226,16 @@ def test_fp16_heads_stay_fp32_so_gem_does_not_overflow():
     pre = Preprocessing((3, 4, 4), "bilinear", 1.0, (0.5,) * 3, (0.5,) * 3)
     cut = add_heads(model, [HeadSpec("features", "embedding", "gem", False, "NCHW")], preprocessing=pre)
     half = convert_to_fp16(cut)
-    head_types = {n.op_type for n in half.graph.node if n.name.startswith(HEAD_NODE_PREFIX)}
-    assert {"Pow", "GlobalAveragePool"} <= head_types
+    head_nodes = [n for n in half.graph.node if n.name.startswith(HEAD_NODE_PREFIX)]
+    assert {"Pow", "GlobalAveragePool"} <= {n.op_type for n in head_nodes}
+    # Structural, because onnxruntime's CPU provider would hide an fp16 head: it runs Pow
+    # in fp32 between merged casts. CUDA would not, and x^3 would overflow there.
+    inferred = onnx.shape_inference.infer_shapes(half).graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.value_info, *inferred.output]}
+    types.update({t.name: t.data_type for t in half.graph.initializer})
+    head_tensors = {name for n in head_nodes for name in [*n.input, *n.output]}
+    assert {types[name] for name in head_tensors} == {TensorProto.FLOAT}
+    assert TensorProto.FLOAT16 in types.values()  # the conv itself is fp16
     x = np.abs(np.random.default_rng(1).normal(size=(2, 3, 4, 4))).astype(np.float32)
     ref, got = _run(cut, x)[0], _run(half, x)[0]
     assert np.all(np.isfinite(got)) and ref.max() > 100
