@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "list_backbones": "featurebank.export.registry",
     "list_layers": "featurebank.export.layers",
     "export_backbone": "featurebank.export.onnx_export",
+    "cached_export": "featurebank.export.cache",
     "cut_onnx": "featurebank.export.onnx_cut",
     "list_onnx_tensors": "featurebank.export.onnx_cut",
     # embedder: decoding and input listing
@@ -62,6 +63,14 @@ _EXPORTS: dict[str, str] = {
     "to_model_input": "featurebank.embedder.decode",
     "list_images": "featurebank.embedder.sources",
     "ImageList": "featurebank.embedder.sources",
+    # embedder: sessions, the batch pipeline, the sklearn transformer
+    "open_model": "featurebank.embedder.session",
+    "ModelRunner": "featurebank.embedder.session",
+    "embed_images": "featurebank.embedder.pipeline",
+    "load_embeddings": "featurebank.embedder.pipeline",
+    "Embeddings": "featurebank.embedder.pipeline",
+    "ImageEmbedder": "featurebank.embedder.transformer",
+    "run_doctor": "featurebank.embedder.doctor",
     # store
     "open_store": "featurebank.store",
     "EmbeddingStore": "featurebank.store",

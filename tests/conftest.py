@@ -71,3 +71,23 @@ def lfw_dir(tmp_path_factory) -> Path:
         for i, img in enumerate(faces[sl]):
             Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(root / label / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A real featurebank ONNX export of timm's tiny random-weight EfficientNet (uint8 input)."""
+    from featurebank.export.onnx_export import export_backbone
+
+    path = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    export_backbone("test_efficientnet", path, weights="random", input_format="uint8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite0_model(tmp_path_factory) -> Path:
+    """The embedded default: efficientnet_lite0 with its real ImageNet weights, uint8 input."""
+    from featurebank.export.onnx_export import export_backbone
+
+    path = tmp_path_factory.mktemp("models") / "lite0.onnx"
+    export_backbone("efficientnet_lite0", path, input_format="uint8")
+    return path

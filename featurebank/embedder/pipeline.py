@@ -316,24 +316,24 @@ def load_embeddings(
     model: str | os.PathLike[str] | ModelRunner,
     store: Any,
     *,
-    decode_mode: str = DEFAULT_DECODE_MODE,
     output: str | None = None,
-    embed_missing: bool = True,
+    decode_mode: str = DEFAULT_DECODE_MODE,
     progress: bool | None = None,
     **embed_options: Any,
 ) -> tuple[np.ndarray, list[str], list[str | None], list[str]]:
-    """``(X, keys, labels, paths)`` for the images of ``source`` that have vectors, in source
-    order; images not yet embedded are embedded first (unless ``embed_missing=False``).
+    """``(X, keys, labels, paths)`` for the images of ``source``, in source order, read from
+    the store; images not embedded yet are embedded first, so this is also the way to get a
+    training set.
 
-    X : ndarray of shape (n_ok, dim), float32. Failed images are left out (listed by
-    ``featurebank store failures``).
+    X : ndarray of shape (n_ok, dim), float32. Images that failed are left out (they are
+    listed by ``featurebank store failures``).
     """
-    emb = embed_images(source, model, store=store, decode_mode=decode_mode, progress=progress, **embed_options) if embed_missing else None
-    if emb is None:
-        raise StoreError("load_embeddings(embed_missing=False) is not supported yet")
-    name = emb.report and (output or (next(iter(emb.vectors)) if len(emb.vectors) == 1 else None))
-    if name is None:
+    emb = embed_images(source, model, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
+    if output is None and len(emb.vectors) != 1:
         raise ValueError(f"model has several outputs ({', '.join(emb.vectors)}); pass output=")
-    X = emb.vectors[name][emb.ok]
+    runner_outputs = list(emb.vectors)
+    name = output if output in emb.vectors else next((n for n in runner_outputs if n.endswith(f":{output}")), None) if output else runner_outputs[0]
+    if name is None:
+        raise ValueError(f"model has no output {output!r}; it has {', '.join(runner_outputs)}")
     idx = np.flatnonzero(emb.ok)
-    return X, [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx]
+    return emb.vectors[name][idx], [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx]
