@@ -210,9 +210,9 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
 
 
 def _faiss_reason(exc: RuntimeError) -> str:
-    # FAISS messages carry a C++ stack location first; keep the human sentence.
-    text = str(exc).strip()
-    for line in text.splitlines():
-        if line.startswith("Error:") or "should be" in line or "at least" in line:
-            return line.replace("Error:", "").strip().strip("'\"")
-    return text.splitlines()[-1] if text else type(exc).__name__
+    # FAISS messages start with the C++ function and source location; keep the sentence.
+    text = " ".join(str(exc).split())
+    for marker in ("failed: ", "Error: "):
+        if marker in text:
+            return text.split(marker, 1)[1].strip().strip("'\"")
+    return text or type(exc).__name__

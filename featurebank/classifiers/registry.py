@@ -7,7 +7,7 @@ import difflib
 import importlib
 import inspect
 
-from sklearn.base import BaseEstimator, is_classifier
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 __all__ = ["make_classifier", "list_classifiers"]
 
@@ -44,7 +44,7 @@ def _resolve(name: str) -> type:
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError):
             cls = None
-        if not (inspect.isclass(cls) and issubclass(cls, BaseEstimator) and is_classifier(cls)):
+        if not (inspect.isclass(cls) and issubclass(cls, BaseEstimator) and issubclass(cls, ClassifierMixin)):
             raise ValueError(f"{name!r} is not a scikit-learn classifier class; {_options_hint(attr)}")
         return cls
     known = _sklearn_classifiers()
