@@ -1,6 +1,7 @@
 """k-NN search on 1M x 256 clustered vectors: featurebank's FAISS indexes vs numpy and scikit-learn.
 
-Seeded data: 1000 Gaussian cluster centres ~ N(0, I), points = centre + SPREAD * N(0, I),
+Seeded data: 1000 Gaussian cluster centres ~ N(0, I), points = centre + spread * N(0, I)
+(--spread, default 0.5),
 L2-normalised (metric="cosine", so inner product ranks like cosine and like euclidean).
 Queries are fresh points from the same clusters, not database members. Ground truth is exact
 float32 brute force (numpy chunked matmul + argpartition); recall@k = |found & true| / k.
@@ -44,10 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import featurebank  # noqa: E402
 from featurebank.search import build_index  # noqa: E402
 
-SPREAD = 0.5
-
-
-def make_data(n: int, n_queries: int, dim: int, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_data(n: int, n_queries: int, dim: int, n_clusters: int, seed: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters, dim), dtype=np.float32)
 
@@ -56,7 +54,7 @@ def make_data(n: int, n_queries: int, dim: int, n_clusters: int, seed: int) -> t
         for s in range(0, m, 100_000):  # chunks keep the float temporaries small
             e = min(m, s + 100_000)
             out[s:e] = centres[rng.integers(0, n_clusters, e - s)]
-            out[s:e] += SPREAD * rng.standard_normal((e - s, dim), dtype=np.float32)
+            out[s:e] += spread * rng.standard_normal((e - s, dim), dtype=np.float32)
         out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
 
@@ -112,13 +110,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ball-tree-queries", type=int, default=20, help="queries for sklearn ball_tree; 0 skips it")
     ap.add_argument("--flat-blas-bs", type=int, default=4096,
                     help="also time Flat with this FAISS BLAS database block size; 0 skips it")
+    ap.add_argument("--spread", type=float, default=0.5,
+                    help="within-cluster std (centres ~ N(0, I)); 0.5 separates clusters, 1.0 makes them overlap")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     k = args.k
     load_before = os.getloadavg()
 
-    (X, Q), t_data = timed(lambda: make_data(args.n, args.queries, args.dim, args.clusters, args.seed))
+    (X, Q), t_data = timed(lambda: make_data(args.n, args.queries, args.dim, args.clusters, args.seed, args.spread))
     print(f"data: {args.n} x {args.dim} float32 ({X.nbytes / 2**30:.2f} GiB), {args.queries} queries, "
           f"{args.clusters} clusters, made in {t_data:.1f}s", file=sys.stderr)
     ids = [str(i) for i in range(args.n)]
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "search_knn",
-        "settings": {"n": args.n, "dim": args.dim, "clusters": args.clusters, "spread": SPREAD, "queries": args.queries,
+        "settings": {"n": args.n, "dim": args.dim, "clusters": args.clusters, "spread": args.spread, "queries": args.queries,
                      "k": k, "seed": args.seed, "metric": "cosine (unit vectors, inner product)"},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "faiss_omp_threads": faiss.omp_get_max_threads(),
                     "platform": platform.platform(), "loadavg_before": [round(x, 2) for x in load_before],

@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
             "ClassifierFileError",
             "IndexFileError",
             "UnknownIdError",
+            "ClusterError",
         )
     },
     # artifact
@@ -58,6 +59,21 @@ _EXPORTS: dict[str, str] = {
     "cached_export": "featurebank.export.cache",
     "cut_onnx": "featurebank.export.onnx_cut",
     "list_onnx_tensors": "featurebank.export.onnx_cut",
+    # classifiers
+    **{
+        name: "featurebank.classifiers"
+        for name in (
+            "LinearProbe",
+            "KNNClassifier",
+            "PrototypeClassifier",
+            "make_classifier",
+            "save_classifier",
+            "load_classifier",
+            "SavedClassifier",
+            "evaluate_classifier",
+            "fuse_classifier",
+        )
+    },
     # embedder: decoding and input listing
     "decode_image": "featurebank.embedder.decode",
     "to_model_input": "featurebank.embedder.decode",
@@ -82,6 +98,8 @@ _EXPORTS: dict[str, str] = {
     "query_index": "featurebank.search",
     "find_duplicates": "featurebank.search",
     "write_duplicates": "featurebank.search",
+    # distributed (needs the `ray` extra)
+    "embed_images_ray": "featurebank.distributed",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
