@@ -1,8 +1,8 @@
 """k-NN search on 1M x 256 clustered vectors: featurebank's FAISS indexes vs numpy and scikit-learn.
 
 Seeded data: 1000 Gaussian cluster centres ~ N(0, I), points = centre + spread * N(0, I)
-(--spread, default 0.5),
-L2-normalised (metric="cosine", so inner product ranks like cosine and like euclidean).
+(--spread, default 0.5), L2-normalised (metric="cosine": inner product ranks like cosine
+and like euclidean).
 Queries are fresh points from the same clusters, not database members. Ground truth is exact
 float32 brute force (numpy chunked matmul + argpartition); recall@k = |found & true| / k.
 

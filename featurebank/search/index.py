@@ -36,7 +36,7 @@ import numpy as np
 from featurebank import __version__
 from featurebank.errors import FingerprintMismatchError, IndexFileError, UnknownIdError
 
-__all__ = ["SimilarityIndex", "build_index", "open_index", "METRICS", "AUTO_FLAT_MAX"]
+__all__ = ["SimilarityIndex", "build_index", "open_index", "resolve_factory", "default_nprobe", "METRICS", "AUTO_FLAT_MAX"]
 
 METRICS = ("cosine", "l2")
 FORMAT_NAME = "featurebank.similarity_index"
