@@ -347,3 +347,14 @@ def test_pickle_round_trip(data, factory):
     assert (again.count, again.nprobe, again.space, again.factory) == (2997, index.nprobe, "s", factory)
     assert again.search(Q, k=5)[1] == index.search(Q, k=5)[1]
     assert again.add(X[:3], ids[:3]) == 3 and index.count == 2997  # independent copies
+
+
+def test_search_room_never_imports_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, featurebank.search, featurebank.cli.search_cmds; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
