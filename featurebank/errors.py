@@ -19,7 +19,8 @@ Each one also subclasses the builtin it means, so ``except KeyError`` or
     ├── ProviderError             (RuntimeError) requested execution provider is not active
     ├── ClassifierFileError       (ValueError)  a saved classifier cannot be loaded safely
     ├── IndexFileError            (ValueError)  a saved similarity index is missing parts or corrupt
-    └── UnknownIdError            (KeyError)    id not present in a similarity index
+    ├── UnknownIdError            (KeyError)    id not present in a similarity index
+    └── ClusterError              (RuntimeError) Ray missing, cluster unreachable, or a node cannot see the store
 
 The CLI turns any ``FeaturebankError`` into a one-line message and exit code 2.
 """
@@ -44,6 +45,7 @@ __all__ = [
     "ClassifierFileError",
     "IndexFileError",
     "UnknownIdError",
+    "ClusterError",
 ]
 
 
@@ -119,3 +121,8 @@ class IndexFileError(FeaturebankError, ValueError):
 
 class UnknownIdError(FeaturebankError, _KeyErrorMessage):
     """An id (content key or path) is not present in the similarity index."""
+
+
+class ClusterError(FeaturebankError, RuntimeError):
+    """Distributed embedding cannot run: Ray is not installed, the cluster cannot be reached,
+    or a worker node cannot see the store or the inputs."""

@@ -1,0 +1,501 @@
+"""Embedding on a Ray cluster, into the same store as :func:`~featurebank.embedder.embed_images`.
+
+A Ray Data pipeline with the local embedder's stages spread over a cluster:
+
+* **read** (driver): list the inputs, hash their bytes (the store's stat cache for files,
+  fsspec for URLs) and drop what the store already holds for this model and decode mode,
+  exactly as the local embedder does;
+* **decode** (Ray tasks, ``map_batches`` with a function, ``num_cpus_per_decode_task`` CPUs
+  each): read and preprocess one batch of images to uint8 pixels;
+* **infer + write** (a pool of Ray actors): each actor builds one onnxruntime session in its
+  ``__init__`` (from model bytes shipped once through the object store, never a pickled
+  session), runs its batches and commits each batch as one shard with ``space.add``. Images
+  that failed to decode are recorded as store failures by the actor that received them.
+
+Robustness: Ray restarts a dead actor and retries its batch, and decode tasks are retried.
+A retried batch first asks the store which of its keys an earlier attempt already committed
+(shards are atomic), so a worker dying after its write adds no duplicate rows. A killed
+driver loses at most the batches in flight; running again embeds only what is missing.
+
+Ray is imported here only, inside functions, so featurebank imports without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from featurebank.artifact import DECODE_MODES, read_model_card, space_fingerprint
+from featurebank.distributed.locations import hash_urls, is_url, list_sources, read_url
+from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport
+from featurebank.embedder.sources import ImageList
+from featurebank.errors import ClusterError, FeaturebankError, StoreError
+
+__all__ = ["embed_images_ray", "CRASH_MARKER_ENV"]
+
+log = logging.getLogger("featurebank")
+
+#: Fault injection for resilience tests: when this environment variable names a file path
+#: that does not exist yet, the first embedding actor to commit a batch creates the file and
+#: kills its own process (``os._exit``), once per path. Ray then restarts the actor and
+#: retries the batch. Pass it with ``ray_remote_args={"runtime_env": {"env_vars": {...}}}``.
+CRASH_MARKER_ENV = "FEATUREBANK_RAY_CRASH_MARKER"
+
+_DECODE_MEMORY = 256 * 2**20
+# map_batches takes these by name; other Ray options go through its (deprecated) **kwargs
+_NAMED_REMOTE_ARGS = ("runtime_env", "resources", "accelerator_type", "memory", "label_selector")
+
+
+def embed_images_ray(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | ImageList,
+    model: str | os.PathLike[str] | Any,
+    *,
+    store: str | os.PathLike[str],
+    address: str | None = "auto",
+    decode_mode: str = DEFAULT_DECODE_MODE,
+    batch_size: int = 32,
+    num_actors: int | None = None,
+    num_cpus_per_actor: float = 1,
+    num_gpus_per_actor: float | None = None,
+    num_cpus_per_decode_task: float = 1,
+    retry_failed: bool = False,
+    ray_remote_args: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+) -> EmbedReport:
+    """Embed images on a Ray cluster into a store; the same vectors and store format as
+    :func:`~featurebank.embedder.pipeline.embed_images`.
+
+    Parameters
+    ----------
+    source : folder, ``.txt``/``.csv``/``.parquet`` list, image file, ``file://`` or other
+        fsspec URL (folder or file), or a list of these; or an :class:`ImageList`
+    model : path of a featurebank ONNX model (or an open ``ModelRunner``, whose path is used).
+        It is read on the driver and shipped to the actors through Ray's object store.
+    store : store directory, on a filesystem every node mounts at this same path
+    address : ``"auto"`` (the cluster started with ``ray start`` on this machine), ``None``
+        (start a private local Ray instance for this call), or ``"ray://host:10001"`` /
+        ``"host:6379"``. Ignored when this process is already connected (``ray.init`` done).
+    decode_mode : ``"fast"`` or ``"exact"``; part of the cache key, as locally
+    batch_size : images per decode task, per inference call and per store shard
+    num_actors : inference actors (default: one per GPU when actors take GPUs, else half the
+        cluster's CPUs divided by ``num_cpus_per_actor``, at least 1)
+    num_cpus_per_actor : CPUs reserved per actor; also its onnxruntime thread count (rounded up)
+    num_gpus_per_actor : GPUs per actor; ``None``: 1 if the cluster has GPUs, else 0. With
+        GPUs the actor requires CUDA (``device="cuda"``: fails loudly if it does not start)
+    num_cpus_per_decode_task : CPUs reserved per decode task
+    retry_failed : decode again the images a previous run recorded as failed
+    ray_remote_args : extra Ray options for the actors (``runtime_env``, ``resources``,
+        ``accelerator_type``, ``max_restarts``, ...)
+    progress : progress bar on stderr (default: when stderr is a terminal)
+
+    Returns
+    -------
+    EmbedReport
+        ``total``, ``embedded``, ``cached``, ``duplicates``, ``failed``, ``skipped_failed``,
+        ``elapsed`` and ``timings`` (seconds per stage: ``read`` on the driver; ``decode``,
+        ``infer``, ``write`` summed over workers).
+
+    Raises
+    ------
+    ClusterError
+        Ray is not installed, the cluster cannot be reached, or a worker cannot see the store.
+
+    Example
+    -------
+    >>> report = embed_images_ray("photos/", "lite0.onnx", store="/shared/store")  # doctest: +SKIP
+    >>> print(report.summary())                                                     # doctest: +SKIP
+    """
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}; got decode_mode={decode_mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
+    if num_actors is not None and (isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1):
+        raise ValueError(f"num_actors must be a positive integer or None (auto); got num_actors={num_actors!r}")
+    for name, value, low in (("num_cpus_per_actor", num_cpus_per_actor, 0.0), ("num_cpus_per_decode_task", num_cpus_per_decode_task, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+            raise ValueError(f"{name} must be a positive number of CPUs; got {name}={value!r}")
+    if num_gpus_per_actor is not None and (
+        isinstance(num_gpus_per_actor, bool) or not isinstance(num_gpus_per_actor, (int, float)) or num_gpus_per_actor < 0
+    ):
+        raise ValueError(f"num_gpus_per_actor must be >= 0 or None (auto); got num_gpus_per_actor={num_gpus_per_actor!r}")
+    if address is not None and not isinstance(address, str):
+        raise ValueError(f"address must be 'auto', None or a Ray address string; got address={address!r}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    model_path = os.path.abspath(os.fspath(getattr(model, "path", model)))
+    if not os.path.isfile(model_path):
+        from featurebank.errors import NotOnnxModelError
+
+        raise NotOnnxModelError(f"no model file at {model_path!r}; export one with `featurebank export -o {model_path}`")
+
+    t_start = time.perf_counter()
+    report = EmbedReport()
+    timings = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+
+    # ---- read (driver): list, hash, skip what the store holds -- the local embedder's rules
+    t = time.perf_counter()
+    images = list_sources(source)
+    card = read_model_card(model_path)
+    report.total = len(images.paths)
+    from featurebank.store import open_store
+
+    store_dir = os.path.abspath(os.fspath(store))
+    st = open_store(store_dir)
+    pre = card.preprocessing
+    spaces = {
+        o.name: st.space(
+            space_fingerprint(o.fingerprint, decode_mode),
+            dim=o.dim,
+            info={"model_card_fingerprint": card.fingerprint, "output": o.to_dict(), "backbone": card.backbone,
+                  "decode_mode": decode_mode, "preprocessing": pre.to_dict()},
+        )
+        for o in card.outputs
+    }
+    first_space = next(iter(spaces.values()))
+    keys, read_failures = _hash_all(st, images.paths)
+    label_of = dict(zip(images.paths, images.labels))
+    unique: dict[str, str] = {}
+    for path, key in zip(images.paths, keys):
+        if key and key not in unique:
+            unique[key] = path
+    report.duplicates = sum(1 for k in keys if k) - len(unique)
+    todo = list(unique)
+    have = np.ones(len(todo), bool)
+    for sp in spaces.values():
+        have &= np.asarray(sp.contains(todo), bool) if todo else np.zeros(0, bool)
+    report.cached = int(have.sum())
+    todo = [k for k, h in zip(todo, have) if not h]
+    if not retry_failed and todo:
+        known = {f.key for f in st.failures(first_space.fingerprint) if f.key}
+        report.skipped_failed = sum(1 for k in todo if k in known)
+        todo = [k for k in todo if k not in known]
+    if read_failures:
+        st.record_failures(first_space.fingerprint, [{"path": p, "key": None, "reason": r} for p, r in read_failures])
+    timings["read"] = time.perf_counter() - t
+    failures: list[tuple[str, str]] = list(read_failures)
+
+    # ---- decode + infer + write on the cluster
+    if todo:
+        rows = [{"key": k, "path": unique[k], "label": label_of.get(unique[k])} for k in todo]
+        for got in _run_on_cluster(
+            rows, model_path, store_dir, {n: s.fingerprint for n, s in spaces.items()}, card,
+            address=address, decode_mode=decode_mode, batch_size=batch_size, num_actors=num_actors,
+            num_cpus_per_actor=float(num_cpus_per_actor), num_gpus_per_actor=num_gpus_per_actor,
+            num_cpus_per_decode_task=float(num_cpus_per_decode_task), ray_remote_args=dict(ray_remote_args or {}),
+            progress=bool(progress),
+        ):
+            ok = got["reason"] == ""
+            report.embedded += int(ok.sum())
+            failures += [(str(p), str(r)) for p, r in zip(got["path"][~ok], got["reason"][~ok])]
+            for stage in ("decode", "infer", "write"):
+                timings[stage] += float(got[stage + "_s"].sum())
+
+    report.failed = len(failures)
+    report.failures = failures
+    report.timings = timings
+    report.elapsed = time.perf_counter() - t_start
+    return report
+
+
+def _hash_all(st: Any, paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Content keys aligned with ``paths`` ("" where unreadable) and (path, reason) failures."""
+    keys = [""] * len(paths)
+    failures: list[tuple[str, str]] = []
+    local = [i for i, p in enumerate(paths) if not is_url(p)]
+    remote = [i for i, p in enumerate(paths) if is_url(p)]
+    if local:
+        hashed = st.hash_files([paths[i] for i in local])
+        for i, k, e in zip(local, hashed.keys, hashed.errors):
+            keys[i] = k or ""
+            if e is not None:
+                failures.append((paths[i], e))
+    if remote:
+        got, errs = hash_urls([paths[i] for i in remote])
+        for i, k, e in zip(remote, got, errs):
+            keys[i] = k or ""
+            if e is not None:
+                failures.append((paths[i], e))
+    return keys, failures
+
+
+# ------------------------------------------------------------------------------- cluster
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data ships in the "data" extra
+    except ImportError as exc:
+        raise ClusterError(
+            f"embedding on a cluster needs Ray Data ({exc}); install it with `pip install 'featurebank[ray]'` "
+            "(or `pip install 'ray[data]'`) on the driver and on every node"
+        ) from None
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call did, so it disconnects at the end."""
+    if ray.is_initialized():
+        return False
+    # options of a new instance; Ray refuses them when connecting to a running cluster
+    kwargs: dict[str, Any] = {"include_dashboard": False} if address is None else {}
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at address={address!r} ({str(exc).splitlines()[0][:200]}); start one with "
+            "`ray start --head` (and `ray start --address=HEAD:6379` on the other nodes), or pass address=None "
+            "(CLI: --ray local) to start a private one on this machine"
+        ) from None
+    return True
+
+
+def _run_on_cluster(rows, model_path, store_dir, space_fps, card, *, address, decode_mode, batch_size, num_actors,
+                    num_cpus_per_actor, num_gpus_per_actor, num_cpus_per_decode_task, ray_remote_args, progress):
+    """Yield one numpy batch ``{key, path, reason, decode_s, infer_s, write_s}`` per shard."""
+    ray = _import_ray()
+    started = _connect(ray, address)
+    try:
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0.0))
+        if num_gpus_per_actor is None:
+            num_gpus_per_actor = 1.0 if gpus > 0 else 0.0
+        if num_gpus_per_actor > 0 and gpus < num_gpus_per_actor:
+            raise ClusterError(
+                f"num_gpus_per_actor={num_gpus_per_actor} but the cluster has {gpus:g} GPUs; pass num_gpus_per_actor=0 "
+                "(CLI: --device cpu) to run on CPUs"
+            )
+        cpus = float(resources.get("CPU", 0.0))
+        if num_actors is None:
+            if num_gpus_per_actor > 0:
+                num_actors = max(1, int(gpus // num_gpus_per_actor))
+            else:
+                # half the CPUs infer, the other half decode: measured balanced for
+                # efficientnet_lite0 at 224 px (benchmarks/ray_scaling.py)
+                num_actors = max(1, int((cpus / 2) // num_cpus_per_actor))
+        need = num_actors * num_cpus_per_actor + num_cpus_per_decode_task
+        if need > cpus + 1e-9:
+            raise ClusterError(
+                f"{num_actors} actors x {num_cpus_per_actor:g} CPUs + one decode task x {num_cpus_per_decode_task:g} CPUs "
+                f"= {need:g} CPUs, but the cluster has {cpus:g}; lower num_actors or the CPUs per actor/task "
+                "(the pipeline would wait forever for decode CPUs)"
+            )
+        with open(model_path, "rb") as fh:
+            model_bytes = fh.read()
+        model_sha = hashlib.sha256(model_bytes).hexdigest()
+        model_ref = ray.put(model_bytes)
+        del model_bytes
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours counts images; Ray's counts blocks
+        if hasattr(ctx, "enable_operator_progress_bars"):
+            ctx.enable_operator_progress_bars = False
+        if not progress:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+        n_blocks = max(1, math.ceil(len(rows) / batch_size))
+        ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            _decode_batch,
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=num_cpus_per_decode_task,
+            # A decode task holds one full-size image at a time (a 24 MP photo is 72 MB as RGB,
+            # plus resampling buffers) and its output batch. Reserving that memory also keeps
+            # Ray Data from fusing decoding into the actors (it fuses only stages with equal
+            # resources), where it would run in series with inference on the actor's CPUs.
+            memory=_DECODE_MEMORY + batch_size * int(np.prod(card.preprocessing.input_size)),
+            fn_kwargs={"pre": card.preprocessing, "decode_mode": decode_mode},
+        )
+        named = {k: v for k, v in ray_remote_args.items() if k in _NAMED_REMOTE_ARGS}
+        other = {k: v for k, v in ray_remote_args.items() if k not in _NAMED_REMOTE_ARGS}
+        ds = ds.map_batches(
+            _EmbedActor,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=num_cpus_per_actor,
+            num_gpus=num_gpus_per_actor or None,
+            fn_constructor_kwargs={
+                "model_ref": [model_ref],  # in a list: Ray resolves top-level refs only, we resolve it ourselves
+                "model_sha": model_sha,
+                "store_dir": store_dir,
+                "space_fps": space_fps,
+                "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
+                "threads": max(1, math.ceil(num_cpus_per_actor)),
+            },
+            **named,
+            **other,
+        )
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), unit="img", desc="embedding (ray)", disable=not progress, file=sys.stderr,
+                   smoothing=0.1, dynamic_ncols=True)
+        try:
+            for got in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(len(got["key"]))
+                yield got
+        except Exception as exc:
+            cause = _user_cause(exc)
+            if cause is not None:
+                raise cause from None
+            raise
+        finally:
+            bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _user_cause(exc: BaseException) -> FeaturebankError | None:
+    """The FeaturebankError a worker raised, unwrapped from Ray's exception wrappers."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 10:
+        if isinstance(cur, FeaturebankError):
+            return cur
+        nxt = getattr(cur, "cause", None)
+        cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
+        seen += 1
+    return None
+
+
+# ------------------------------------------------------------------------------- workers
+def _decode_batch(batch: dict[str, np.ndarray], *, pre: Any, decode_mode: str) -> dict[str, np.ndarray]:
+    """Ray task: ``{key, path, label}`` -> ``+ pixels (N, H, W, C) uint8, error, decode_s``.
+
+    Rows that fail keep zero pixels and carry the reason in ``error`` ("" when decoded).
+    """
+    from featurebank.embedder.decode import decode_image
+
+    t0 = time.perf_counter()
+    keys, paths = batch["key"], batch["path"]
+    c, h, w = pre.input_size
+    pixels = np.zeros((len(keys), h, w, c), np.uint8)
+    errors = np.full(len(keys), "", dtype=object)
+    for i, (key, path) in enumerate(zip(keys, paths)):
+        path = str(path)
+        try:
+            if is_url(path):
+                data = read_url(path)
+                if hashlib.sha256(data).hexdigest() != key:
+                    errors[i] = f"{path}: changed while being embedded (its bytes no longer match their key); run again"
+                    continue
+                try:
+                    decode_image(data, pre, mode=decode_mode, out=pixels[i])
+                except FeaturebankError as exc:
+                    msg = str(exc)  # messages about bytes start "bytes: "; name the URL instead
+                    raise type(exc)(path + msg[5:] if msg.startswith("bytes:") else f"{path}: {msg}") from None
+            else:
+                decode_image(path, pre, mode=decode_mode, out=pixels[i])
+        except FeaturebankError as exc:
+            errors[i] = str(exc)
+        except OSError as exc:  # vanished or unreadable between hashing and decoding
+            errors[i] = str(exc) if path in str(exc) else f"{path}: {exc.strerror or exc}"
+    out = dict(batch)
+    out["pixels"] = pixels
+    out["error"] = errors
+    out["decode_s"] = np.zeros(len(keys), np.float64)
+    if len(keys):
+        out["decode_s"][0] = time.perf_counter() - t0
+    return out
+
+
+def _local_model_file(data: bytes, sha: str) -> str:
+    """The shipped model written once per node under the temp dir (atomic rename)."""
+    d = os.path.join(tempfile.gettempdir(), "featurebank-models")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, sha + ".onnx")
+    if not os.path.isfile(path):
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".onnx")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return path
+
+
+class _EmbedActor:
+    """Ray actor: one onnxruntime session and one store handle, built here, never pickled."""
+
+    def __init__(self, *, model_ref: list, model_sha: str, store_dir: str, space_fps: dict[str, str], device: str,
+                 threads: int) -> None:
+        import ray
+
+        from featurebank.embedder.session import open_model
+        from featurebank.store import open_store
+
+        self.runner = open_model(_local_model_file(ray.get(model_ref[0]), model_sha), device=device, threads=threads)
+        self.card = self.runner.card
+        host = os.uname().nodename
+        try:
+            self.store = open_store(store_dir, create=False)
+            self.spaces = {name: self.store.space(fp) for name, fp in space_fps.items()}
+        except StoreError as exc:
+            raise ClusterError(
+                f"node {host} cannot use the store at {store_dir} ({exc}); the store must be on a filesystem that "
+                "every node mounts at the same path (NFS, a cluster filesystem, ...)"
+            ) from None
+        self.first = next(iter(self.spaces.values()))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from featurebank.embedder.decode import to_model_input
+
+        keys = [str(k) for k in batch["key"]]
+        paths = [str(p) for p in batch["path"]]
+        labels = [None if lab is None else str(lab) for lab in batch["label"]]
+        errors = [str(e) for e in batch["error"]]
+        n = len(keys)
+        ok = np.array([e == "" for e in errors], bool)
+        infer_s = write_s = 0.0
+        if ok.any():
+            # a retried batch (actor restarted after its write) must not add its rows twice
+            done = np.ones(n, bool)
+            for sp in self.spaces.values():
+                done &= np.asarray(sp.contains(keys), bool)
+            run = ok & ~done
+            idx = np.flatnonzero(run)
+            if len(idx):
+                t = time.perf_counter()
+                outs = self.runner.run(to_model_input(np.ascontiguousarray(batch["pixels"][idx]), self.card))
+                infer_s = time.perf_counter() - t
+                t = time.perf_counter()
+                k = [keys[i] for i in idx]
+                p = [paths[i] for i in idx]
+                lab = [labels[i] for i in idx]
+                for name, vecs in outs.items():
+                    if name in self.spaces:
+                        self.spaces[name].add(k, vecs.reshape(len(idx), -1), paths=p, labels=lab)
+                write_s = time.perf_counter() - t
+        bad = [i for i in range(n) if not ok[i]]
+        if bad:
+            self.store.record_failures(self.first.fingerprint,
+                                       [{"path": paths[i], "key": keys[i], "reason": errors[i]} for i in bad])
+        _maybe_crash()
+        z = np.zeros(n, np.float64)
+        timing = {s: z.copy() for s in ("decode_s", "infer_s", "write_s")}
+        if n:
+            timing["decode_s"][0] = float(np.sum(batch["decode_s"]))
+            timing["infer_s"][0], timing["write_s"][0] = infer_s, write_s
+        return {"key": np.asarray(keys, dtype=object), "path": np.asarray(paths, dtype=object),
+                "reason": np.asarray(errors, dtype=object), **timing}
+
+
+def _maybe_crash() -> None:
+    marker = os.environ.get(CRASH_MARKER_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    os._exit(1)  # a dying worker, as an OOM kill or a lost node would look to Ray
