@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--json", action="store_true", help="print the run's report as JSON")
+    from featurebank.distributed.cli import register_ray_options
+
+    register_ray_options(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("doctor", help="check onnxruntime providers and tell what to fix", formatter_class=formatter_class,
@@ -78,13 +81,18 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
 def _embed(args: argparse.Namespace) -> int:
     from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images
 
-    runner = open_runner(args)
-    emb = embed_images(
-        args.sources, runner, store=args.store, decode_mode=args.decode_mode or DEFAULT_DECODE_MODE,
-        batch_size=args.batch_size, workers=args.workers, retry_failed=args.retry_failed,
-        return_vectors=False, progress=args.progress,
-    )
-    r = emb.report
+    from featurebank.distributed.cli import embed_on_ray, uses_ray
+
+    if uses_ray(args):  # the same run on a Ray cluster, into the same store
+        r = embed_on_ray(args)
+    else:
+        runner = open_runner(args)
+        emb = embed_images(
+            args.sources, runner, store=args.store, decode_mode=args.decode_mode or DEFAULT_DECODE_MODE,
+            batch_size=args.batch_size, workers=args.workers, retry_failed=args.retry_failed,
+            return_vectors=False, progress=args.progress,
+        )
+        r = emb.report
     if args.json:
         print(json.dumps({"total": r.total, "embedded": r.embedded, "cached": r.cached, "failed": r.failed,
                           "skipped_failed": r.skipped_failed, "duplicates": r.duplicates, "elapsed_s": r.elapsed,
