@@ -63,5 +63,5 @@ def uses_ray(args: argparse.Namespace) -> bool:
         return True
     given = [flag for dest, flag in _RAY_ONLY if getattr(args, dest, None) is not None]
     if given:
-        args.ray_parser.error(f"{', '.join(given)} only apply with --ray")
+        args.ray_parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --ray")
     return False
