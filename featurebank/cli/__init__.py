@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "featurebank.cli.embed_cmds",
     "featurebank.cli.store_cmds",
     "featurebank.cli.search_cmds",
+    "featurebank.cli.study_cmds",
 )
 
 
@@ -60,6 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"featurebank: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = {"torch": "export", "timm": "export", "torchvision": "export", "ray": "ray",
+                 "fastapi": "service", "uvicorn": "service"}.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"featurebank: error: `featurebank {args.command}` needs {exc.name}, which is not installed; "
+              f"pip install 'featurebank[{extra}]'", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `featurebank ... | head`
         sys.stderr.close()
