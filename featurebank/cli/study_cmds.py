@@ -1,0 +1,102 @@
+"""`featurebank sweep | fewshot`: thin shells over featurebank.studies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list; got {value!r}")
+    return items
+
+
+def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
+    from featurebank.cli.embed_cmds import add_model_options
+
+    p = sub.add_parser(
+        "sweep", help="which layer to cut at: linear-probe accuracy per layer", formatter_class=formatter_class,
+        description="Export BACKBONE with one output per layer, embed the labelled images of SOURCE once, and "
+        "score a linear probe on each layer over the same seeded stratified folds (standardisation and C "
+        "chosen inside each training fold). Prints a table, the recommended layer and the export command "
+        "for it; --out writes sweep.json and sweep.png.",
+        epilog="examples:\n  featurebank sweep photos/ --backbone efficientnet_lite0 --all-stages --store store/ --out sweep/\n"
+        "  featurebank sweep train.csv --layers blocks.4,blocks.5,features --pool avg,gem --store store/",
+    )
+    p.add_argument("source", metavar="SOURCE", help="labelled images: class subfolders, or a list file with labels")
+    p.add_argument("--backbone", default="efficientnet_lite0", metavar="NAME", help="default: efficientnet_lite0")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layers", type=_csv, metavar="A,B,C", help="layers to compare (`featurebank layers NAME`)")
+    g.add_argument("--all-stages", action="store_true", help="every stage output and features (the default)")
+    p.add_argument("--pool", type=_csv, default=["avg"], metavar="P[,Q]", help="pooling(s): avg, max, gem, token (default: avg)")
+    p.add_argument("--weights", default=None, metavar="PATH|hub|random", help="weights source (default: the registry's)")
+    p.add_argument("--store", required=True, metavar="DIR", help="store directory (created if missing; vectors are reused)")
+    p.add_argument("--folds", type=int, default=5, help="stratified folds (default: 5)")
+    p.add_argument("--inner-cv", type=float, default=5, metavar="K|FRACTION",
+                   help="the probe's own C selection inside each training fold: k folds or a validation fraction (default: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="DIR", help="write sweep.json and sweep.png there")
+    p.add_argument("--decode-mode", choices=("fast", "exact"), default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser(
+        "fewshot", help="how many labels: accuracy vs labelled images per class, transfer vs raw pixels",
+        formatter_class=formatter_class,
+        description="Hold out a fixed stratified test split of SOURCE (or use --test-source), then for each shot "
+        "count draw k labelled images per class from the rest (--repeats seeded draws) and train a linear probe "
+        "and a prototype classifier on the model's vectors and on raw downscaled pixels (no transfer). Prints a "
+        "table and from how many labels per class transfer wins; --out writes fewshot.json and fewshot.png.",
+        epilog="examples:\n  featurebank fewshot photos/ --store store/ --shots 1,2,5,10,20,all --out fewshot/\n"
+        "  featurebank fewshot train/ --test-source test/ --model lite0.onnx --store store/ --pixels rgb",
+    )
+    p.add_argument("source", metavar="SOURCE", help="labelled images: class subfolders, or a list file with labels")
+    p.add_argument("--store", required=True, metavar="DIR")
+    add_model_options(p)
+    p.add_argument("--shots", default="1,2,5,10,20,all", metavar="1,2,5,...,all", help="default: 1,2,5,10,20,all")
+    p.add_argument("--repeats", type=int, default=5, help="seeded draws per shot count (default: 5)")
+    p.add_argument("--test-size", type=float, default=0.25, metavar="FRACTION|COUNT",
+                   help="held-out test split: a fraction, or a count >= 1 (default: 0.25)")
+    p.add_argument("--test-source", default=None, metavar="SOURCE", help="a separate labelled test set instead")
+    p.add_argument("--pixels", choices=("gray", "rgb"), default="gray", help="the raw-pixel baseline's colour (default: gray)")
+    p.add_argument("--pixel-size", type=int, default=32, help="the raw-pixel baseline's side in pixels (default: 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="DIR", help="write fewshot.json and fewshot.png there")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_fewshot)
+
+
+def _int_or_float(x: float) -> int | float:
+    return int(x) if float(x).is_integer() and x >= 1 else float(x)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from featurebank.studies import sweep_layers
+
+    result = sweep_layers(
+        args.source, backbone=args.backbone, layers=args.layers, all_stages=args.all_stages,
+        pool=args.pool if len(args.pool) > 1 else args.pool[0], store=args.store, folds=args.folds, seed=args.seed,
+        out_dir=args.out, weights=args.weights, inner_cv=_int_or_float(args.inner_cv), decode_mode=args.decode_mode,
+        device=args.device, progress=args.progress,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def _fewshot(args: argparse.Namespace) -> int:
+    from featurebank.cli.embed_cmds import resolve_model
+    from featurebank.studies import fewshot_study
+
+    result = fewshot_study(
+        args.source, store=args.store, model=resolve_model(args), shots=args.shots, repeats=args.repeats,
+        test_size=_int_or_float(args.test_size), test_source=args.test_source, pixels=args.pixels,
+        pixel_size=args.pixel_size, seed=args.seed, out_dir=args.out, decode_mode=args.decode_mode,
+        device=args.device, progress=args.progress,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
