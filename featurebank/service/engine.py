@@ -1,0 +1,516 @@
+"""What the HTTP layer calls: embed, classify and search images, with limits and a cache.
+
+:class:`ServiceEngine` owns the model session, the decode thread pool, the
+:class:`~featurebank.service.batching.Batcher`, the content-hash LRU cache, and optionally a
+classifier and a similarity index. It knows nothing about HTTP; it raises
+:class:`RequestRejected` carrying the status code the HTTP layer should answer with.
+
+Flow of one image: sha256 of its bytes (decode pool) -> cache hit: done. Miss: decode and
+preprocess (decode pool) -> batcher -> model -> cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featurebank.artifact import DECODE_MODES, OutputSpec, space_fingerprint
+from featurebank.embedder.decode import decode_image, to_model_input
+from featurebank.embedder.session import ModelRunner, open_model
+from featurebank.errors import FingerprintMismatchError, ImageDecodeError, UnknownIdError
+from featurebank.service.batching import Batcher
+from featurebank.service.config import ServiceConfig
+from featurebank.service.metrics import Metrics
+
+__all__ = ["ServiceEngine", "RequestRejected", "EmbedResult", "THUMBNAIL_SIZE"]
+
+log = logging.getLogger("featurebank.service")
+
+#: Longest side of the thumbnails served for indexed images, in pixels.
+THUMBNAIL_SIZE = 256
+_DEFAULT_DECODE_MODE = "fast"  # the embedder's default (featurebank.embedder.pipeline)
+
+
+class RequestRejected(Exception):
+    """A request the service refuses: ``status`` is the HTTP status code to answer with."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Vectors of the images of one request, in request order.
+
+    keys : sha256 hex of each image's bytes (the store's content keys)
+    vectors : ndarray of shape (n, dim), float32
+    cached : ndarray of shape (n,), bool; True where the vector came from the cache
+    """
+
+    keys: list[str]
+    vectors: np.ndarray
+    cached: np.ndarray
+
+
+class _LRU:
+    """Thread-safe LRU map content key -> vector (read-only float32 (dim,))."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            vec = self._data.get(key)
+            if vec is not None:
+                self._data.move_to_end(key)
+            return vec
+
+    def put(self, key: str, vec: np.ndarray) -> None:
+        if self.capacity == 0:
+            return
+        vec = np.array(vec, dtype=np.float32)  # own copy: a batch row would keep the batch alive
+        vec.flags.writeable = False
+        with self._lock:
+            self._data[key] = vec
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _candidate_spaces(card, output: str | None) -> dict[str, tuple[OutputSpec, str | None]]:
+    """fingerprint -> (output, decode mode) for every space this model can produce.
+
+    A classifier or index may record the bare output fingerprint (decode mode unknown) or
+    the store's space fingerprint (output + decode mode).
+    """
+    outputs = [card.output(output)] if output is not None else list(card.outputs)
+    spaces: dict[str, tuple[OutputSpec, str | None]] = {}
+    for o in outputs:
+        spaces[o.fingerprint] = (o, None)
+        for mode in DECODE_MODES:
+            spaces[space_fingerprint(o.fingerprint, mode)] = (o, mode)
+    return spaces
+
+
+class ServiceEngine:
+    """Embedding, classification and search for the service, shared by all requests.
+
+    Parameters
+    ----------
+    model : path of a featurebank ONNX model, or an open ``ModelRunner``
+    classifier : path of a classifier file (``save_classifier``), a ``SavedClassifier``, or None
+    index : directory of a similarity index (``featurebank index build``), a
+        ``SimilarityIndex``, or None
+    config : :class:`ServiceConfig`
+
+    The classifier and the index must come from this model's vectors: their recorded
+    vector-space fingerprint picks the output and the decode mode; a mismatch raises
+    :class:`~featurebank.errors.FingerprintMismatchError` at start, not wrong answers later.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | ModelRunner, *, classifier: Any = None, index: Any = None,
+                 config: ServiceConfig | None = None) -> None:
+        self.config = config = config or ServiceConfig()
+        self.runner = model if isinstance(model, ModelRunner) else open_model(model, threads=config.threads)
+        card = self.runner.card
+        if config.output is None and len(card.outputs) > 1 and classifier is None and index is None:
+            names = ", ".join(o.name for o in card.outputs)
+            raise ValueError(f"the model has {len(card.outputs)} outputs ({names}); choose one with output=NAME (--output)")
+        self.classifier = self._load_classifier(classifier)
+        self.index = self._load_index(index)
+        self.output, self.decode_mode = self._resolve_space()
+        self.space = space_fingerprint(self.output.fingerprint, self.decode_mode)
+        for what, dim in (("classifier", getattr(self.classifier and self.classifier.estimator, "n_features_in_", None)),
+                          ("index", self.index.dim if self.index is not None else None)):
+            if dim is not None and int(dim) != self.output.dim:
+                raise FingerprintMismatchError(
+                    f"the {what} takes {dim}-dimensional vectors but output {self.output.name!r} of the model gives "
+                    f"{self.output.dim}; serve it with the model it was built from"
+                )
+        self.paths = self._index_paths()
+        self.metrics = Metrics(max_batch=config.max_batch)
+        self.cache = _LRU(config.cache_size)
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+        self._admitted = 0
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self.batcher = Batcher(self._infer, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000.0,
+                               metrics=self.metrics)
+        self.ready = False
+        self.stopping = False
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _load_classifier(self, classifier: Any):
+        if classifier is None:
+            return None
+        from featurebank.classifiers import SavedClassifier, load_classifier
+
+        if isinstance(classifier, SavedClassifier):
+            return classifier
+        # the fingerprint is checked below against every space this model can produce,
+        # so that the message can say which output / decode mode would fit
+        return load_classifier(classifier)
+
+    def _load_index(self, index: Any):
+        if index is None:
+            return None
+        from featurebank.search import SimilarityIndex, open_index
+
+        return index if isinstance(index, SimilarityIndex) else open_index(index)
+
+    def _resolve_space(self) -> tuple[OutputSpec, str]:
+        card, config = self.runner.card, self.config
+        candidates = _candidate_spaces(card, config.output)
+        chosen: dict[str, tuple[OutputSpec, str | None]] = {}
+        recorded = {}
+        if self.classifier is not None:
+            recorded["classifier"] = self.classifier.fingerprint
+        if self.index is not None and self.index.space is not None:
+            recorded["index"] = self.index.space
+        for what, fp in recorded.items():
+            if fp not in candidates:
+                offered = ", ".join(o.name for o in ([card.output(config.output)] if config.output else card.outputs))
+                raise FingerprintMismatchError(
+                    f"the {what} was built on vectors of space {fp}, which model {card.backbone!r} "
+                    f"(output {offered}) does not produce under any decode mode; serve it with the model its "
+                    f"vectors came from, or rebuild the {what} from this model's vectors"
+                )
+            chosen[what] = candidates[fp]
+        outputs = {o.name for o, _ in chosen.values()}
+        if len(outputs) > 1:
+            raise FingerprintMismatchError(
+                "the classifier and the index come from different outputs of the model "
+                f"({', '.join(f'{w}: {o.name}' for w, (o, _) in chosen.items())}); give both from one output"
+            )
+        modes = {m for _, m in chosen.values() if m is not None}
+        if len(modes) > 1:
+            raise FingerprintMismatchError(
+                f"the classifier and the index were built with different decode modes ({', '.join(sorted(modes))}); "
+                "rebuild one of them"
+            )
+        mode = next(iter(modes), None)
+        if config.decode_mode is not None and mode is not None and config.decode_mode != mode:
+            raise FingerprintMismatchError(
+                f"decode_mode={config.decode_mode!r} was asked for, but the "
+                f"{' and '.join(w for w, (_, m) in chosen.items() if m)} expect vectors decoded with {mode!r}; "
+                "leave decode_mode out"
+            )
+        output = next(iter(chosen.values()))[0] if chosen else card.output(config.output)
+        return output, mode or config.decode_mode or _DEFAULT_DECODE_MODE
+
+    def _index_paths(self) -> dict[str, str]:
+        if self.index is None:
+            return {}
+        store_dir = (self.index.source or {}).get("store")
+        if not store_dir or not os.path.isdir(store_dir):
+            return {}
+        from featurebank.search import store_paths
+
+        ids = set(self.index.ids)
+        return {k: p for k, p in store_paths(store_dir, ids).items() if k in ids}
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        self._decode_pool = ThreadPoolExecutor(max_workers=self.config.decode_threads, thread_name_prefix="fb-decode")
+        await self.batcher.start()
+
+    async def warm_up(self) -> None:
+        """Run the model once at batch size 1 and once at ``max_batch`` (onnxruntime plans its
+        memory on the first runs), then mark the engine ready."""
+        c, h, w = self.runner.card.preprocessing.input_size
+        loop = asyncio.get_running_loop()
+        for n in sorted({1, self.config.max_batch}):
+            await loop.run_in_executor(self._decode_pool, self._infer, np.zeros((n, h, w, c), np.uint8))
+        self.ready = True
+        log.info("model warmed up; ready")
+
+    async def stop(self) -> None:
+        """Finish queued work, then release the threads."""
+        self.stopping = True
+        self.ready = False
+        await self.batcher.stop()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ embedding
+
+    def _infer(self, pixels: np.ndarray) -> np.ndarray:
+        card = self.runner.card
+        out = self.runner.run(to_model_input(pixels, card), outputs=[self.output.name])[self.output.name]
+        return out.reshape(len(pixels), -1)
+
+    def _prepare(self, data: bytes, where: str) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+        """(key, cached vector or None, decoded pixels or None); runs in the decode pool."""
+        key = hashlib.sha256(data).hexdigest()
+        vec = self.cache.get(key)
+        if vec is not None:
+            return key, vec, None
+        t = time.perf_counter()
+        try:
+            pixels = decode_image(bytes(data), self.runner.card.preprocessing, mode=self.decode_mode,
+                                  max_pixels=self.config.max_pixels)
+        except ImageDecodeError as exc:
+            raise self._decode_rejection(data, where, exc) from None
+        self.metrics.stage.observe(time.perf_counter() - t, stage="decode")
+        return key, None, pixels
+
+    def _decode_rejection(self, data: bytes, where: str, exc: ImageDecodeError) -> RequestRejected:
+        detail = str(exc)
+        if detail.startswith("bytes: "):
+            detail = detail[len("bytes: "):]
+        detail = f"{where}: {detail}"
+        # a header read tells "too many pixels" (413) from broken data (422) without
+        # depending on the wording of the decoder's message
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                too_large = img.size[0] * img.size[1] > self.config.max_pixels
+        except Image.DecompressionBombError:
+            too_large = True
+        except Exception:
+            too_large = False
+        if too_large:
+            return RequestRejected(413, detail.replace("CLI: --max-pixels", "server: --max-pixels"))
+        return RequestRejected(422, detail)
+
+    async def embed(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> EmbedResult:
+        """Embed the encoded images of one request.
+
+        Parameters
+        ----------
+        images : encoded image files (JPEG, PNG, WebP, ...), as bytes
+        names : how to call each image in error messages (default ``image 0``, ``image 1`` ...)
+
+        Returns
+        -------
+        EmbedResult with vectors of shape (len(images), dim), float32
+
+        Raises
+        ------
+        RequestRejected
+            400 no image; 413 too many images or pixels; 422 undecodable image;
+            503 queue full (``Retry-After``); 504 not answered within ``timeout_s``.
+        """
+        config = self.config
+        n = len(images)
+        if n == 0:
+            raise RequestRejected(400, "no image in the request: send image bytes as the body (Content-Type: image/*) "
+                                       "or as multipart/form-data files")
+        if n > config.max_images:
+            raise RequestRejected(413, f"{n} images in one request; the limit is {config.max_images} (split the request)")
+        if self.stopping:
+            raise RequestRejected(503, "the service is shutting down", {"Retry-After": "1"})
+        if self._admitted + n > config.queue_size:
+            self.metrics.rejected.inc()
+            raise RequestRejected(
+                503, f"the service is busy ({self._admitted} images queued, limit {config.queue_size}); retry shortly",
+                {"Retry-After": str(self._retry_after())},
+            )
+        names = list(names) if names is not None else [f"image {i}" for i in range(n)]
+        self._admitted += n
+        self.metrics.queue_depth.set(self._admitted)
+        try:
+            async with asyncio.timeout(config.timeout_s):
+                results = await self._gather(images, names)
+        except TimeoutError:
+            raise RequestRejected(504, f"not answered within {config.timeout_s:g} s (server --timeout-s); "
+                                       "the service is overloaded or the images are very large") from None
+        finally:
+            self._admitted -= n
+            self.metrics.queue_depth.set(self._admitted)
+        keys = [r[0] for r in results]
+        vectors = np.stack([r[1] for r in results]).astype(np.float32, copy=False)
+        cached = np.array([r[2] for r in results], dtype=bool)
+        return EmbedResult(keys, vectors, cached)
+
+    async def _gather(self, images: Sequence[bytes], names: Sequence[str]) -> list[tuple[str, np.ndarray, bool]]:
+        # a TaskGroup cancels the request's other images as soon as one fails
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._embed_one(data, name)) for data, name in zip(images, names)]
+        except BaseExceptionGroup as group_exc:
+            errors = group_exc.exceptions
+            rejected = [e for e in errors if isinstance(e, RequestRejected)]
+            raise (rejected[0] if rejected else errors[0]) from None
+        return [t.result() for t in tasks]
+
+    def _retry_after(self) -> int:
+        # seconds to clear the queue at the observed rate, at least 1
+        infer = self.metrics.stage
+        batches = infer.count(stage="infer")
+        if not batches:
+            return 1
+        per_batch = infer._series[("infer",)][1][0] / batches
+        return max(1, int(np.ceil(self._admitted / self.config.max_batch * per_batch)))
+
+    async def _embed_one(self, data: bytes, where: str) -> tuple[str, np.ndarray, bool]:
+        loop = asyncio.get_running_loop()
+        key, vec, pixels = await loop.run_in_executor(self._decode_pool, self._prepare, data, where)
+        if vec is not None:
+            self.metrics.cache_hits.inc()
+            return key, vec, True
+        self.metrics.cache_misses.inc()
+        vec = await self.batcher.embed(pixels)
+        self.cache.put(key, vec)
+        self.metrics.cache_entries.set(len(self.cache))
+        return key, vec, False
+
+    # ------------------------------------------------------------------ classify / search
+
+    def classify(self, vectors: np.ndarray) -> list[list[tuple[str, float]]]:
+        """(label, probability) pairs per vector, most probable first.
+
+        Estimators without ``predict_proba`` give their predicted label with probability 1.0.
+        """
+        est = self._require_classifier().estimator
+        names = list(self.classifier.classes)
+        if hasattr(est, "predict_proba"):
+            P = np.asarray(est.predict_proba(vectors), dtype=np.float64)
+            order = np.argsort(-P, axis=1, kind="stable")
+            return [[(str(names[j]), float(row[j])) for j in idx] for row, idx in zip(P, order)]
+        fitted = [str(c) for c in est.classes_]
+        return [[(str(names[fitted.index(str(p))]), 1.0)] for p in est.predict(vectors)]
+
+    def _require_classifier(self):
+        if self.classifier is None:
+            raise RequestRejected(404, "no classifier is loaded: start the service with --classifier FILE")
+        return self.classifier
+
+    def _require_index(self):
+        if self.index is None:
+            raise RequestRejected(404, "no similarity index is loaded: start the service with --index DIR")
+        return self.index
+
+    def _check_k(self, k: int) -> int:
+        if not 1 <= k <= self.config.max_k:
+            raise RequestRejected(422, f"k must be between 1 and {self.config.max_k}; got k={k}")
+        return k
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
+        """Neighbours of each query vector: dicts with id, score, rank, path."""
+        index = self._require_index()
+        k = self._check_k(k)
+        scores, ids = index.search(vectors, k, clip=True)
+        return self._neighbours(scores, ids)
+
+    def search_by_id(self, key: str, k: int) -> list[dict]:
+        """Neighbours of an indexed image (itself first)."""
+        index = self._require_index()
+        k = self._check_k(k)
+        try:
+            scores, ids = index.search_by_id([key], k, clip=True)
+        except UnknownIdError:
+            raise RequestRejected(404, f"id {key!r} is not in the index") from None
+        return self._neighbours(scores, ids)[0]
+
+    async def vectors_of_id(self, key: str) -> np.ndarray:
+        """The stored vector of an indexed image, from the index's store: (1, dim) float32.
+
+        The index itself may hold normalised or compressed vectors; the store has the exact
+        ones a classifier was trained on.
+        """
+        index = self._require_index()
+        if key not in index:
+            raise RequestRejected(404, f"id {key!r} is not in the index")
+        store_dir = (index.source or {}).get("store")
+        if not store_dir or not os.path.isdir(store_dir):
+            raise RequestRejected(404, "the index records no store, so the vectors of its images are not available")
+
+        def load() -> tuple[np.ndarray, np.ndarray]:
+            from featurebank.store import open_store
+
+            with open_store(store_dir, create=False) as store:
+                return store.space(index.space or self.space).get([key])
+
+        X, found = await asyncio.get_running_loop().run_in_executor(self._decode_pool, load)
+        if not found.all():
+            raise RequestRejected(404, f"id {key!r} is in the index but its vector is no longer in the store")
+        return X
+
+    def _neighbours(self, scores: np.ndarray, ids: list[list[str | None]]) -> list[list[dict]]:
+        return [
+            [{"id": key, "score": float(s), "rank": rank, "path": self.paths.get(key)}
+             for rank, (key, s) in enumerate(zip(row, srow)) if key is not None]
+            for row, srow in zip(ids, scores)
+        ]
+
+    async def thumbnail(self, key: str) -> bytes:
+        """JPEG thumbnail (longest side ``THUMBNAIL_SIZE``) of an indexed image, by id only."""
+        self._require_index()
+        path = self.paths.get(key)
+        if path is None:
+            known = key in self.index
+            raise RequestRejected(404, f"id {key!r} is in the index but the store records no file for it" if known
+                                  else f"id {key!r} is not in the index")
+        with self._thumb_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        data = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._make_thumbnail, path)
+        with self._thumb_lock:
+            self._thumbs[key] = data
+            while len(self._thumbs) > 256:
+                self._thumbs.popitem(last=False)
+        return data
+
+    def _make_thumbnail(self, path: str) -> bytes:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as img:
+                if img.size[0] * img.size[1] > self.config.max_pixels:
+                    raise RequestRejected(413, "the indexed image is over the pixel limit")
+                img.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+                img = ImageOps.exif_transpose(img).convert("RGB")
+                img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=85)
+                return buf.getvalue()
+        except RequestRejected:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise RequestRejected(404, f"the indexed image file can no longer be read ({type(exc).__name__})") from None
+
+    # ------------------------------------------------------------------ description
+
+    def info(self) -> dict:
+        """What is served: model, output, decode mode, classifier classes, index size."""
+        card = self.runner.card
+        return {
+            "model": {"backbone": card.backbone, "fingerprint": card.fingerprint, "provider": self.runner.provider,
+                      "path": Path(self.runner.path).name},
+            "output": {"name": self.output.name, "layer": self.output.layer, "dim": self.output.dim,
+                       "fingerprint": self.output.fingerprint},
+            "decode_mode": self.decode_mode,
+            "space": self.space,
+            "classifier": None if self.classifier is None else {
+                "classes": [str(c) for c in self.classifier.classes], "estimator": self.classifier.estimator_type},
+            "index": None if self.index is None else {
+                "count": self.index.count, "metric": self.index.metric, "factory": self.index.factory,
+                "with_files": len(self.paths)},
+            "limits": {k: v for k, v in self.config.public_dict().items()
+                       if k in ("max_batch", "max_wait_ms", "queue_size", "max_images", "max_body_mb", "max_pixels",
+                                "timeout_s", "top_k", "max_k")},
+            "auth": self.config.api_key is not None,
+        }

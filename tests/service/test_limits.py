@@ -1,0 +1,205 @@
+"""Limits, auth, batching and shutdown of the service, each on its own real uvicorn server."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from conftest import metric_value, run_server
+from PIL import Image
+
+from featurebank.errors import FingerprintMismatchError
+from featurebank.service import ServiceConfig, create_app
+
+JPEG = {"Content-Type": "image/jpeg"}
+
+
+def _app(assets, **config):
+    config.setdefault("threads", 1)
+    config.setdefault("decode_workers", 2)
+    return create_app(assets.model, classifier=assets.classifier, index=assets.index, config=ServiceConfig(**config))
+
+
+def _distinct_jpegs(photos, n: int) -> list[bytes]:
+    """n different real-photo JPEGs (different crops), so that none is a cache hit."""
+    out = []
+    names = sorted(photos)
+    for i in range(n):
+        img = photos[names[i % len(names)]]
+        y = (i // len(names)) * 7
+        buf = io.BytesIO()
+        Image.fromarray(img[y : y + 200, : 200]).save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    assert len(set(out)) == n
+    return out
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def test_body_over_limit_is_413(assets, photo_dir):
+    data = (photo_dir / "astronaut.jpg").read_bytes()
+    limit_mb = len(data) / 2 / 2**20
+    with run_server(_app(assets, max_body_mb=limit_mb)) as live, live.client() as c:
+        declared = c.post("/v1/embed", content=data, headers=JPEG)
+        # no Content-Length: the limit is enforced while the body streams in
+        streamed = c.post("/v1/embed", content=iter([data[:1000], data[1000:]]), headers=JPEG)
+        small = c.post("/v1/embed", content=(photo_dir / "coffee.jpg").read_bytes()[:1000], headers=JPEG)
+    assert declared.status_code == 413 and "server --max-body-mb" in declared.json()["detail"]
+    assert f"request body is {len(data):,} bytes" in declared.json()["detail"]
+    assert streamed.status_code == 413 and "request body is more than" in streamed.json()["detail"]
+    assert small.status_code == 422  # under the limit: read, and refused only as a truncated JPEG
+
+
+def test_too_many_pixels_is_413_before_decoding(assets, photos):
+    big = Image.fromarray(photos["astronaut"])  # 512 x 512
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    with run_server(_app(assets, max_pixels=100_000)) as live, live.client() as c:
+        r = c.post("/v1/embed", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+        decoded = metric_value(c.get("/metrics").text, "featurebank_stage_duration_seconds_count", stage="decode")
+    assert r.status_code == 413
+    assert r.json()["detail"] == ("body: image has 262,144 pixels (512x512), over the limit of 100,000 (possible "
+                                  "decompression bomb); if you trust the file, pass a larger max_pixels (server: --max-pixels)")
+    assert decoded == 0
+
+
+def test_too_many_images_is_413(assets, photo_dir):
+    data = (photo_dir / "coffee.jpg").read_bytes()
+    with run_server(_app(assets, max_images=2, queue_size=8)) as live, live.client() as c:
+        r = c.post("/v1/embed", files=[("image", (f"{i}.jpg", data, "image/jpeg")) for i in range(3)])
+        many = c.post("/v1/embed", files=[("image", (f"{i}.jpg", data, "image/jpeg")) for i in range(5)])
+    assert r.status_code == 413 and r.json()["detail"] == "3 images in one request; the limit is 2 (split the request)"
+    assert many.status_code == 413 and "more than 2 images in one request" in many.json()["detail"]
+
+
+def test_full_queue_is_503_with_retry_after(assets, photos):
+    a, b = _distinct_jpegs(photos, 2)
+    # a lone image waits max_wait for company: the queue stays full for ~1.5 s
+    app = _app(assets, queue_size=1, max_images=1, max_batch=8, max_wait_ms=1500)
+    with run_server(app) as live, live.client() as c:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/v1/embed", content=a, headers=JPEG)
+            _wait_for(lambda: live.engine._admitted == 1)
+            refused = c.post("/v1/embed", content=b, headers=JPEG)
+            assert first.result().status_code == 200
+        text = c.get("/metrics").text
+    assert refused.status_code == 503
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["detail"] == "the service is busy (1 images queued, limit 1); retry shortly"
+    assert metric_value(text, "featurebank_rejected_total") == 1
+
+
+def test_request_over_timeout_is_504(assets, photos):
+    (data,) = _distinct_jpegs(photos, 1)
+    with run_server(_app(assets, timeout_s=0.3, max_wait_ms=3000, max_batch=8)) as live, live.client() as c:
+        t = time.perf_counter()
+        r = c.post("/v1/embed", content=data, headers=JPEG)
+        elapsed = time.perf_counter() - t
+        assert live.engine._admitted == 0  # the timed-out image left the queue count
+    assert r.status_code == 504 and r.json()["detail"].startswith("not answered within 0.3 s (server --timeout-s)")
+    assert elapsed < 2.5
+
+
+def test_api_key_on_every_route_but_health_and_page(assets, photo_dir):
+    data = (photo_dir / "coffee.jpg").read_bytes()
+    with run_server(_app(assets, api_key="s3cret")) as live, live.client() as c:
+        key = next(iter(assets.keys.values()))
+        routes = [("POST", "/v1/embed"), ("POST", "/v1/classify"), ("POST", "/v1/search"), ("GET", f"/v1/search?id={key}"),
+                  ("GET", f"/v1/images/{key}/thumbnail"), ("GET", "/v1/info"), ("GET", "/metrics")]
+        for method, url in routes:
+            kw = {"content": data, "headers": JPEG} if method == "POST" else {}
+            missing = c.request(method, url, **kw)
+            assert missing.status_code == 401 and missing.json()["detail"] == "missing API key: send header X-API-Key"
+            assert missing.headers["www-authenticate"] == "ApiKey"
+            wrong = c.request(method, url, **{**kw, "headers": {**kw.get("headers", {}), "X-API-Key": "guess"}})
+            assert wrong.status_code == 401 and wrong.json()["detail"] == "wrong API key (header X-API-Key)"
+            ok = c.request(method, url, **{**kw, "headers": {**kw.get("headers", {}), "X-API-Key": "s3cret"}})
+            assert ok.status_code == 200, (url, ok.text)
+        for url in ("/healthz", "/readyz", "/", "/static/app.js"):
+            assert c.get(url).status_code == 200
+
+
+def test_concurrent_requests_form_batches(assets, photos):
+    images = _distinct_jpegs(photos, 24)
+    with run_server(_app(assets, max_batch=8, max_wait_ms=100)) as live, live.client() as c:
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(lambda d: c.post("/v1/embed", content=d, headers=JPEG), images))
+        text = c.get("/metrics").text
+    assert all(a.status_code == 200 for a in answers)
+    batches = metric_value(text, "featurebank_batch_size_count")
+    assert metric_value(text, "featurebank_batch_size_sum") == 24
+    assert batches <= 12, f"24 concurrent images ran in {batches} batches"
+    assert metric_value(text, "featurebank_batch_size_bucket", le="1") < batches  # not all alone
+    assert metric_value(text, "featurebank_batch_size_bucket", le="4") < metric_value(
+        text, "featurebank_batch_size_bucket", le="8")  # some batch held 5..8 images
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(assets, photos):
+    a, b = _distinct_jpegs(photos, 2)
+    app = _app(assets, max_batch=8, max_wait_ms=1500)
+    with run_server(app) as live, live.client() as c:
+        with ThreadPoolExecutor(2) as pool:
+            inflight = [pool.submit(c.post, "/v1/embed", content=d, headers=JPEG) for d in (a, b)]
+            _wait_for(lambda: live.engine._admitted == 2)
+            live.server.should_exit = True  # what SIGTERM does
+            answers = [f.result() for f in inflight]
+        live.thread.join(timeout=20)
+        assert not live.thread.is_alive()
+        host, port = live.url.rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(port)), timeout=2)
+    assert [r.status_code for r in answers] == [200, 200]
+    assert all(len(r.json()["embeddings"][0]["vector"]) == live.engine.output.dim for r in answers)
+    assert live.engine.stopping
+
+
+def test_without_classifier_or_index_those_routes_are_404(assets, photo_dir):
+    data = (photo_dir / "coffee.jpg").read_bytes()
+    app = create_app(assets.model, config=ServiceConfig(threads=1, decode_workers=1))
+    with run_server(app) as live, live.client() as c:
+        clf = c.post("/v1/classify", content=data, headers=JPEG)
+        srch = c.post("/v1/search", content=data, headers=JPEG)
+        thumb = c.get(f"/v1/images/{'a' * 64}/thumbnail")
+        emb = c.post("/v1/embed", content=data, headers=JPEG)
+    assert clf.status_code == 404 and "start the service with --classifier FILE" in clf.json()["detail"]
+    assert srch.status_code == 404 and "start the service with --index DIR" in srch.json()["detail"]
+    assert thumb.status_code == 404
+    assert emb.status_code == 200 and emb.json()["decode_mode"] == "fast"
+
+
+def test_classifier_of_another_vector_space_is_refused_at_start(assets, tmp_path):
+    from featurebank.classifiers import load_classifier, save_classifier
+
+    saved = load_classifier(assets.classifier)
+    other = save_classifier(saved.estimator, tmp_path / "other.fbclf", fingerprint="f" * 64)
+    with pytest.raises(FingerprintMismatchError, match=r"the classifier was built on vectors of space f{64}, which model "
+                                                        r"'test_efficientnet' \(output .*\) does not produce"):
+        create_app(assets.model, classifier=other)
+    with pytest.raises(FingerprintMismatchError, match="decode_mode='exact' was asked for, but the classifier and index "
+                                                       "expect vectors decoded with 'fast'"):
+        create_app(assets.model, classifier=assets.classifier, index=assets.index,
+                   config=ServiceConfig(decode_mode="exact"))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_batch": 0}, "max_batch must be a positive integer; got max_batch=0"),
+    ({"queue_size": 4, "max_images": 8}, r"queue_size \(4\) must be at least max_images \(8\)"),
+    ({"timeout_s": 0}, "timeout_s must be a positive number; got timeout_s=0"),
+    ({"api_key": " "}, "api_key must be a non-empty string or None"),
+    ({"decode_mode": "quick"}, "decode_mode must be one of exact, fast or None; got 'quick'"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ServiceConfig(**kwargs)
