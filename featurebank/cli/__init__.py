@@ -20,8 +20,10 @@ from featurebank.errors import FeaturebankError
 COMMAND_MODULES = (
     "featurebank.cli.export_cmds",
     "featurebank.cli.embed_cmds",
+    "featurebank.cli.classify_cmds",
     "featurebank.cli.store_cmds",
     "featurebank.cli.search_cmds",
+    "featurebank.cli.serve_cmds",
     "featurebank.cli.study_cmds",
 )
 

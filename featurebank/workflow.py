@@ -1,0 +1,171 @@
+"""One-call workflows that join the embedder, the store and the classifiers.
+
+``train_classifier`` / ``evaluate_on_images`` / ``predict_images`` take image SOURCES and a
+model: images not embedded yet are embedded into the store first, then the classical model
+works on the cached vectors. A saved classifier records the vector space it was trained in
+(model output fingerprint + decode mode) and refuses vectors from any other.
+
+This module sits downstream of embedder/, store/ and classifiers/ (the CLI and the service
+call it); it holds no image or model logic of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from featurebank.classifiers import evaluate_classifier, load_classifier, make_classifier, save_classifier
+from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images, load_embeddings, space_of
+from featurebank.embedder.session import ModelRunner, open_model
+from featurebank.errors import FingerprintMismatchError, ImageSourceError
+
+__all__ = ["train_classifier", "evaluate_on_images", "predict_images", "labelled_vectors"]
+
+
+def _runner(model: str | os.PathLike[str] | ModelRunner, device: str = "auto") -> ModelRunner:
+    return model if isinstance(model, ModelRunner) else open_model(model, device=device)
+
+
+def labelled_vectors(
+    source: Any, model: str | os.PathLike[str] | ModelRunner, store: Any, *, output: str | None = None,
+    decode_mode: str = DEFAULT_DECODE_MODE, progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(X, y, paths)`` of the labelled images of ``source`` (embedded first if needed).
+
+    Raises ImageSourceError if some images have no label (train needs one per image), or if
+    fewer than two classes are present.
+    """
+    X, _, labels, paths = load_embeddings(source, model, store, output=output, decode_mode=decode_mode, progress=progress)
+    missing = [p for p, lab in zip(paths, labels) if lab is None]
+    if missing:
+        raise ImageSourceError(
+            f"{len(missing)} of {len(paths)} images have no label (first: {missing[0]}); put images in class "
+            "subfolders (SOURCE/<class>/image.jpg) or give a CSV/Parquet list with a `label` column"
+        )
+    if len(set(labels)) < 2:
+        raise ImageSourceError(
+            f"only one class ({labels[0]!r}) in {len(paths)} images; a classifier needs at least two classes"
+        )
+    return X, np.asarray(labels, dtype=object), paths
+
+
+def train_classifier(
+    source: Any,
+    model: str | os.PathLike[str] | ModelRunner,
+    output_path: str | os.PathLike[str],
+    *,
+    store: Any,
+    classifier: str = "probe",
+    params: Mapping[str, Any] | None = None,
+    output: str | None = None,
+    decode_mode: str = DEFAULT_DECODE_MODE,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train ``classifier`` on the labelled images of ``source`` and save it.
+
+    Parameters
+    ----------
+    classifier : ``probe`` | ``knn`` | ``prototype`` | a scikit-learn classifier name
+    params : its constructor parameters
+    output_path : where the classifier file goes (written atomically)
+
+    Returns a dict: ``path``, ``n_samples``, ``classes``, ``train_accuracy``, ``space``.
+    """
+    runner = _runner(model)
+    out = runner.card.output(output)
+    X, y, paths = labelled_vectors(source, runner, store, output=out.name, decode_mode=decode_mode, progress=progress)
+    clf = make_classifier(classifier, **dict(params or {}))
+    clf.fit(X, y)
+    space = space_of(runner, out.name, decode_mode)
+    path = save_classifier(
+        clf, output_path, fingerprint=space,
+        meta={"backbone": runner.card.backbone, "layer": out.layer, "output": out.name, "decode_mode": decode_mode,
+              "model_fingerprint": runner.card.fingerprint, "classifier": classifier, "params": dict(params or {}),
+              "n_features": int(X.shape[1])},
+    )
+    return {"path": str(path), "n_samples": int(len(y)), "classes": sorted(set(y.tolist())),
+            "train_accuracy": float(clf.score(X, y)), "space": space}
+
+
+def evaluate_on_images(
+    source: Any,
+    model: str | os.PathLike[str] | ModelRunner,
+    *,
+    store: Any,
+    classifier: str = "probe",
+    params: Mapping[str, Any] | None = None,
+    cv: int | None = None,
+    test_size: float = 0.25,
+    random_state: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+    output: str | None = None,
+    decode_mode: str = DEFAULT_DECODE_MODE,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Held-out (or k-fold) evaluation of ``classifier`` on the labelled images of ``source``;
+    writes ``report.json`` and ``confusion_matrix.png`` to ``out_dir`` when given."""
+    runner = _runner(model)
+    X, y, _ = labelled_vectors(source, runner, store, output=output, decode_mode=decode_mode, progress=progress)
+    report = evaluate_classifier(make_classifier(classifier, **dict(params or {})), X, y, cv=cv, test_size=test_size,
+                                 random_state=random_state, out_dir=out_dir)
+    report["model"] = {"backbone": runner.card.backbone, "layer": runner.card.output(output).layer,
+                       "decode_mode": decode_mode, "fingerprint": runner.card.fingerprint}
+    if out_dir is not None:
+        import json
+
+        Path(out_dir, "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def predict_images(
+    images: Any,
+    classifier_path: str | os.PathLike[str],
+    model: str | os.PathLike[str] | ModelRunner,
+    *,
+    store: Any = None,
+    top_k: int = 3,
+    progress: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Labels and probabilities for ``images`` (paths, folders or lists).
+
+    The decode mode and output are those the classifier was trained with; a model that
+    does not produce the classifier's vector space is refused (FingerprintMismatchError).
+
+    Returns one dict per image: ``path``, ``label``, ``probability``, ``top`` (list of
+    (label, probability), best first), or ``error`` for an image that failed.
+    """
+    runner = _runner(model)
+    saved = load_classifier(classifier_path)
+    meta = dict(saved.meta)
+    decode_mode = meta.get("decode_mode", DEFAULT_DECODE_MODE)
+    out_name = meta.get("output")
+    try:
+        out = runner.card.output(out_name)
+    except Exception:
+        raise FingerprintMismatchError(
+            f"the classifier reads output {out_name!r} of {meta.get('backbone')}, which this model "
+            f"({runner.card.backbone}) does not have; use the model it was trained with"
+        ) from None
+    expected = space_of(runner, out.name, decode_mode)
+    if saved.fingerprint != expected:
+        load_classifier(classifier_path, fingerprint=expected)  # raises FingerprintMismatchError, with its message
+    emb = embed_images(images, runner, store=store, decode_mode=decode_mode, progress=progress)
+    X = emb.vectors[out.name]
+    rows: list[dict[str, Any]] = []
+    failures = dict(emb.report.failures)
+    ok_idx = np.flatnonzero(emb.ok)
+    proba = saved.estimator.predict_proba(X[ok_idx]) if len(ok_idx) else np.zeros((0, len(saved.classes)))
+    names = list(saved.classes)
+    by_row = dict(zip(ok_idx.tolist(), proba))
+    for i, path in enumerate(emb.paths):
+        if i not in by_row:
+            rows.append({"path": path, "error": failures.get(path, "no vector (see `featurebank store failures`)")})
+            continue
+        p = by_row[i]
+        order = np.argsort(p)[::-1][: max(1, top_k)]
+        rows.append({"path": path, "label": str(names[order[0]]), "probability": float(p[order[0]]),
+                     "top": [(str(names[j]), float(p[j])) for j in order]})
+    return rows
