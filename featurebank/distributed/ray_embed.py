@@ -184,7 +184,9 @@ def embed_images_ray(
 
     # ---- decode + infer + write on the cluster
     if todo:
-        rows = [{"key": k, "path": unique[k], "label": label_of.get(unique[k])} for k in todo]
+        # None labels would come back as NaN from Arrow's object columns: carry a flag instead
+        rows = [{"key": k, "path": unique[k], "label": label_of.get(unique[k]) or "",
+                 "has_label": label_of.get(unique[k]) is not None} for k in todo]
         for got in _run_on_cluster(
             rows, model_path, store_dir, {n: s.fingerprint for n, s in spaces.items()}, card,
             address=address, decode_mode=decode_mode, batch_size=batch_size, num_actors=num_actors,
@@ -450,29 +452,28 @@ class _EmbedActor:
 
         keys = [str(k) for k in batch["key"]]
         paths = [str(p) for p in batch["path"]]
-        labels = [None if lab is None else str(lab) for lab in batch["label"]]
+        labels = [str(lab) if has else None for lab, has in zip(batch["label"], batch["has_label"])]
         errors = [str(e) for e in batch["error"]]
         n = len(keys)
         ok = np.array([e == "" for e in errors], bool)
         infer_s = write_s = 0.0
         if ok.any():
-            # a retried batch (actor restarted after its write) must not add its rows twice
-            done = np.ones(n, bool)
-            for sp in self.spaces.values():
-                done &= np.asarray(sp.contains(keys), bool)
-            run = ok & ~done
-            idx = np.flatnonzero(run)
+            # A retried batch (the actor died after writing) must not add its rows twice, and
+            # with several outputs it may have died between two spaces' shards: each space
+            # gets only the keys it lacks.
+            missing = {name: ok & ~np.asarray(sp.contains(keys), bool) for name, sp in self.spaces.items()}
+            idx = np.flatnonzero(np.logical_or.reduce(list(missing.values())))
             if len(idx):
                 t = time.perf_counter()
                 outs = self.runner.run(to_model_input(np.ascontiguousarray(batch["pixels"][idx]), self.card))
                 infer_s = time.perf_counter() - t
                 t = time.perf_counter()
-                k = [keys[i] for i in idx]
-                p = [paths[i] for i in idx]
-                lab = [labels[i] for i in idx]
-                for name, vecs in outs.items():
-                    if name in self.spaces:
-                        self.spaces[name].add(k, vecs.reshape(len(idx), -1), paths=p, labels=lab)
+                for name, sp in self.spaces.items():
+                    sel = missing[name][idx]
+                    rows = idx[sel]
+                    if len(rows):
+                        sp.add([keys[i] for i in rows], outs[name].reshape(len(idx), -1)[sel],
+                               paths=[paths[i] for i in rows], labels=[labels[i] for i in rows])
                 write_s = time.perf_counter() - t
         bad = [i for i in range(n) if not ok[i]]
         if bad:
