@@ -36,6 +36,7 @@ class ServiceConfig:
     cache_size : embeddings kept in the content-hash LRU cache (0 disables it)
     decode_workers : decode threads; None: the cores this process may use
     threads : onnxruntime intra-op threads; None: the cores this process may use
+    device : ``auto``, ``cpu`` or ``cuda`` (see :func:`featurebank.embedder.session.open_model`)
     top_k : default number of neighbours for ``/v1/search``
     max_k : largest ``k`` a client may ask for
     """
@@ -53,6 +54,7 @@ class ServiceConfig:
     cache_size: int = 1024
     decode_workers: int | None = None
     threads: int | None = None
+    device: str = "auto"
     top_k: int = 12
     max_k: int = 100
 
@@ -79,6 +81,8 @@ class ServiceConfig:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)} or None; got {self.decode_mode!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda; got device={self.device!r}")
         if self.top_k > self.max_k:
             raise ValueError(f"top_k ({self.top_k}) must not exceed max_k ({self.max_k})")
 

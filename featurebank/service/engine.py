@@ -129,7 +129,7 @@ class ServiceEngine:
     def __init__(self, model: str | os.PathLike[str] | ModelRunner, *, classifier: Any = None, index: Any = None,
                  config: ServiceConfig | None = None) -> None:
         self.config = config = config or ServiceConfig()
-        self.runner = model if isinstance(model, ModelRunner) else open_model(model, threads=config.threads)
+        self.runner = model if isinstance(model, ModelRunner) else open_model(model, device=config.device, threads=config.threads)
         card = self.runner.card
         if config.output is None and len(card.outputs) > 1 and classifier is None and index is None:
             names = ", ".join(o.name for o in card.outputs)
