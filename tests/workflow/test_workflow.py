@@ -1,0 +1,101 @@
+"""train / evaluate / predict / fuse from image folders, through the library and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from featurebank.cli import main
+from featurebank.embedder.decode import decode_image
+from featurebank.errors import ClassifierFileError, FingerprintMismatchError, ImageSourceError
+from featurebank.workflow import evaluate_on_images, predict_images, train_classifier
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_predict_evaluate_on_real_textures(tmp_path, texture_dir, tiny_model):
+    r = train_classifier(texture_dir, tiny_model, tmp_path / "clf.fbclf", store=tmp_path / "store", classifier="knn",
+                         params={"n_neighbors": 3})
+    assert r["n_samples"] == 30 and r["classes"] == ["brick", "grass", "gravel"]
+    rows = predict_images(texture_dir / "grass", tmp_path / "clf.fbclf", tiny_model, store=tmp_path / "store")
+    assert len(rows) == 10 and all(row["label"] in r["classes"] for row in rows)
+    assert all(abs(sum(p for _, p in row["top"]) - 1) < 1e-5 for row in rows)
+    rep = evaluate_on_images(texture_dir, tiny_model, store=tmp_path / "store", classifier="prototype", cv=5,
+                             out_dir=tmp_path / "eval")
+    assert rep["n_evaluated"] == 30 and 0 <= rep["accuracy"] <= 1
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["accuracy"] == rep["accuracy"]
+    assert Image.open(tmp_path / "eval" / "confusion_matrix.png").size[0] > 200
+
+
+def test_cli_train_evaluate_predict_fuse(capsys, tmp_path, texture_dir, tiny_model):
+    store, clf = tmp_path / "store", tmp_path / "clf.fbclf"
+    code, out, err = cli(capsys, "train", texture_dir, "--store", store, "--model", tiny_model, "--classifier", "probe",
+                         "-o", clf)
+    assert code == 0 and "3 classes (brick, grass, gravel)" in out, err
+    code, out, _ = cli(capsys, "evaluate", texture_dir, "--store", store, "--model", tiny_model, "--classifier",
+                       "SVC", "--param", "C=10", "--out", tmp_path / "ev")
+    assert code == 0 and "balanced accuracy" in out and (tmp_path / "ev" / "confusion_matrix.png").exists()
+    code, out, _ = cli(capsys, "predict", texture_dir / "brick", "--classifier", clf, "--model", tiny_model,
+                       "--store", store)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(rows) == 10 and {r["label"] for r in rows} <= {"brick", "grass", "gravel"}
+    # fuse: pixels in, the same probabilities out as the two-step path
+    code, out, err = cli(capsys, "fuse", "--model", tiny_model, "--classifier", clf, "-o", tmp_path / "e2e.onnx")
+    assert code == 0, err
+    sess = ort.InferenceSession(str(tmp_path / "e2e.onnx"), providers=["CPUExecutionProvider"])
+    from featurebank.artifact import read_model_card
+
+    pre = read_model_card(tiny_model).preprocessing
+    paths = sorted((texture_dir / "brick").glob("*.jpg"))[:3]
+    px = np.stack([decode_image(p, pre, mode="fast") for p in paths])
+    fused = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"pixels": px})))
+    two_step = predict_images(paths, clf, tiny_model, top_k=3)
+    for row, probs in zip(two_step, fused["probabilities"]):
+        assert max(probs) == pytest.approx(row["probability"], abs=1e-4)
+
+
+def test_bad_training_sets_are_clear_errors(tmp_path, texture_dir, tiny_model):
+    one = tmp_path / "one"
+    shutil.copytree(texture_dir / "grass", one / "grass")
+    with pytest.raises(ImageSourceError, match="only one class .*at least two classes"):
+        train_classifier(one, tiny_model, tmp_path / "c.fbclf", store=tmp_path / "s")
+    unlabelled = tmp_path / "mixed"
+    shutil.copytree(texture_dir, unlabelled)
+    shutil.copy(texture_dir / "grass" / "00.jpg", unlabelled / "loose.jpg")
+    with pytest.raises(ImageSourceError, match="1 of 31 images have no label .*loose.jpg.*class subfolders"):
+        train_classifier(unlabelled, tiny_model, tmp_path / "c.fbclf", store=tmp_path / "s")
+    single = tmp_path / "single"
+    shutil.copytree(texture_dir, single)
+    for p in list((single / "brick").glob("*.jpg"))[1:]:
+        p.unlink()
+    with pytest.raises(ValueError, match="brick"):  # a class with one image cannot be cross-validated
+        train_classifier(single, tiny_model, tmp_path / "c.fbclf", store=tmp_path / "s")
+    assert not (tmp_path / "c.fbclf").exists()
+
+
+def test_classifier_refuses_another_model_and_corrupt_files(capsys, tmp_path, texture_dir, tiny_model):
+    from featurebank.export.onnx_export import export_backbone
+
+    other = tmp_path / "other.onnx"
+    export_backbone("test_resnet", other, weights="random", input_format="uint8")
+    train_classifier(texture_dir, tiny_model, tmp_path / "clf.fbclf", store=tmp_path / "s", classifier="prototype")
+    with pytest.raises(FingerprintMismatchError):
+        predict_images(texture_dir / "grass", tmp_path / "clf.fbclf", other)
+    code, _, err = cli(capsys, "predict", texture_dir / "grass", "--classifier", tmp_path / "clf.fbclf", "--model", other)
+    errors = [line for line in err.splitlines() if line.startswith("featurebank: error:")]
+    assert code == 2 and len(errors) == 1 and "trained" in errors[0] and "Traceback" not in err
+    broken = tmp_path / "broken.fbclf"
+    broken.write_bytes((tmp_path / "clf.fbclf").read_bytes()[:200])
+    with pytest.raises(ClassifierFileError):
+        predict_images(texture_dir / "grass", broken, tiny_model)
