@@ -67,7 +67,9 @@ class FewshotResult:
     draws : shots -> list (one per repeat) of int indices into the training pool
     pool_keys, test_keys : content keys (sha256 of the file bytes) of the pool and test images
     transfer_beats_pixels_from : classifier -> the smallest shot count from which transfer's
-        mean accuracy beats raw pixels' at every larger count too (None if it never does)
+        mean accuracy beats raw pixels' at every larger count too (None if it does not win
+        at the largest count)
+    transfer_wins_at : classifier -> the shot counts at which transfer's mean is higher
     """
 
     model: dict[str, Any]
@@ -86,6 +88,7 @@ class FewshotResult:
     pool_paths: list[str]
     test_paths: list[str]
     transfer_beats_pixels_from: dict[str, int | str | None]
+    transfer_wins_at: dict[str, list[int | str]]
     timings: dict[str, float]
     convergence_warnings: int = 0
     environment: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +108,7 @@ class FewshotResult:
             "pixels_baseline": self.pixels,
             "rows": self.rows,
             "transfer_beats_pixels_from": self.transfer_beats_pixels_from,
+            "transfer_wins_at": self.transfer_wins_at,
             "draws": self.draws,
             "convergence_warnings": self.convergence_warnings,
             "timings_s": self.timings,
@@ -135,7 +139,10 @@ class FewshotResult:
             self.table(),
         ]
         for c, k in self.transfer_beats_pixels_from.items():
-            lines.append(f"{c}: transfer beats raw pixels " + ("never" if k is None else f"from {k} labels per class on"))
+            wins = ", ".join(str(w) for w in self.transfer_wins_at[c]) or "none"
+            lines.append(f"{c}: transfer beats raw pixels at every count from "
+                         + ("- (not at the largest)" if k is None else f"{k} labels per class")
+                         + f"; higher mean at: {wins}")
         if any(r.get("skipped") for r in self.rows):
             lines.append("n/a: " + next(r["skipped"] for r in self.rows if r.get("skipped")))
         if self.files:
@@ -170,6 +177,12 @@ def _plot(result: FewshotResult):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return fig
+
+
+def _wins(rows: list[dict[str, Any]], shots: list[int | str], classifier: str) -> list[int | str]:
+    means = {(r["features"], r["shots"]): r["accuracy_mean"] for r in rows if r["classifier"] == classifier}
+    return [k for k in shots if means[("transfer", k)] is not None and means[("pixels", k)] is not None
+            and means[("transfer", k)] > means[("pixels", k)]]
 
 
 def _crossover(rows: list[dict[str, Any]], shots: list[int | str], classifier: str) -> int | str | None:
@@ -387,6 +400,7 @@ def fewshot_study(
         pixels={"mode": pixels, "size": int(pixel_size), "standardised": "per image (zero mean, unit variance)"},
         draws=draws, pool_keys=pool_keys, test_keys=list(test_keys), pool_paths=pool_paths, test_paths=list(test_paths),
         transfer_beats_pixels_from={c: _crossover(rows, shot_list, c) for c in CLASSIFIERS},
+        transfer_wins_at={c: _wins(rows, shot_list, c) for c in CLASSIFIERS},
         timings={"embed": t_embed, "pixels": t_pixels, "fit": t_fit, "total": time.perf_counter() - t_start},
         convergence_warnings=n_warn, environment=environment(),
     )

@@ -129,11 +129,14 @@ class FoldScores:
     accuracy : ndarray of shape (n_folds,), float64
     fit_seconds : ndarray of shape (n_folds,), float64 (wall time of each ``fit``)
     estimators : the fitted estimator of each fold (only when ``keep_estimators=True``)
+    convergence_warnings : ConvergenceWarnings the fits raised (counted, not printed: a
+        sweep fits hundreds of models and weak regularisation often stops at max_iter)
     """
 
     accuracy: np.ndarray
     fit_seconds: np.ndarray
     estimators: list[Any]
+    convergence_warnings: int = 0
 
     @property
     def mean(self) -> float:
@@ -154,20 +157,25 @@ def score_folds(estimator: Any, X: np.ndarray, y: Any, folds: Sequence[tuple[np.
     Only ``X[train]`` and ``y[train]`` reach ``fit``; the test rows are used by
     ``predict`` alone.
     """
+    import warnings
+
     from sklearn.base import clone
+    from sklearn.exceptions import ConvergenceWarning
 
     y = np.asarray(y)
-    acc, secs, fitted = [], [], []
+    acc, secs, fitted, n_warn = [], [], [], 0
     for train, test in folds:
         overlap = np.intersect1d(train, test)
         if overlap.size:
             raise ValueError(f"a fold has {overlap.size} rows in both its training and its test part")
         est = clone(estimator)
         t = time.perf_counter()
-        with one_blas_thread():
+        with one_blas_thread(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
             est.fit(X[train], y[train])
         secs.append(time.perf_counter() - t)
+        n_warn += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
         acc.append(float(np.mean(est.predict(X[test]) == y[test])))
         if keep_estimators:
             fitted.append(est)
-    return FoldScores(np.asarray(acc), np.asarray(secs), fitted)
+    return FoldScores(np.asarray(acc), np.asarray(secs), fitted, n_warn)

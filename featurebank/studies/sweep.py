@@ -286,6 +286,7 @@ def sweep_layers(
             "accuracy_folds": [float(a) for a in scores.accuracy],
             "C_folds": [float(e.C_) for e in scores.estimators],
             "fit_seconds_mean": float(scores.fit_seconds.mean()),
+            "convergence_warnings": scores.convergence_warnings,
         })
     bar.close()
     t_probe = time.perf_counter() - t
