@@ -22,7 +22,7 @@ from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images, loa
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.errors import FingerprintMismatchError, ImageSourceError
 
-__all__ = ["train_classifier", "evaluate_on_images", "predict_images", "labelled_vectors"]
+__all__ = ["train_classifier", "evaluate_on_images", "predict_images", "labelled_vectors", "resolve_space", "search_images"]
 
 
 def _runner(model: str | os.PathLike[str] | ModelRunner, device: str = "auto") -> ModelRunner:
@@ -169,3 +169,57 @@ def predict_images(
         rows.append({"path": path, "label": str(names[order[0]]), "probability": float(p[order[0]]),
                      "top": [(str(names[j]), float(p[j])) for j in order]})
     return rows
+
+
+def resolve_space(store: Any, *, space: str | None = None, model: Any = None, output: str | None = None,
+                  decode_mode: str = DEFAULT_DECODE_MODE) -> str:
+    """The store space to work on: ``space`` as given, the one ``model`` (+ decode mode)
+    writes, or the store's only space. Raises StoreError listing the spaces when ambiguous."""
+    from featurebank.errors import StoreError
+    from featurebank.store import open_store
+
+    if space:
+        return space
+    if model is not None:
+        return space_of(_runner(model), _runner(model).card.output(output).name, decode_mode)
+    st = store if hasattr(store, "spaces") else open_store(store, create=False)
+    spaces = st.spaces()
+    if len(spaces) == 1:
+        return spaces[0].fingerprint
+    if not spaces:
+        raise StoreError(f"the store {store} holds no vectors yet; run `featurebank embed SOURCE --store {store}` first")
+    listing = "; ".join(f"{s.fingerprint} ({len(s)} vectors)" for s in spaces)
+    raise StoreError(f"the store holds {len(spaces)} spaces; choose one with --space or --model: {listing}")
+
+
+def search_images(
+    images: Any,
+    index: Any,
+    model: str | os.PathLike[str] | ModelRunner,
+    *,
+    k: int = 10,
+    clip: bool = False,
+    output: str | None = None,
+) -> tuple[list[str], list[list[Any]]]:
+    """Nearest indexed images of query image files: ``(query paths, [[Neighbour, ...], ...])``.
+
+    The query vectors come from ``model`` in the decode mode the index's space was built
+    with; a model that does not produce that space is refused (FingerprintMismatchError).
+    """
+    from featurebank.search import open_index, query_index
+
+    idx = index if hasattr(index, "search") else open_index(index)
+    runner = _runner(model)
+    out = runner.card.output(output)
+    modes = [m for m in ("fast", "exact") if space_of(runner, out.name, m) == idx.space]
+    if idx.space and not modes:
+        raise FingerprintMismatchError(
+            f"the index holds vectors of space {idx.space[:16]}..., which model {runner.card.backbone} "
+            f"({out.layer}) does not produce in any decode mode; query with the model the index was built from"
+        )
+    emb = embed_images(images, runner, decode_mode=modes[0] if modes else DEFAULT_DECODE_MODE, progress=False)
+    if not emb.ok.all():
+        bad = [f"{p}: {why}" for p, why in emb.report.failures]
+        raise ImageSourceError(f"query image could not be embedded: {bad[0] if bad else 'unknown'}")
+    hits = query_index(idx, emb.vectors[out.name], k=k, clip=clip, space=idx.space or None)
+    return emb.paths, hits

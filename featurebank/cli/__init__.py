@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FeaturebankError as exc:
         print(f"featurebank: error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # bad arguments found by the library (k > count, wrong dim ...)
+        print(f"featurebank: error: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"featurebank: error: {exc.strerror or exc}{where}", file=sys.stderr)

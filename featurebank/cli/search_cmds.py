@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
+
+from featurebank.cli.embed_cmds import add_model_options, open_runner
 
 
 def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
@@ -23,8 +24,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         epilog="examples:\n  featurebank index build --store cache --space 3f9a...e1 --index cache.idx\n"
         "  featurebank index build --store cache --space 3f9a...e1 --index big.idx --factory IVF4096,Flat --nprobe 32",
     )
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="images to embed into the store first (optional)")
     p.add_argument("--store", required=True, metavar="DIR", help="embedding store directory")
-    p.add_argument("--space", required=True, metavar="FP", help="space fingerprint (see `featurebank store info DIR`)")
+    p.add_argument("--space", default=None, metavar="FP",
+                   help="space fingerprint (see `featurebank store info DIR`); default: the one --model writes, "
+                   "or the store's only space")
+    add_model_options(p)
     p.add_argument("--index", dest="index_dir", required=True, metavar="DIR", help="index directory to create or update")
     p.add_argument("--factory", default="auto", metavar="STR",
                    help="'auto' (Flat below 50k vectors, else IVF with ~4*sqrt(n) lists), 'Flat', or a FAISS "
@@ -32,13 +37,13 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default: nlist/64, at least 8)")
     p.add_argument("--rebuild", action="store_true", help="rebuild from scratch even if INDEX exists")
-    p.set_defaults(func=_user_errors(_build))
+    p.set_defaults(func=_build)
 
     p = ii.add_parser("info", help="show an index's factory, metric, dim, count and space", formatter_class=formatter_class,
                       description="Show what a saved index holds.")
     p.add_argument("index_dir", metavar="INDEX")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_user_errors(_info))
+    p.set_defaults(func=_info)
 
     p = sub.add_parser(
         "search", help="nearest neighbours of indexed ids or query vectors", formatter_class=formatter_class,
@@ -48,15 +53,17 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         epilog="examples:\n  featurebank search --index cache.idx --id 9c1e...04 -k 5\n"
         "  featurebank search --index cache.idx --vector-file q.npy -k 10 --json",
     )
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="query image files (embedded with --model/--backbone)")
     p.add_argument("--index", dest="index_dir", required=True, metavar="DIR")
-    which = p.add_mutually_exclusive_group(required=True)
+    add_model_options(p)
+    which = p.add_mutually_exclusive_group(required=False)
     which.add_argument("--id", dest="ids", action="append", metavar="KEY", help="an indexed id (content key)")
     which.add_argument("--vector-file", metavar="Q.npy", help="query vectors, float .npy")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
     p.add_argument("--clip", action="store_true", help="allow k larger than the index (returns all vectors)")
     p.add_argument("--space", metavar="FP", default=None, help="with --vector-file: the space the vectors come from (checked)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_user_errors(_search))
+    p.set_defaults(func=_search)
 
     p = sub.add_parser(
         "dedup", help="groups of near-duplicate images", formatter_class=formatter_class,
@@ -73,32 +80,24 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="with --store (an index has its own)")
     p.add_argument("--format", choices=("json", "csv"), default="json")
     p.add_argument("-o", "--output", default=None, metavar="OUT", help="file to write (default: stdout)")
-    p.set_defaults(func=_user_errors(_dedup))
-
-
-def _user_errors(func):
-    # The library raises plain ValueError / KeyError for bad arguments (k > count, wrong dim,
-    # NaN queries ...); on the command line they are one line on stderr and exit status 2.
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        from featurebank.errors import FeaturebankError
-
-        try:
-            return func(args)
-        except FeaturebankError:
-            raise
-        except (ValueError, KeyError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"featurebank: error: {msg}", file=sys.stderr)
-            return 2
-
-    return wrapper
+    p.set_defaults(func=_dedup)
 
 
 def _build(args: argparse.Namespace) -> int:
     from featurebank.search import index_store
+    from featurebank.workflow import resolve_space
 
-    index, n_added = index_store(args.store, args.space, args.index_dir, factory=args.factory, metric=args.metric,
+    runner = None
+    if args.sources or args.model or args.backbone:
+        runner = open_runner(args)
+    if args.sources:
+        from featurebank.embedder.pipeline import embed_images
+
+        report = embed_images(args.sources, runner, store=args.store, decode_mode=args.decode_mode or "fast",
+                              return_vectors=False).report
+        print(report.summary(), file=sys.stderr)
+    space = resolve_space(args.store, space=args.space, model=runner, decode_mode=args.decode_mode or "fast")
+    index, n_added = index_store(args.store, space, args.index_dir, factory=args.factory, metric=args.metric,
                                  nprobe=args.nprobe, rebuild=args.rebuild, progress=sys.stderr.isatty())
     print(f"{args.index_dir}: {index.factory} ({index.metric}), {index.count} vectors of dim {index.dim}, "
           f"{n_added} added" + (f", nprobe {index.nprobe}" if index.nprobe else ""))
@@ -121,7 +120,13 @@ def _info(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from featurebank.search import query_index
 
-    if args.vector_file:
+    if args.queries:
+        if args.ids or args.vector_file:
+            raise ValueError("give query images, or --id, or --vector-file; not several")
+        from featurebank.workflow import search_images
+
+        labels, hits = search_images(args.queries, args.index_dir, open_runner(args), k=args.k, clip=args.clip)
+    elif args.vector_file:
         import numpy as np
 
         Q = np.load(args.vector_file, allow_pickle=False)
@@ -129,9 +134,11 @@ def _search(args: argparse.Namespace) -> int:
             Q = Q[None, :]
         hits = query_index(args.index_dir, Q, k=args.k, clip=args.clip, space=args.space)
         labels = [f"{args.vector_file}[{i}]" for i in range(len(hits))]
-    else:
+    elif args.ids:
         hits = query_index(args.index_dir, ids=args.ids, k=args.k, clip=args.clip)
         labels = list(args.ids)
+    else:
+        raise ValueError("give query image files, --id KEY or --vector-file Q.npy")
     if args.json:
         print(json.dumps([{"query": q, "neighbours": [h.__dict__ for h in row]} for q, row in zip(labels, hits)], indent=2))
         return 0

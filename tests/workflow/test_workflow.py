@@ -99,3 +99,26 @@ def test_classifier_refuses_another_model_and_corrupt_files(capsys, tmp_path, te
     broken.write_bytes((tmp_path / "clf.fbclf").read_bytes()[:200])
     with pytest.raises(ClassifierFileError):
         predict_images(texture_dir / "grass", broken, tiny_model)
+
+
+def test_search_by_image_and_index_build_from_source(capsys, tmp_path, photo_dir, tiny_model):
+    from featurebank.search import open_index
+    from featurebank.workflow import search_images
+
+    code, out, err = cli(capsys, "index", "build", photo_dir, "--store", tmp_path / "s", "--model", tiny_model,
+                         "--index", tmp_path / "idx")
+    assert code == 0 and "vectors" in out, err
+    idx = open_index(tmp_path / "idx")
+    assert idx.count == len(list(photo_dir.glob("*.jpg")))
+    queries, hits = search_images([photo_dir / "coffee.jpg"], tmp_path / "idx", tiny_model, k=3)
+    assert hits[0][0].path.endswith("coffee.jpg") and hits[0][0].score > 0.999
+    code, out, _ = cli(capsys, "search", photo_dir / "chelsea.jpg", "--index", tmp_path / "idx", "--model", tiny_model,
+                       "-k", "2", "--json")
+    res = json.loads(out)
+    assert code == 0 and res[0]["neighbours"][0]["path"].endswith("chelsea.jpg")
+    # a model that does not produce the index's space is refused
+    from featurebank.export.onnx_export import export_backbone
+
+    export_backbone("test_resnet", tmp_path / "other.onnx", weights="random", input_format="uint8")
+    with pytest.raises(FingerprintMismatchError, match="query with the model the index was built from"):
+        search_images([photo_dir / "coffee.jpg"], tmp_path / "idx", tmp_path / "other.onnx")
