@@ -87,6 +87,11 @@ _EXPORTS: dict[str, str] = {
     "Embeddings": "featurebank.embedder.pipeline",
     "ImageEmbedder": "featurebank.embedder.transformer",
     "run_doctor": "featurebank.embedder.doctor",
+    # workflows joining embedder, store, classifiers and search
+    "train_classifier": "featurebank.workflow",
+    "evaluate_on_images": "featurebank.workflow",
+    "predict_images": "featurebank.workflow",
+    "search_images": "featurebank.workflow",
     # store
     "open_store": "featurebank.store",
     "EmbeddingStore": "featurebank.store",
