@@ -92,6 +92,11 @@ _EXPORTS: dict[str, str] = {
     "evaluate_on_images": "featurebank.workflow",
     "predict_images": "featurebank.workflow",
     "search_images": "featurebank.workflow",
+    # studies: which layer, how many labels
+    "sweep_layers": "featurebank.studies",
+    "SweepResult": "featurebank.studies",
+    "fewshot_study": "featurebank.studies",
+    "FewshotResult": "featurebank.studies",
     # store
     "open_store": "featurebank.store",
     "EmbeddingStore": "featurebank.store",

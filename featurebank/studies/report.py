@@ -6,25 +6,13 @@ import io
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
+# the classifiers' atomic writer (temp file in the same folder, fsync, rename), not another copy
+from featurebank.classifiers.evaluation import _atomic_write_bytes
+
 __all__ = ["write_json", "write_figure", "format_table", "environment"]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: Path, payload: Any) -> Path:

@@ -33,3 +33,13 @@ def texture_sweep(texture_dir, studies_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep-out")
     return sweep_layers(texture_dir, backbone="test_efficientnet", weights="random", all_stages=True,
                         store=studies_store, folds=3, seed=0, out_dir=out, progress=False), out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """test_efficientnet (random weights) cut at blocks.3, uint8 input: a one-output model."""
+    from featurebank.export.onnx_export import export_backbone
+
+    path = tmp_path_factory.mktemp("fewshot-model") / "tiny.onnx"
+    export_backbone("test_efficientnet", path, layers=["blocks.3"], weights="random", input_format="uint8")
+    return path

@@ -16,15 +16,6 @@ SHOTS = [1, 2, 5, "all"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from featurebank.export.onnx_export import export_backbone
-
-    path = tmp_path_factory.mktemp("fewshot-model") / "tiny.onnx"
-    export_backbone("test_efficientnet", path, layers=["blocks.3"], weights="random", input_format="uint8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def lfw_study(lfw_dir, tiny_model, studies_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("fewshot-out")
     result = fewshot_study(lfw_dir, store=studies_store, model=tiny_model, shots="1,2,5,all", repeats=3,
