@@ -75,6 +75,8 @@ class HeadSpec:
     normalize : L2-normalise over the feature axis (C)
     layout : ``"NCHW"`` for conv maps, ``"NLC"`` for (N, tokens, C) transformer maps
     gem_p : GeM exponent (Radenovic et al.), > 0
+    skip_tokens : NLC only: leading tokens (class / register tokens) left out of avg, max
+        and gem pooling, as timm's ``global_pool="avg"`` does
     """
 
     tensor: str
@@ -83,6 +85,7 @@ class HeadSpec:
     normalize: bool
     layout: str
     gem_p: float = 3.0
+    skip_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor, str) or not self.tensor:
@@ -107,6 +110,10 @@ class HeadSpec:
         if not (p > 0 and np.isfinite(p)):
             raise ValueError(f"gem_p must be a positive number; got gem_p={self.gem_p!r}")
         object.__setattr__(self, "gem_p", p)
+        if not isinstance(self.skip_tokens, (int, np.integer)) or self.skip_tokens < 0:
+            raise ValueError(f"skip_tokens must be an integer >= 0; got skip_tokens={self.skip_tokens!r}")
+        if self.skip_tokens and self.layout != "NLC":
+            raise ValueError(f"skip_tokens applies to (N, tokens, C) maps; got layout={self.layout!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -327,6 +334,10 @@ def _add_one_head(b: _Builder, spec: HeadSpec, rank: int | None) -> None:
             y = b.op("Identity", [x], out=final)
         feature_axis = 1
     else:
+        if spec.skip_tokens and p in ("avg", "max", "gem"):
+            x = b.op("Slice", [x, b.const("skip_start", np.asarray([spec.skip_tokens], np.int64)),
+                               b.const("skip_end", np.asarray([np.iinfo(np.int64).max], np.int64)),
+                               b.const("skip_axis", np.asarray([1], np.int64))])
         if p == "avg":
             y = b.reduce("ReduceMean", x, [1], 0, out=final)
         elif p == "max":

@@ -158,8 +158,12 @@ def export_backbone(
         raw_names = [f"raw{i}" for i in range(len(chosen))]
         _torch_to_onnx(cut, dummy, raw_path, raw_names)
         raw = onnx.load(str(raw_path))
+        # timm ViTs: avg/max/gem pool the patch tokens only, as timm's global_pool="avg" does
+        prefix = int(getattr(loaded.model, "num_prefix_tokens", 0) or 0)
         heads = [
-            HeadSpec(tensor=raw_names[i], name=names[i], pooling=pools[i], normalize=normalize, layout=info.layout if info.layout != "NC" else "NCHW")
+            HeadSpec(tensor=raw_names[i], name=names[i], pooling=pools[i], normalize=normalize,
+                     layout=info.layout if info.layout != "NC" else "NCHW",
+                     skip_tokens=prefix if info.layout == "NLC" and pools[i] in ("avg", "max", "gem") else 0)
             for i, info in enumerate(chosen)
         ]
         model = add_heads(raw, heads, input_format=input_format, preprocessing=spec.preprocessing)
@@ -255,7 +259,8 @@ def _verify(model: onnx.ModelProto, refs: list[np.ndarray], heads: list[HeadSpec
         if head.pooling == "none":
             expected = pool_reference(ref, "none", layout=head.layout, normalize=head.normalize) if ref.ndim > 2 else _l2(ref, head.normalize)
         else:
-            expected = pool_reference(ref, head.pooling, layout=head.layout, normalize=head.normalize)
+            expected = pool_reference(ref, head.pooling, layout=head.layout, normalize=head.normalize,
+                                      skip_tokens=head.skip_tokens)
         try:
             figures[head.name] = compare_outputs(expected, out, precision, name=head.name)
         except ExportParityError as exc:

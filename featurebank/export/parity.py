@@ -59,6 +59,7 @@ def pool_reference(
     layout: str = "NCHW",
     normalize: bool = False,
     gem_p: float = 3.0,
+    skip_tokens: int = 0,
 ) -> np.ndarray:
     """Pool a raw feature map the way the ONNX heads do, in float64 numpy.
 
@@ -70,6 +71,7 @@ def pool_reference(
     normalize : L2-normalise over the feature axis (C: axis 1 for NCHW, last for NLC),
         dividing by ``max(norm, 1e-12)`` so zero vectors stay zero instead of NaN
     gem_p : GeM exponent, > 0
+    skip_tokens : NLC only: leading (class/register) tokens left out of avg/max/gem
 
     Returns
     -------
@@ -87,6 +89,8 @@ def pool_reference(
         if x.ndim != want:
             raise ValueError(f"layout={layout!r} needs a {want}-D array; got shape {x.shape}")
     spatial: tuple[int, ...] = (2, 3) if layout == "NCHW" else (1,)
+    if skip_tokens and layout == "NLC" and pooling in ("avg", "max", "gem"):
+        x = x[:, skip_tokens:, :]
     if pooling == "avg":
         y = x.mean(axis=spatial)
     elif pooling == "max":

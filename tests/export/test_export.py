@@ -193,3 +193,16 @@ def test_unwritable_output_is_refused_before_work(tmp_path):
         export_backbone("test_resnet", tmp_path / "no" / "m.onnx", weights="random")
     with pytest.raises(IsADirectoryError):
         export_backbone("test_resnet", tmp_path, weights="random")
+
+
+def test_vit_avg_pool_leaves_out_the_class_token_like_timm(tmp_path):
+    export_backbone("test_vit", tmp_path / "m.onnx", layers=["features"], pool="avg", weights="random")
+    spec = get_backbone("test_vit")
+    lb = build_backbone(spec, "random")
+    x = normalise("test_vit", pixels("test_vit", 2))
+    with torch.no_grad():
+        tokens = lb.model.forward_features(torch.from_numpy(x))
+        ref = tokens[:, lb.model.num_prefix_tokens:].mean(1).numpy()
+    got = run(tmp_path / "m.onnx", x)["embedding"]
+    assert lb.model.num_prefix_tokens >= 1
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
