@@ -6,7 +6,8 @@ whichever comes first. Batches run one at a time in a dedicated inference thread
 (onnxruntime releases the GIL and already uses every core for one batch, so two batches at
 once would only contend). While a batch runs, new images queue up; they have waited past
 their deadline by then, so the next batch is closed at once with all of them: under load
-batches fill up by themselves, and a lone request waits at most ``max_wait_s``.
+batches fill up by themselves. A batch also closes at once when nothing else is on its way
+(``upcoming()`` is 0: no image is being decoded), so a lone request does not wait at all.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ class Batcher:
     max_batch : images per batch at most
     max_wait_s : longest time the first image of a batch waits for company
     metrics : where batch sizes and the queue / infer stage times are recorded
+    upcoming : callable giving how many images may still join soon (being decoded); None: unknown
     """
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_wait_s: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, upcoming: Callable[[], int] | None = None) -> None:
         self._infer = infer
+        self._upcoming = upcoming
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._metrics = metrics
@@ -89,7 +92,7 @@ class Batcher:
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
+                    if remaining <= 0 or (self._upcoming is not None and self._upcoming() == 0):
                         break
                     try:
                         item = await asyncio.wait_for(self._queue.get(), remaining)

@@ -151,9 +151,10 @@ class ServiceEngine:
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self._admitted = 0
+        self._decoding = 0  # images in the decode pool: they may join the batch being formed
         self._decode_pool: ThreadPoolExecutor | None = None
         self.batcher = Batcher(self._infer, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000.0,
-                               metrics=self.metrics)
+                               metrics=self.metrics, upcoming=lambda: self._decoding)
         self.ready = False
         self.stopping = False
 
@@ -366,7 +367,11 @@ class ServiceEngine:
 
     async def _embed_one(self, data: bytes, where: str) -> tuple[str, np.ndarray, bool]:
         loop = asyncio.get_running_loop()
-        key, vec, pixels = await loop.run_in_executor(self._decode_pool, self._prepare, data, where)
+        self._decoding += 1
+        try:
+            key, vec, pixels = await loop.run_in_executor(self._decode_pool, self._prepare, data, where)
+        finally:
+            self._decoding -= 1
         if vec is not None:
             self.metrics.cache_hits.inc()
             return key, vec, True
