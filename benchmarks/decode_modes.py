@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 

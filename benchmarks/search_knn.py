@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     index, t_build = timed(lambda: build_index(X, ids, factory="auto"))
     auto_factory, auto_nprobe = index.factory, index.nprobe
     (_, found), t = timed(lambda: index.search(Q, k))
-    add_row(f"featurebank auto", t_build, t, len(Q), to_rows(found), f"{auto_factory} nprobe={auto_nprobe}")
+    add_row("featurebank auto", t_build, t, len(Q), to_rows(found), f"{auto_factory} nprobe={auto_nprobe}")
     if index.nprobe is not None:
         index.nprobe = args.ivf_nprobe
         (_, found), t = timed(lambda: index.search(Q, k))

@@ -7,27 +7,14 @@ import io
 import json
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from featurebank._atomic import write_bytes_atomic
+
 __all__ = ["evaluate_classifier", "plot_confusion_matrix"]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def evaluate_classifier(
@@ -124,7 +111,7 @@ def evaluate_classifier(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode("utf-8"))
+        write_bytes_atomic(out / "report.json", json.dumps(report, indent=2).encode("utf-8"))
         plot_confusion_matrix(cm, [str(n) for n in names], out / "confusion_matrix.png")
     return report
 
@@ -161,5 +148,5 @@ def plot_confusion_matrix(cm: Any, class_names: list[str], path: "str | os.PathL
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -227,16 +226,6 @@ def fuse_classifier(
     out = Path(output_path)
     if not out.parent.is_dir():
         raise ValueError(f"folder {str(out.parent)!r} does not exist; create it first")
-    data = fused.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    from featurebank._atomic import write_bytes_atomic
+
+    return write_bytes_atomic(out, fused.SerializeToString())

@@ -21,10 +21,8 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import inspect
-import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,19 +144,12 @@ def save_classifier(
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"folder {str(path.parent)!r} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr(HEADER_NAME, header_bytes)
-                zf.writestr(MODEL_NAME, model_bytes)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from featurebank._atomic import atomic_writer
+
+    with atomic_writer(path, "wb") as fh:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(HEADER_NAME, header_bytes)
+            zf.writestr(MODEL_NAME, model_bytes)
     return path
 
 

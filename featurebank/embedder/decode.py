@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import errno
 import io
-import math
 import os
 import re
 import stat
@@ -59,7 +58,7 @@ from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from featurebank.artifact import DECODE_MODES, INPUT_FORMATS, ModelCard, Preprocessing
 from featurebank.errors import ImageDecodeError

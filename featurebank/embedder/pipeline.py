@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from featurebank.artifact import DECODE_MODES, space_fingerprint
 from featurebank.embedder.decode import decode_image, to_model_input
 from featurebank.embedder.session import ModelRunner, open_model, physical_cores
 from featurebank.embedder.sources import ImageList, list_images
-from featurebank.errors import FeaturebankError, StoreError
+from featurebank.errors import FeaturebankError
 
 __all__ = ["embed_images", "load_embeddings", "EmbedReport", "Embeddings", "DEFAULT_DECODE_MODE", "space_of"]
 

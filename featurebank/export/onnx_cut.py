@@ -471,14 +471,6 @@ def cut_onnx(
 
 
 def _write_atomically(model: onnx.ModelProto, output_path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, output_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from featurebank._atomic import write_bytes_atomic
+
+    write_bytes_atomic(output_path, model.SerializeToString())

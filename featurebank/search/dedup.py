@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Mapping, Sequence
 
@@ -190,13 +189,7 @@ def write_duplicates(
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from featurebank._atomic import atomic_writer
+
+    with atomic_writer(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)

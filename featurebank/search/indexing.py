@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from featurebank.errors import FingerprintMismatchError
