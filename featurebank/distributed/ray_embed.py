@@ -248,6 +248,8 @@ def _connect(ray: Any, address: str | None) -> bool:
     # options of a new instance; Ray refuses them when connecting to a running cluster
     kwargs: dict[str, Any] = {"include_dashboard": False} if address is None else {}
     try:
+        if address not in (None, "auto"):
+            _check_reachable(address)
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
         raise ClusterError(
@@ -256,6 +258,21 @@ def _connect(ray: Any, address: str | None) -> bool:
             "(CLI: --ray local) to start a private one on this machine"
         ) from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a host:port nobody listens on: Ray itself retries such an address for
+    minutes before it gives up."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # let Ray parse (and reject) what it understands
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _run_on_cluster(rows, model_path, store_dir, space_fps, card, *, address, decode_mode, batch_size, num_actors,
