@@ -108,6 +108,10 @@ _EXPORTS: dict[str, str] = {
     "query_index": "featurebank.search",
     "find_duplicates": "featurebank.search",
     "write_duplicates": "featurebank.search",
+    # service (needs the `service` extra: fastapi, uvicorn, python-multipart)
+    "ServiceConfig": "featurebank.service",
+    "create_app": "featurebank.service",
+    "serve": "featurebank.service",
     # distributed (needs the `ray` extra)
     "embed_images_ray": "featurebank.distributed",
 }

@@ -358,11 +358,11 @@ class ServiceEngine:
 
     def _retry_after(self) -> int:
         # seconds to clear the queue at the observed rate, at least 1
-        infer = self.metrics.stage
-        batches = infer.count(stage="infer")
+        stage = self.metrics.stage
+        batches = stage.count(stage="infer")
         if not batches:
             return 1
-        per_batch = infer._series[("infer",)][1][0] / batches
+        per_batch = stage.sum(stage="infer") / batches
         return max(1, int(np.ceil(self._admitted / self.config.max_batch * per_batch)))
 
     async def _embed_one(self, data: bytes, where: str) -> tuple[str, np.ndarray, bool]:

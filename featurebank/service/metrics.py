@@ -108,6 +108,10 @@ class Histogram(_Metric):
         series = self._series.get(self._key(labels))
         return sum(series[0]) if series else 0
 
+    def sum(self, **labels: str) -> float:
+        series = self._series.get(self._key(labels))
+        return series[1][0] if series else 0.0
+
     def lines(self) -> Iterable[str]:
         for key, (counts, total) in sorted(self._series.items()):
             running = 0
