@@ -9,21 +9,20 @@ import platform
 from pathlib import Path
 from typing import Any
 
-# the classifiers' atomic writer (temp file in the same folder, fsync, rename), not another copy
-from featurebank.classifiers.evaluation import _atomic_write_bytes
+from featurebank._atomic import write_bytes_atomic
 
 __all__ = ["write_json", "write_figure", "format_table", "environment"]
 
 
 def write_json(path: Path, payload: Any) -> Path:
-    _atomic_write_bytes(path, (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
 
 
 def write_figure(path: Path, fig: Any) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 

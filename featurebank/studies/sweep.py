@@ -85,6 +85,7 @@ class SweepResult:
     models: dict[str, str]
     timings: dict[str, float]
     embedding: dict[str, dict[str, int]] = field(default_factory=dict)
+    duplicates_dropped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
@@ -98,6 +99,7 @@ class SweepResult:
                          "classifier": f"LinearProbe(cv={self.inner_cv!r}) fitted on each training fold",
                          "fold_of": self.fold_of},
             "n_images": self.n_images,
+            "duplicates_dropped": self.duplicates_dropped,
             "classes": self.classes,
             "rows": self.rows,
             "recommended": self.recommended,
@@ -125,7 +127,8 @@ class SweepResult:
         rec = self.recommended
         lines = [
             f"{self.backbone}: linear probe, {self.folds}-fold stratified CV (seed {self.seed}), "
-            f"{self.n_images} images, {len(self.classes)} classes",
+            f"{self.n_images} images, {len(self.classes)} classes"
+            + (f" ({self.duplicates_dropped} duplicate files left out)" if self.duplicates_dropped else ""),
             self.table(),
             f"recommended: {rec['layer']} (pool {rec['pool']}, {rec['dim']}-d): accuracy "
             f"{rec['accuracy_mean']:.4f} +- {rec['accuracy_std']:.4f}",
@@ -254,10 +257,17 @@ def sweep_layers(
         data[p] = (card, embed_labelled(images, path, store=store, decode_mode=decode_mode, device=device, progress=progress))
     t_embed = time.perf_counter() - t
 
-    # the images that embedded under every pooling, so every row is scored on the same set
+    # the images that embedded under every pooling, so every row is scored on the same set;
+    # a file whose bytes repeat an earlier one is dropped: in two folds it would be tested
+    # on a copy of itself
     common = set.intersection(*(set(d.keys) for _, d in data.values()))
     first = next(iter(data.values()))[1]
-    keep = np.array([k in common for k in first.keys])
+    seen: set[str] = set()
+    keep = np.zeros(len(first.keys), bool)
+    for i, k in enumerate(first.keys):
+        keep[i] = k in common and k not in seen
+        seen.add(k)
+    n_duplicates = int(sum(1 for k in first.keys if k in common) - keep.sum())
     y = first.labels[keep]
     y = check_labels(list(y))
     fold_list = make_folds(y, folds, seed)
@@ -301,6 +311,7 @@ def sweep_layers(
         export_command=_export_command(backbone, rec["layer"], rec["pool"], weights), models=models,
         timings={"embed": t_embed, "probe": t_probe, "total": time.perf_counter() - t_start},
         embedding={p: {"embedded": d.embedded, "cached": d.cached} for p, (_, d) in data.items()},
+        duplicates_dropped=n_duplicates,
         failed=sorted({f for _, d in data.values() for f in d.failed}), environment=environment(),
     )
     if out_dir is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -115,3 +116,17 @@ def test_sweep_validates_its_arguments(texture_dir, photo_dir, studies_store):
 
     with pytest.raises(UnknownLayerError, match="unknown layer 'blocks.9'"):
         sweep_layers(texture_dir, layers=["blocks.9"], **kw)
+
+
+def test_sweep_leaves_out_files_that_repeat_another(texture_sweep, texture_dir, studies_store, tmp_path):
+    """A copy of an image would be tested on itself when the two land in different folds."""
+    src = tmp_path / "textures"
+    shutil.copytree(texture_dir, src)
+    for name in ("00.jpg", "01.jpg"):
+        shutil.copy(src / "grass" / name, src / "grass" / f"copy_{name}")
+    result = sweep_layers(src, backbone="test_efficientnet", weights="random", all_stages=True,
+                          store=studies_store, folds=3, seed=0, progress=False)
+    assert result.duplicates_dropped == 2 and result.n_images == 30
+    assert "2 duplicate files left out" in result.summary()
+    # the same 30 images as the sweep of the original folder, so the same numbers
+    assert [r["accuracy_folds"] for r in result.rows] == [r["accuracy_folds"] for r in texture_sweep[0].rows]
