@@ -348,6 +348,9 @@ def create_app(
         import asyncio
 
         warm = asyncio.create_task(engine.warm_up(), name="featurebank-warmup")
+        # a model that cannot run keeps /readyz at 503; say why in the log
+        warm.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                               or log.error("warm-up failed, the service stays not ready: %s", t.exception()))
         try:
             yield
         finally:

@@ -52,7 +52,7 @@ def serve(
         raise ValueError(f"port must be an integer in 0..65535; got port={port!r}")
     app = create_app(model, classifier=classifier, index=index, config=config)
     engine = app.state.engine
-    log.warning(
+    log.info(
         "serving %s (output %s, dim %d, decode %s)%s%s on http://%s:%d",
         engine.runner.card.backbone, engine.output.name, engine.output.dim, engine.decode_mode,
         f", classifier of {len(engine.classifier.classes)} classes" if engine.classifier else "",

@@ -22,6 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_process_with_env_key_and_sigterm(assets, photo_dir):
     port = _free_port()
     env = {**os.environ, "FEATUREBANK_API_KEY": "from-env"}
