@@ -313,6 +313,8 @@ def _run_on_cluster(rows, model_path, store_dir, space_fps, card, *, address, de
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts images; Ray's counts blocks
+        # ... and Ray warns once that its bars are off, which we chose
+        logging.getLogger("ray.data._internal.progress").addFilter(_drop_bars_notice)
         if hasattr(ctx, "enable_operator_progress_bars"):
             ctx.enable_operator_progress_bars = False
         if not progress:
@@ -370,6 +372,10 @@ def _run_on_cluster(rows, model_path, store_dir, space_fps, card, *, address, de
     finally:
         if started:
             ray.shutdown()
+
+
+def _drop_bars_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars")
 
 
 def _user_cause(exc: BaseException) -> FeaturebankError | None:
