@@ -29,7 +29,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     """Standardise, then multinomial logistic regression with C chosen on held-out data.
 
     C (the inverse of the L2 regularisation strength) is chosen among ``Cs`` by the mean
-    validation accuracy over ``cv`` stratified splits; the probe is then refitted on all
+    validation accuracy over ``cv`` stratified splits, ties broken by the lower validation
+    log-loss; the probe is then refitted on all
     the data with that C. The C path is walked from strong to weak regularisation, each
     fit warm-started from the previous one, in float32: weak regularisation is where
     lbfgs needs most iterations, and with ``patience`` it is skipped once it stops paying.
@@ -43,8 +44,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         at least ``cv`` samples. float in (0, 1): one stratified validation split holding
         that fraction of the data (fastest on large sets); every class needs 2 samples.
     patience : int or None, default=2
-        Stop walking the C path once the mean validation accuracy has not beaten its best
-        for ``patience`` consecutive Cs; the skipped Cs get NaN in ``cv_scores_``.
+        Stop walking the C path once the mean validation score (accuracy, then log-loss)
+        has not beaten its best for ``patience`` consecutive Cs; the skipped Cs get NaN in ``cv_scores_``.
         None scores the whole grid.
     max_iter : int, default=200
         lbfgs iterations per fit.
@@ -64,6 +65,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         The candidate Cs, ascending.
     cv_scores_ : ndarray of shape (n_splits, n_Cs), float64
         Validation accuracy of each split at each C (NaN where ``patience`` skipped it).
+    cv_log_loss_ : ndarray of shape (n_splits, n_Cs), float64
+        Validation log-loss, the tie-break.
     scaler_ : StandardScaler
         Fitted on all data.
     coef_ : ndarray of shape (n_classes, n_features), float32
@@ -174,15 +177,21 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         n_classes = len(self.classes_)
         params = [None] * len(folds)  # each split's solution, warm-starting the next C
         scores = np.full((len(folds), len(Cs)), np.nan)
-        best, since_best, start = -np.inf, 0, None
+        losses = np.full((len(folds), len(Cs)), np.nan)
+        best, since_best, start = (-np.inf, np.inf), 0, None
         for j, C in enumerate(Cs):
             for i, (X_tr, y_tr, sw_tr, X_va, y_va) in enumerate(folds):
                 params[i], _ = _fit_softmax(X_tr, y_tr, sw_tr, n_classes, C, params[i], self.max_iter, self.tol)
-                scores[i, j] = float(np.mean(np.argmax(_logits(X_va, *params[i]), axis=1) == y_va))
-            mean = scores[:, j].mean()
-            if mean > best:
+                logits = _logits(X_va, *params[i])
+                scores[i, j] = float(np.mean(np.argmax(logits, axis=1) == y_va))
+                losses[i, j] = _log_loss(logits, y_va)
+            mean, loss = scores[:, j].mean(), losses[:, j].mean()
+            # accuracy decides; among equally accurate Cs the lower validation log-loss wins
+            # (on easy data every C is 100% accurate, and the strongest regularisation would
+            # give needlessly flat probabilities)
+            if mean > best[0] + 1e-12 or (mean >= best[0] - 1e-12 and loss < best[1]):
                 # the splits' mean solution at the best C warm-starts the final refit
-                best, since_best = mean, 0
+                best, since_best = (mean, loss), 0
                 start = (np.mean([w for w, _ in params], axis=0), np.mean([b for _, b in params], axis=0))
             else:
                 since_best += 1
@@ -190,9 +199,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                     break
         del folds
         # splits move in lockstep, so a C is either scored on every split or skipped (NaN)
-        j_best = int(np.nanargmax(scores.mean(axis=0)))  # first maximum: strongest regularisation
+        mean_acc, mean_loss = scores.mean(axis=0), losses.mean(axis=0)
+        tied = np.flatnonzero(mean_acc >= np.nanmax(mean_acc) - 1e-12)
+        j_best = int(tied[np.argmin(mean_loss[tied])])
         self.Cs_ = Cs
         self.cv_scores_ = scores
+        self.cv_log_loss_ = losses
         self.C_ = float(Cs[j_best])
 
         self.scaler_ = StandardScaler().fit(X)
@@ -282,6 +294,13 @@ def _class_sample_weight(class_weight, y_enc: np.ndarray, n_classes: int) -> np.
         for k, w in class_weight.items():
             per_class[k] = w
     return per_class[y_enc].astype(np.float64)
+
+
+def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of softmax(logits) against integer labels y."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
 
 
 def _logits(X: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -175,3 +175,17 @@ def test_make_classifier_names():
         make_classifier("sklearn.preprocessing.StandardScaler")
     with pytest.raises(ValueError, match=r"KNNClassifier has no parameter 'n_neighbours' \(did you mean 'n_neighbors'\?\)"):
         make_classifier("knn", n_neighbours=3)
+
+
+def test_probe_breaks_accuracy_ties_by_validation_log_loss():
+    # well separated classes: every C is 100% accurate, and the strongest regularisation
+    # would give flat probabilities; the tie-break picks a confident, calibrated C
+    from featurebank.classifiers import LinearProbe
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(6, 1, (30, 8))]).astype(np.float32)
+    y = np.array([0] * 30 + [1] * 30)
+    probe = LinearProbe(cv=3).fit(X, y)
+    assert np.nanmax(probe.cv_scores_.mean(0)) == 1.0
+    assert probe.C_ > probe.Cs_[0]
+    assert probe.predict_proba(X).max(axis=1).min() > 0.9
