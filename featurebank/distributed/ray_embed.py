@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from featurebank.artifact import DECODE_MODES, read_model_card, space_fingerprin
 from featurebank.distributed.locations import hash_urls, is_url, list_sources, read_url
 from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport
 from featurebank.embedder.sources import ImageList
+from featurebank import errors as fb_errors
 from featurebank.errors import ClusterError, FeaturebankError, StoreError
 
 __all__ = ["embed_images_ray", "CRASH_MARKER_ENV"]
@@ -388,6 +390,13 @@ def _user_cause(exc: BaseException) -> FeaturebankError | None:
         nxt = getattr(cur, "cause", None)
         cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
         seen += 1
+    # An actor whose __init__ raised comes back as ActorDiedError, which keeps only the
+    # worker's traceback text: rebuild the error from its last line.
+    found = re.findall(r"featurebank\.errors\.(\w+): ([^\n]+)", str(exc))
+    if found:
+        cls = getattr(fb_errors, found[-1][0], None)
+        if isinstance(cls, type) and issubclass(cls, FeaturebankError):
+            return cls(found[-1][1])
     return None
 
 

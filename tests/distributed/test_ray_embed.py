@@ -141,3 +141,17 @@ def test_a_space_that_already_holds_a_key_does_not_get_it_twice(ray_cluster, tin
     assert (report.cached, report.embedded) == (0, 9)
     embed_images(photo_dir, tiny_model, store=tmp_path / "local", progress=False, return_vectors=False)
     assert assert_same_store(store, tmp_path / "local") == 9
+
+
+def test_a_node_that_cannot_see_the_store_fails_with_a_clear_error(ray_cluster, tiny_model, photo_dir, tmp_path):
+    # what an actor on a node without the shared store meets: the driver's space is not there
+    from featurebank.artifact import read_model_card
+    from featurebank.distributed.ray_embed import _run_on_cluster
+    from featurebank.errors import ClusterError
+
+    open_store(tmp_path / "s")
+    rows = [{"key": "0" * 64, "path": str(photo_dir / "coffee.jpg"), "label": "", "has_label": False}]
+    with pytest.raises(ClusterError, match=r"cannot use the store at .*every node mounts at the same path"):
+        list(_run_on_cluster(rows, tiny_model, str(tmp_path / "s"), {"features": "1" * 64}, read_model_card(tiny_model),
+                             address="auto", decode_mode="fast", batch_size=2, num_actors=1, num_cpus_per_actor=1.0,
+                             num_gpus_per_actor=None, num_cpus_per_decode_task=1.0, ray_remote_args={}, progress=False))
