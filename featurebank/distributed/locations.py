@@ -5,13 +5,15 @@ the code of the local embedder (:func:`~featurebank.embedder.sources.list_images
 store's stat-cached hashing, :func:`~featurebank.embedder.decode.decode_image` on the path),
 so their keys, item paths and failure messages are the same as a local run's.
 
-Other URLs (``s3://bucket/photos/``, ``gs://``, ``https://...``, ``memory://`` ...) are read
-with fsspec: a URL folder is listed recursively with the same rules as a local folder
+Other URLs (``s3://bucket/photos/``, ``gs://``, ``https://...``, chained URLs such as
+``zip://photos::s3://bucket/photos.zip``) are read with fsspec: a URL folder is listed recursively with the same rules as a local folder
 (immediate subfolders are classes, image extensions only, dot names skipped, sorted); a URL
 file is one image. Their bytes are hashed on the driver (object stores have no stat cache, so
 each run reads them once to key them) and read again by the decode task, which checks the
 key so that an object rewritten between the two reads is not stored under a stale key.
-List files (``.txt``/``.csv``/``.parquet``) must be local.
+List files (``.txt``/``.csv``/``.parquet``) must be local. The store records item paths and
+failures of local files only (it keeps paths as absolute local paths): URL inputs get their
+vectors, keyed by content as always, but no item rows (and so no labels in ``store export``).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _list_url(url: str) -> tuple[list[str], list[str | None]]:
     fs, root = _filesystem(url)
     try:
         if fs.isfile(root):
-            return [fs.unstrip_protocol(root)], [None]
+            return [url], [None]
         if not fs.isdir(root):
             raise ImageSourceError(f"{url}: no such file or folder")
         found = fs.find(root)
@@ -113,12 +115,16 @@ def _list_url(url: str) -> tuple[list[str], list[str | None]]:
     except (OSError, PermissionError) as exc:
         raise ImageSourceError(f"{url}: cannot list ({exc})") from None
     root = root.rstrip("/")
+    # a chained URL ("zip://photos::s3://bucket/a.zip") names its outer file after "::";
+    # each listed member keeps that suffix so the workers open the same archive
+    chain = url.split("::", 1)[1] if "::" in url else ""
     rows: list[tuple[tuple[str, ...], str, str | None]] = []
     for p in found:
         rel = p[len(root) :].lstrip("/").split("/")
         if any(part.startswith(".") for part in rel) or not rel[-1].lower().endswith(IMAGE_EXTENSIONS):
             continue
-        rows.append((tuple(rel), fs.unstrip_protocol(p), rel[0] if len(rel) > 1 else None))
+        full = fs.unstrip_protocol(p) + (f"::{chain}" if chain else "")
+        rows.append((tuple(rel), full, rel[0] if len(rel) > 1 else None))
     if not rows:
         raise ImageSourceError(f"{url}: no image files found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     rows.sort()

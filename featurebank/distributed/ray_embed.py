@@ -179,8 +179,9 @@ def embed_images_ray(
         known = {f.key for f in st.failures(first_space.fingerprint) if f.key}
         report.skipped_failed = sum(1 for k in todo if k in known)
         todo = [k for k in todo if k not in known]
-    if read_failures:
-        st.record_failures(first_space.fingerprint, [{"path": p, "key": None, "reason": r} for p, r in read_failures])
+    stored = [{"path": p, "key": None, "reason": r} for p, r in read_failures if not is_url(p)]
+    if stored:  # the store keeps local paths only; URL failures are in the report
+        st.record_failures(first_space.fingerprint, stored)
     timings["read"] = time.perf_counter() - t
     failures: list[tuple[str, str]] = list(read_failures)
 
@@ -503,11 +504,23 @@ class _EmbedActor:
                 for name, sp in self.spaces.items():
                     sel = missing[name][idx]
                     rows = idx[sel]
-                    if len(rows):
-                        sp.add([keys[i] for i in rows], outs[name].reshape(len(idx), -1)[sel],
-                               paths=[paths[i] for i in rows], labels=[labels[i] for i in rows])
+                    if not len(rows):
+                        continue
+                    X = outs[name].reshape(len(idx), -1)[sel]
+                    local = [i for i in rows if not is_url(paths[i])]
+                    if len(local) == len(rows):
+                        sp.add([keys[i] for i in rows], X, paths=[paths[i] for i in rows],
+                               labels=[labels[i] for i in rows])
+                        continue
+                    # the store keeps item paths as absolute local paths and would mangle a
+                    # URL: URL rows get their vectors only, local rows their items as usual
+                    sp.add([keys[i] for i in rows], X)
+                    if local:
+                        self.store.record_items([paths[i] for i in local], [keys[i] for i in local],
+                                                [labels[i] for i in local])
+                        self.store.clear_failures(sp.fingerprint, [paths[i] for i in local])
                 write_s = time.perf_counter() - t
-        bad = [i for i in range(n) if not ok[i]]
+        bad = [i for i in range(n) if not ok[i] and not is_url(paths[i])]  # URL failures: reported, not stored
         if bad:
             self.store.record_failures(self.first.fingerprint,
                                        [{"path": paths[i], "key": keys[i], "reason": errors[i]} for i in bad])

@@ -84,3 +84,25 @@ def test_decode_task_reads_urls_and_checks_their_key(memory_textures, texture_di
     assert out["error"][2] == f"{urls[2]}: changed while being embedded (its bytes no longer match their key); run again"
     assert out["error"][3].startswith(urls[3] + ": ") and "JPEG" in out["error"][3]
     assert not out["pixels"][2:].any()
+
+
+@pytest.fixture()
+def textures_zip(texture_dir, tmp_path):
+    import zipfile
+
+    path = tmp_path / "textures.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for p in sorted(texture_dir.rglob("*.jpg")):
+            z.write(p, f"textures/{p.parent.name}/{p.name}")
+    return path
+
+
+def test_chained_url_members_keep_their_archive(textures_zip, texture_dir):
+    url = f"zip://textures::file://{textures_zip}"
+    got = list_sources(url)
+    local = list_images(texture_dir)
+    assert got.labels == local.labels
+    assert got.paths[0] == f"zip://textures/brick/00.jpg::file://{textures_zip}"
+    keys, errors = hash_urls(got.paths)
+    assert errors == [None] * len(keys)
+    assert keys == [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in local.paths]

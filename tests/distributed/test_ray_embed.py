@@ -155,3 +155,18 @@ def test_a_node_that_cannot_see_the_store_fails_with_a_clear_error(ray_cluster, 
         list(_run_on_cluster(rows, tiny_model, str(tmp_path / "s"), {"features": "1" * 64}, read_model_card(tiny_model),
                              address="auto", decode_mode="fast", batch_size=2, num_actors=1, num_cpus_per_actor=1.0,
                              num_gpus_per_actor=None, num_cpus_per_decode_task=1.0, ray_remote_args={}, progress=False))
+
+
+def test_images_inside_a_zip_url_get_the_same_vectors(ray_cluster, tiny_model, texture_dir, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "textures.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(texture_dir.rglob("*.jpg")):
+            z.write(p, f"textures/{p.parent.name}/{p.name}")
+    report = embed_images_ray(f"zip://textures::file://{archive}", tiny_model, store=tmp_path / "ray", batch_size=8,
+                              progress=False)
+    assert (report.total, report.embedded, report.failed) == (30, 30, 0)
+    embed_images(texture_dir, tiny_model, store=tmp_path / "local", progress=False, return_vectors=False)
+    assert assert_same_store(tmp_path / "ray", tmp_path / "local") == 30
+    assert open_store(tmp_path / "ray").items() == []  # the store keeps local paths only
