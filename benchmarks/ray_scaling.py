@@ -5,6 +5,7 @@ embed_throughput.py), same network (efficientnet_lite0 `features`, avg pool, uin
 the CLI's default export), same decode mode, each run into a fresh store:
 
 * local      : ``embed_images`` (decode threads + one onnxruntime session on all cores);
+* local t1   : the same with ``threads=1`` (one onnxruntime thread, as in each Ray actor);
 * ray x1     : ``embed_images_ray`` with 1 actor (1 CPU, 1 onnxruntime thread) and decode
                tasks of 1 CPU, on a local Ray instance of ``--ray-cpus`` CPUs;
 * ray x2     : 2 actors of 0.5 CPU (1 thread each) and decode tasks of 0.5 CPU.
@@ -68,6 +69,12 @@ def main() -> None:
         emb = embed_images(folder, model, store=tmp / "local", batch_size=a.batch_size, progress=False,
                            return_vectors=False)
         rows.append(_row("local", emb.report, time.perf_counter() - t0))
+        # the local embedder with one onnxruntime thread, as each Ray actor runs: tells
+        # whether a gap comes from Ray or from threads contending for the cores
+        t0 = time.perf_counter()
+        emb = embed_images(folder, model, store=tmp / "local-t1", batch_size=a.batch_size, threads=1, progress=False,
+                           return_vectors=False)
+        rows.append(_row("local t1", emb.report, time.perf_counter() - t0))
 
         ray.init(num_cpus=a.ray_cpus, include_dashboard=False, logging_level="WARNING")
         t0 = time.perf_counter()

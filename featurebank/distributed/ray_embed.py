@@ -9,13 +9,17 @@ A Ray Data pipeline with the local embedder's stages spread over a cluster:
   each): read and preprocess one batch of images to uint8 pixels;
 * **infer + write** (a pool of Ray actors): each actor builds one onnxruntime session in its
   ``__init__`` (from model bytes shipped once through the object store, never a pickled
-  session), runs its batches and commits each batch as one shard with ``space.add``. Images
-  that failed to decode are recorded as store failures by the actor that received them.
+  session), runs its batches and commits each batch as one shard with ``space.add``;
+* **catalog** (driver): as each batch comes back, the driver records its items (path, key,
+  label) and failures in the store's catalog. The catalog is one SQLite file in WAL mode,
+  which SQLite does not support from several hosts over a network filesystem, so only the
+  driver's host touches it; shards are renamed into place and are safe on NFS.
 
 Robustness: Ray restarts a dead actor and retries its batch, and decode tasks are retried.
 A retried batch first asks the store which of its keys an earlier attempt already committed
 (shards are atomic), so a worker dying after its write adds no duplicate rows. A killed
-driver loses at most the batches in flight; running again embeds only what is missing.
+driver loses at most the batches in flight; running again embeds only what is missing and
+records the items of vectors that were written but not yet catalogued.
 
 Ray is imported here only, inside functions, so featurebank imports without it.
 """
@@ -39,7 +43,7 @@ from featurebank.distributed.locations import hash_urls, is_url, list_sources, r
 from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport
 from featurebank.embedder.sources import ImageList
 from featurebank import errors as fb_errors
-from featurebank.errors import ClusterError, FeaturebankError, StoreError
+from featurebank.errors import ClusterError, FeaturebankError
 
 __all__ = ["embed_images_ray", "CRASH_MARKER_ENV"]
 
@@ -174,6 +178,8 @@ def embed_images_ray(
     for sp in spaces.values():
         have &= np.asarray(sp.contains(todo), bool) if todo else np.zeros(0, bool)
     report.cached = int(have.sum())
+    _record_missing_items(st, [(p, k, label_of.get(p)) for p, k in zip(images.paths, keys) if k],
+                          {k for k, h in zip(todo, have) if h})
     todo = [k for k, h in zip(todo, have) if not h]
     if not retry_failed and todo:
         known = {f.key for f in st.failures(first_space.fingerprint) if f.key}
@@ -200,6 +206,9 @@ def embed_images_ray(
             ok = got["reason"] == ""
             report.embedded += int(ok.sum())
             failures += [(str(p), str(r)) for p, r in zip(got["path"][~ok], got["reason"][~ok])]
+            t = time.perf_counter()
+            _record_batch(st, spaces, got)
+            timings["write"] += time.perf_counter() - t
             for stage in ("decode", "infer", "write"):
                 timings[stage] += float(got[stage + "_s"].sum())
 
@@ -208,6 +217,35 @@ def embed_images_ray(
     report.timings = timings
     report.elapsed = time.perf_counter() - t_start
     return report
+
+
+def _record_batch(st: Any, spaces: Mapping[str, Any], got: Mapping[str, np.ndarray]) -> None:
+    """Catalog one returned batch as ``space.add(paths=...)`` and the local embedder do: items
+    and cleared failures of what was embedded, failures of what was not. Local files only:
+    the store keeps item paths as absolute local paths and would mangle a URL."""
+    ok_rows = [i for i, r in enumerate(got["reason"]) if r == "" and not is_url(str(got["path"][i]))]
+    bad_rows = [i for i, r in enumerate(got["reason"]) if r != "" and not is_url(str(got["path"][i]))]
+    if ok_rows:
+        paths = [str(got["path"][i]) for i in ok_rows]
+        st.record_items(paths, [str(got["key"][i]) for i in ok_rows],
+                        [str(got["label"][i]) if got["has_label"][i] else None for i in ok_rows])
+        for sp in spaces.values():
+            st.clear_failures(sp.fingerprint, paths)
+    if bad_rows:
+        st.record_failures(next(iter(spaces.values())).fingerprint,
+                           [{"path": str(got["path"][i]), "key": str(got["key"][i]), "reason": str(got["reason"][i])}
+                            for i in bad_rows])
+
+
+def _record_missing_items(st: Any, rows: Sequence[tuple[str, str, str | None]], cached: set[str]) -> None:
+    """Items for cached vectors that the catalog lacks: a driver killed after its workers wrote
+    shards, before it catalogued them."""
+    if not cached:
+        return
+    known = {(i.path, i.key) for i in st.items()}
+    missing = [r for r in rows if r[1] in cached and not is_url(r[0]) and (os.path.abspath(r[0]), r[1]) not in known]
+    if missing:
+        st.record_items([r[0] for r in missing], [r[1] for r in missing], [r[2] for r in missing])
 
 
 def _hash_all(st: Any, paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -298,8 +336,10 @@ def _run_on_cluster(rows, model_path, store_dir, space_fps, card, *, address, de
             if num_gpus_per_actor > 0:
                 num_actors = max(1, int(gpus // num_gpus_per_actor))
             else:
-                # half the CPUs infer, the other half decode: measured balanced for
-                # efficientnet_lite0 at 224 px (benchmarks/ray_scaling.py)
+                # half the CPUs infer, half decode. With efficientnet_lite0 and fast decoding
+                # one CPU decodes ~1.8x the images one CPU infers (benchmarks/ray_scaling.py),
+                # so inference stays the busier stage; exact mode and larger photos move the
+                # balance toward decoding, and half is safe both ways.
                 num_actors = max(1, int((cpus / 2) // num_cpus_per_actor))
         need = num_actors * num_cpus_per_actor + num_cpus_per_decode_task
         if need > cpus + 1e-9:
@@ -465,27 +505,15 @@ class _EmbedActor:
         import ray
 
         from featurebank.embedder.session import open_model
-        from featurebank.store import open_store
 
         self.runner = open_model(_local_model_file(ray.get(model_ref[0]), model_sha), device=device, threads=threads)
         self.card = self.runner.card
-        host = os.uname().nodename
-        try:
-            self.store = open_store(store_dir, create=False)
-            self.spaces = {name: self.store.space(fp) for name, fp in space_fps.items()}
-        except StoreError as exc:
-            raise ClusterError(
-                f"node {host} cannot use the store at {store_dir} ({exc}); the store must be on a filesystem that "
-                "every node mounts at the same path (NFS, a cluster filesystem, ...)"
-            ) from None
-        self.first = next(iter(self.spaces.values()))
+        self.spaces = {name: _shard_space(store_dir, fp) for name, fp in space_fps.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from featurebank.embedder.decode import to_model_input
 
         keys = [str(k) for k in batch["key"]]
-        paths = [str(p) for p in batch["path"]]
-        labels = [str(lab) if has else None for lab, has in zip(batch["label"], batch["has_label"])]
         errors = [str(e) for e in batch["error"]]
         n = len(keys)
         ok = np.array([e == "" for e in errors], bool)
@@ -503,35 +531,51 @@ class _EmbedActor:
                 t = time.perf_counter()
                 for name, sp in self.spaces.items():
                     sel = missing[name][idx]
-                    rows = idx[sel]
-                    if not len(rows):
-                        continue
-                    X = outs[name].reshape(len(idx), -1)[sel]
-                    local = [i for i in rows if not is_url(paths[i])]
-                    if len(local) == len(rows):
-                        sp.add([keys[i] for i in rows], X, paths=[paths[i] for i in rows],
-                               labels=[labels[i] for i in rows])
-                        continue
-                    # the store keeps item paths as absolute local paths and would mangle a
-                    # URL: URL rows get their vectors only, local rows their items as usual
-                    sp.add([keys[i] for i in rows], X)
-                    if local:
-                        self.store.record_items([paths[i] for i in local], [keys[i] for i in local],
-                                                [labels[i] for i in local])
-                        self.store.clear_failures(sp.fingerprint, [paths[i] for i in local])
+                    if sel.any():  # vectors only: the driver catalogues the items
+                        sp.add([keys[i] for i in idx[sel]], outs[name].reshape(len(idx), -1)[sel])
                 write_s = time.perf_counter() - t
-        bad = [i for i in range(n) if not ok[i] and not is_url(paths[i])]  # URL failures: reported, not stored
-        if bad:
-            self.store.record_failures(self.first.fingerprint,
-                                       [{"path": paths[i], "key": keys[i], "reason": errors[i]} for i in bad])
         _maybe_crash()
         z = np.zeros(n, np.float64)
         timing = {s: z.copy() for s in ("decode_s", "infer_s", "write_s")}
         if n:
             timing["decode_s"][0] = float(np.sum(batch["decode_s"]))
             timing["infer_s"][0], timing["write_s"][0] = infer_s, write_s
-        return {"key": np.asarray(keys, dtype=object), "path": np.asarray(paths, dtype=object),
-                "reason": np.asarray(errors, dtype=object), **timing}
+        return {"key": np.asarray(keys, dtype=object), "path": batch["path"],
+                "label": batch["label"], "has_label": batch["has_label"], "reason": np.asarray(errors, dtype=object),
+                **timing}
+
+
+class _ShardOnlyStore:
+    """What a :class:`~featurebank.store.store.Space` needs of its store to check keys and
+    append shards: the root. No catalog: SQLite in WAL mode must not be opened from several
+    hosts over a network filesystem, and ``add`` without ``paths`` never touches it."""
+
+    def __init__(self, root: str) -> None:
+        from pathlib import Path
+
+        self.root = Path(root)
+
+    def record_items(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - a bug if reached
+        raise RuntimeError("embedding actors write shards only; the driver records items")
+
+
+def _shard_space(store_dir: str, fp: str):
+    """The space ``fp`` of the store at ``store_dir``, for shard reads and writes only."""
+    import json
+
+    from featurebank.store.store import Space
+
+    meta_path = os.path.join(store_dir, "spaces", fp, "space.json")
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ClusterError(
+            f"node {os.uname().nodename} cannot use the store at {store_dir} ({meta_path}: "
+            f"{getattr(exc, 'strerror', None) or exc}); the store must be on a filesystem that every node mounts at "
+            "the same path (NFS, a cluster filesystem, ...)"
+        ) from None
+    return Space(_ShardOnlyStore(store_dir), fp, meta)
 
 
 def _maybe_crash() -> None:

@@ -119,6 +119,9 @@ def test_resume_after_the_driver_is_killed_midway(ray_cluster, tiny_model, textu
     assert report.cached >= written and report.cached + report.embedded == 39 and report.failed == 0
     embed_images([texture_dir, photo_dir], tiny_model, store=tmp_path / "local", progress=False, return_vectors=False)
     assert assert_same_store(store, tmp_path / "local") == 39
+    # vectors written before the kill but never catalogued get their items on the rerun
+    items = {(i.path, i.key, i.label) for i in open_store(store).items()}
+    assert items == {(i.path, i.key, i.label) for i in open_store(tmp_path / "local").items()}
 
 
 def test_cli_embed_with_ray(ray_cluster, tiny_model, photo_dir, tmp_path, capsys):
