@@ -93,6 +93,7 @@ def test_sweep_is_reproducible_with_a_seed_and_reuses_the_store(texture_sweep, t
     assert other.fold_of != result.fold_of
 
 
+@pytest.mark.slow  # two more exports
 def test_sweep_compares_poolings_with_one_export_each(texture_dir, studies_store):
     result = sweep_layers(texture_dir, backbone="test_efficientnet", weights="random", layers=["blocks.2", "features"],
                           pool=["avg", "max"], store=studies_store, folds=3, seed=0, progress=False)
