@@ -38,16 +38,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from featurebank import errors as fb_errors
 from featurebank.artifact import DECODE_MODES, read_model_card, space_fingerprint
 from featurebank.distributed.locations import hash_urls, is_url, list_sources, read_url
 from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport
 from featurebank.embedder.sources import ImageList
-from featurebank import errors as fb_errors
 from featurebank.errors import ClusterError, FeaturebankError
 
-__all__ = ["embed_images_ray", "CRASH_MARKER_ENV"]
-
-log = logging.getLogger("featurebank")
+__all__ = ["CRASH_MARKER_ENV", "embed_images_ray"]
 
 #: Fault injection for resilience tests: when this environment variable names a file path
 #: that does not exist yet, the first embedding actor to commit a batch creates the file and

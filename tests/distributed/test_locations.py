@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_memory_folder_lists_like_a_local_folder(memory_textures, texture_dir):
     assert [p.rsplit("/", 2)[-2:] for p in got.paths] == [p.rsplit("/", 2)[-2:] for p in local.paths]
     assert all(p.startswith("memory://") for p in got.paths)
     keys, errors = hash_urls(got.paths + [memory_textures + "/missing.jpg"])
-    assert keys[:-1] == [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in local.paths]
+    assert keys[:-1] == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in local.paths]
     assert keys[-1] is None and errors[-1] == f"{memory_textures}/missing.jpg: no such file"
 
 
@@ -105,4 +106,4 @@ def test_chained_url_members_keep_their_archive(textures_zip, texture_dir):
     assert got.paths[0] == f"zip://textures/brick/00.jpg::file://{textures_zip}"
     keys, errors = hash_urls(got.paths)
     assert errors == [None] * len(keys)
-    assert keys == [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in local.paths]
+    assert keys == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in local.paths]
