@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     p.add_argument("--store", required=True, metavar="DIR", help="store directory (created if missing)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch and per store shard (GPU: 64-256)")
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: all cores)")
     p.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)

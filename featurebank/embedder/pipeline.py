@@ -103,6 +103,19 @@ def space_of(runner: ModelRunner, output: str, decode_mode: str) -> str:
     return space_fingerprint(runner.card.output(output).fingerprint, decode_mode)
 
 
+def _lower_thread_priority() -> None:
+    """Decode-thread initializer on CPU-only runs: onnxruntime's threads are the critical
+    path and share the cores with decoding; at a lower priority decoding fills the gaps
+    (op barriers, waits) instead of preempting inference. +5% images/s measured on 2 cores
+    (benchmarks/RESULTS.md). Linux only; elsewhere threads keep the default priority."""
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: speed only, never results
+        pass
+
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -119,7 +132,7 @@ def embed_images(
     *,
     store: Any = None,
     decode_mode: str = DEFAULT_DECODE_MODE,
-    batch_size: int = 32,
+    batch_size: int = 16,
     workers: int | None = None,
     device: str = "auto",
     threads: int | None = None,
@@ -137,7 +150,9 @@ def embed_images(
     store : a store directory or an open store; None keeps vectors in memory only
     decode_mode : ``"fast"`` (reduced-size JPEG decoding) or ``"exact"`` (the torch
         reference preprocessing); part of the cache key
-    batch_size : images per inference batch and per store shard
+    batch_size : images per inference batch and per store shard. 16: on CPUs larger batches
+        do not run faster per image, and smaller ones keep the decode pipeline smooth
+        (benchmarks/embed_throughput.py); on a GPU raise it (64-256)
     workers : decode threads (default: all cores)
     device : ``auto``, ``cpu`` or ``cuda``
     retry_failed : decode again the images a previous run recorded as failed
@@ -226,7 +241,8 @@ def embed_images(
         return ok, stacked, errs, time.perf_counter() - t0
 
     try:
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fb-decode") as pool:
+        init = None if runner.on_cuda else _lower_thread_priority
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fb-decode", initializer=init) as pool:
             pending: deque[Future] = deque()
             it = iter(batches)
             # keep a bounded number of batches decoding ahead: memory stays flat
