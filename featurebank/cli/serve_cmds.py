@@ -6,6 +6,19 @@ import argparse
 import logging
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record (not the stream of the moment it was
+    made), so a redirected or replaced stderr never leaves it writing to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p = sub.add_parser(
         "serve", help="HTTP embedding service with a web page (embed, classify, search)", formatter_class=formatter_class,
@@ -59,7 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"featurebank: error: the service needs the `service` extra ({exc.name} is missing): "
               "pip install 'featurebank[service]'", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s",
+                        handlers=[_StderrHandler()])
     extra = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
     try:
         config = ServiceConfig(

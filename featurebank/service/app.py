@@ -204,6 +204,10 @@ class _Limits:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
+                        if message.get("more_body", False):
+                            # read what the client is still sending, so that it reads the 413
+                            # instead of a reset connection
+                            await _drain(receive, _DRAIN_LIMIT)
                         raise _BodyTooLarge(_too_large(received, limit, streaming=True))
                 return message
 

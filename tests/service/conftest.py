@@ -3,15 +3,12 @@ texture photos, and a real uvicorn server on 127.0.0.1 (random free port) in a t
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from live_server import run_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -57,53 +54,6 @@ def assets(service_model, texture_dir, tmp_path_factory) -> Assets:
                   dict(zip(emb.paths, emb.labels)), dict(zip(emb.paths, emb.keys)))
 
 
-@dataclass
-class LiveServer:
-    url: str
-    server: object
-    thread: threading.Thread
-    app: object
-
-    @property
-    def engine(self):
-        return self.app.state.engine
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kw)
-
-
-@contextlib.contextmanager
-def run_server(app, *, graceful_timeout_s: float = 10.0, wait_ready: bool = True):
-    """Serve ``app`` with a real uvicorn server on 127.0.0.1 in a thread; yields a LiveServer."""
-    from featurebank.service import make_server
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(app, host="127.0.0.1", port=port, graceful_timeout_s=graceful_timeout_s, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
-    thread.start()
-    live = LiveServer(f"http://127.0.0.1:{port}", server, thread, app)
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    if wait_ready:
-        with live.client() as c:
-            while c.get("/readyz").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("service did not become ready")
-                time.sleep(0.02)
-    try:
-        yield live
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="session")
 def live(assets):
     """The full service (classifier + index), default limits, no API key."""
@@ -113,16 +63,3 @@ def live(assets):
                      config=ServiceConfig(threads=1, decode_workers=2))
     with run_server(app) as server:
         yield server
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Value of one sample in Prometheus text (0.0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    target = f"{name}{{{want}}}" if want else name
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        sample, _, value = line.rpartition(" ")
-        if sample == target:
-            return float(value)
-    return 0.0

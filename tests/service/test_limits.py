@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
-from conftest import metric_value, run_server
+from live_server import metric_value, run_server
 from PIL import Image
 
 from featurebank.errors import FingerprintMismatchError

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from conftest import run_server  # noqa: E402
+from live_server import run_server  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from featurebank.service import ServiceConfig, create_app  # noqa: E402

@@ -76,7 +76,7 @@ def test_page_upload_classify_search_and_click(live, assets, tmp_path):
 
 
 def test_page_asks_for_the_api_key(assets, photo_dir):
-    from conftest import run_server
+    from live_server import run_server
 
     from featurebank.service import ServiceConfig, create_app
 
@@ -98,7 +98,7 @@ def test_page_asks_for_the_api_key(assets, photo_dir):
 @pytest.mark.skipif(not os.environ.get("FEATUREBANK_SCREENSHOT"), reason="set FEATUREBANK_SCREENSHOT=PATH to write it")
 def test_readme_screenshot(texture_dir, photo_dir, tmp_path):
     """The README's screenshot: real efficientnet_lite0, textures + photos indexed, a real photo."""
-    from conftest import run_server
+    from live_server import run_server
 
     from featurebank.classifiers import LinearProbe, save_classifier
     from featurebank.embedder.pipeline import embed_images, space_of

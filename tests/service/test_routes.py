@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import metric_value
+from live_server import metric_value
 from PIL import Image
 
 from featurebank.embedder.decode import decode_image, to_model_input

@@ -1,0 +1,73 @@
+"""A real uvicorn server on 127.0.0.1 (random free port) in a thread, and a Prometheus text
+reader, shared by the service tests (a module of its own: `conftest` is not importable by
+name when several test folders have one)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass
+class LiveServer:
+    url: str
+    server: object
+    thread: threading.Thread
+    app: object
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kw)
+
+
+@contextlib.contextmanager
+def run_server(app, *, graceful_timeout_s: float = 10.0, wait_ready: bool = True):
+    """Serve ``app`` with a real uvicorn server on 127.0.0.1 in a thread; yields a LiveServer."""
+    from featurebank.service import make_server
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = make_server(app, host="127.0.0.1", port=port, graceful_timeout_s=graceful_timeout_s, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
+    thread.start()
+    live = LiveServer(f"http://127.0.0.1:{port}", server, thread, app)
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    if wait_ready:
+        with live.client() as c:
+            while c.get("/readyz").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("service did not become ready")
+                time.sleep(0.02)
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Value of one sample in Prometheus text (0.0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    target = f"{name}{{{want}}}" if want else name
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        if sample == target:
+            return float(value)
+    return 0.0
