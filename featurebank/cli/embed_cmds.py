@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per batch and per store shard (GPU: 64-256)")
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: all cores)")
     p.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
+    p.add_argument("--store-dtype", choices=("float32", "float16"), default=None,
+                   help="on-disk precision of a new space (float16: half the disk; loads as float32)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--json", action="store_true", help="print the run's report as JSON")
     from featurebank.distributed.cli import register_ray_options
@@ -90,7 +92,7 @@ def _embed(args: argparse.Namespace) -> int:
         emb = embed_images(
             args.sources, runner, store=args.store, decode_mode=args.decode_mode or DEFAULT_DECODE_MODE,
             batch_size=args.batch_size, workers=args.workers, retry_failed=args.retry_failed,
-            return_vectors=False, progress=args.progress,
+            return_vectors=False, progress=args.progress, store_dtype=args.store_dtype,
         )
         r = emb.report
     if args.json:

@@ -139,6 +139,7 @@ def embed_images(
     retry_failed: bool = False,
     return_vectors: bool = True,
     progress: bool | None = None,
+    store_dtype: str | None = None,
 ) -> Embeddings:
     """Embed images with a featurebank ONNX model, reusing and filling a store.
 
@@ -158,6 +159,8 @@ def embed_images(
     retry_failed : decode again the images a previous run recorded as failed
     return_vectors : load the vectors of every input into ``Embeddings.vectors``
     progress : show a progress bar (default: when stderr is a terminal)
+    store_dtype : ``"float32"`` or ``"float16"`` (half the disk; vectors load as float32) for a
+        new space; None keeps an existing space's dtype (float32 for a new one)
 
     Returns
     -------
@@ -188,6 +191,7 @@ def embed_images(
             spaces[o.name] = st.space(
                 space_of(runner, o.name, decode_mode),
                 dim=o.dim,
+                dtype=store_dtype,
                 info={"model_card_fingerprint": card.fingerprint, "output": o.to_dict(), "backbone": card.backbone,
                       "decode_mode": decode_mode, "preprocessing": pre.to_dict()},
             )
