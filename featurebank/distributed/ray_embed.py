@@ -39,9 +39,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from featurebank import errors as fb_errors
-from featurebank.artifact import DECODE_MODES, read_model_card, space_fingerprint
+from featurebank.artifact import DECODE_MODES, read_model_card
 from featurebank.distributed.locations import hash_urls, is_url, list_sources, read_url
-from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport
+from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport, open_spaces, plan_work
 from featurebank.embedder.sources import ImageList
 from featurebank.errors import ClusterError, FeaturebankError
 
@@ -153,36 +153,14 @@ def embed_images_ray(
 
     store_dir = os.path.abspath(os.fspath(store))
     st = open_store(store_dir)
-    pre = card.preprocessing
-    spaces = {
-        o.name: st.space(
-            space_fingerprint(o.fingerprint, decode_mode),
-            dim=o.dim,
-            info={"model_card_fingerprint": card.fingerprint, "output": o.to_dict(), "backbone": card.backbone,
-                  "decode_mode": decode_mode, "preprocessing": pre.to_dict()},
-        )
-        for o in card.outputs
-    }
+    spaces = open_spaces(st, card, decode_mode)
     first_space = next(iter(spaces.values()))
     keys, read_failures = _hash_all(st, images.paths)
     label_of = dict(zip(images.paths, images.labels))
-    unique: dict[str, str] = {}
-    for path, key in zip(images.paths, keys):
-        if key and key not in unique:
-            unique[key] = path
-    report.duplicates = sum(1 for k in keys if k) - len(unique)
-    todo = list(unique)
-    have = np.ones(len(todo), bool)
-    for sp in spaces.values():
-        have &= np.asarray(sp.contains(todo), bool) if todo else np.zeros(0, bool)
-    report.cached = int(have.sum())
-    _record_missing_items(st, [(p, k, label_of.get(p)) for p, k in zip(images.paths, keys) if k],
-                          {k for k, h in zip(todo, have) if h})
-    todo = [k for k, h in zip(todo, have) if not h]
-    if not retry_failed and todo:
-        known = {f.key for f in st.failures(first_space.fingerprint) if f.key}
-        report.skipped_failed = sum(1 for k in todo if k in known)
-        todo = [k for k in todo if k not in known]
+    plan = plan_work(st, spaces, images.paths, keys, retry_failed=retry_failed)
+    unique, todo = plan.unique, plan.todo
+    report.duplicates, report.cached, report.skipped_failed = plan.duplicates, plan.cached, plan.skipped_failed
+    _record_missing_items(st, [(p, k, label_of.get(p)) for p, k in zip(images.paths, keys) if k], plan.cached_keys)
     stored = [{"path": p, "key": None, "reason": r} for p, r in read_failures if not is_url(p)]
     if stored:  # the store keeps local paths only; URL failures are in the report
         st.record_failures(first_space.fingerprint, stored)

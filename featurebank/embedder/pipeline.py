@@ -32,7 +32,8 @@ from featurebank.embedder.session import ModelRunner, open_model, physical_cores
 from featurebank.embedder.sources import ImageList, list_images
 from featurebank.errors import FeaturebankError
 
-__all__ = ["embed_images", "load_embeddings", "EmbedReport", "Embeddings", "DEFAULT_DECODE_MODE", "space_of"]
+__all__ = ["embed_images", "load_embeddings", "EmbedReport", "Embeddings", "DEFAULT_DECODE_MODE", "space_of",
+           "open_spaces", "plan_work", "WorkPlan"]
 
 log = logging.getLogger("featurebank")
 
@@ -185,45 +186,19 @@ def embed_images(
     from featurebank.store import open_store
 
     st = None if store is None else (store if hasattr(store, "space") else open_store(store))
-    spaces = {}
-    if st is not None:
-        for o in card.outputs:
-            spaces[o.name] = st.space(
-                space_of(runner, o.name, decode_mode),
-                dim=o.dim,
-                dtype=store_dtype,
-                info={"model_card_fingerprint": card.fingerprint, "output": o.to_dict(), "backbone": card.backbone,
-                      "decode_mode": decode_mode, "preprocessing": pre.to_dict()},
-            )
+    spaces = open_spaces(st, card, decode_mode, dtype=store_dtype) if st is not None else {}
 
     # read: content keys (stat-cached), then what is missing
     t = time.perf_counter()
     keys, read_errors = _hash(st, images.paths)
     timings["read"] += time.perf_counter() - t
     memory: dict[str, dict[str, np.ndarray]] = {o.name: {} for o in card.outputs}
-    failures: list[tuple[str, str | None, str]] = []
-    for path, reason in read_errors.items():
-        failures.append((path, None, reason))
-
+    failures: list[tuple[str, str | None, str]] = [(path, None, reason) for path, reason in read_errors.items()]
     first_space = next(iter(spaces.values()), None)
     label_of = dict(zip(images.paths, images.labels))
-    unique: dict[str, str] = {}
-    for path, key in zip(images.paths, keys):
-        if key and key not in unique:
-            unique[key] = path
-    report.duplicates = sum(1 for k in keys if k) - len(unique)
-    todo_keys = list(unique)
-    if spaces:
-        have = np.ones(len(todo_keys), bool)
-        for sp in spaces.values():
-            have &= np.asarray(sp.contains(todo_keys), bool) if todo_keys else np.zeros(0, bool)
-        report.cached = int(have.sum())
-        todo_keys = [k for k, h in zip(todo_keys, have) if not h]
-        if not retry_failed and todo_keys:
-            known = {f.key for f in st.failures(first_space.fingerprint) if f.key}
-            skipped = [k for k in todo_keys if k in known]
-            report.skipped_failed = len(skipped)
-            todo_keys = [k for k in todo_keys if k not in known]
+    plan = plan_work(st, spaces, images.paths, keys, retry_failed=retry_failed)
+    unique, todo_keys = plan.unique, plan.todo
+    report.duplicates, report.cached, report.skipped_failed = plan.duplicates, plan.cached, plan.skipped_failed
 
     # decode + infer + write, decode running ahead on a thread pool
     n_workers = workers or physical_cores()
@@ -272,7 +247,13 @@ def embed_images(
                     for name, vecs in outs.items():
                         vecs = vecs.reshape(len(ok_keys), -1)
                         if name in spaces:
-                            spaces[name].add(ok_keys, vecs, paths=ok_paths, labels=[label_of.get(p) for p in ok_paths])
+                            # a space that already holds a key (shared with another export of
+                            # the same layer) does not get it twice
+                            rows = [i for i, k in enumerate(ok_keys) if k in plan.need[name]]
+                            if rows:
+                                spaces[name].add([ok_keys[i] for i in rows], vecs[rows],
+                                                 paths=[ok_paths[i] for i in rows],
+                                                 labels=[label_of.get(ok_paths[i]) for i in rows])
                         else:
                             memory[name].update(zip(ok_keys, vecs))
                     timings["write"] += time.perf_counter() - t
@@ -311,6 +292,65 @@ def embed_images(
     report.elapsed = time.perf_counter() - t_start
     report.timings = timings
     return Embeddings(paths=list(images.paths), labels=list(images.labels), keys=keys, ok=ok, vectors=vectors, report=report)
+
+
+def open_spaces(store: Any, card: Any, decode_mode: str, *, dtype: str | None = None) -> dict[str, Any]:
+    """The store space of each model output under ``decode_mode`` (created when new), keyed
+    by output name; each records the model card output, backbone and preprocessing."""
+    pre = card.preprocessing
+    return {
+        o.name: store.space(
+            space_fingerprint(o.fingerprint, decode_mode), dim=o.dim, dtype=dtype,
+            info={"model_card_fingerprint": card.fingerprint, "output": o.to_dict(), "backbone": card.backbone,
+                  "decode_mode": decode_mode, "preprocessing": pre.to_dict()},
+        )
+        for o in card.outputs
+    }
+
+
+@dataclass
+class WorkPlan:
+    """What a run must embed. ``unique``: content key -> first path with those bytes;
+    ``todo``: keys to embed (missing from at least one space, not a known failure unless
+    retried); ``need``: output name -> keys that space lacks; ``cached_keys``: keys every
+    space already holds."""
+
+    unique: dict[str, str]
+    todo: list[str]
+    need: dict[str, set[str]]
+    cached_keys: set[str]
+    duplicates: int
+    skipped_failed: int
+
+    @property
+    def cached(self) -> int:
+        return len(self.cached_keys)
+
+
+def plan_work(store: Any, spaces: dict[str, Any], paths: Sequence[str], keys: Sequence[str], *,
+              retry_failed: bool = False) -> WorkPlan:
+    """Decide what to embed: each distinct content once, only where a space lacks it, and
+    known failures only when ``retry_failed``. Shared by the local and the Ray embedder."""
+    unique: dict[str, str] = {}
+    for path, key in zip(paths, keys):
+        if key and key not in unique:
+            unique[key] = path
+    duplicates = sum(1 for k in keys if k) - len(unique)
+    candidates = list(unique)
+    need: dict[str, set[str]] = {}
+    for name, sp in spaces.items():
+        held = np.asarray(sp.contains(candidates), bool) if candidates else np.zeros(0, bool)
+        need[name] = {k for k, h in zip(candidates, held) if not h}
+    missing = set().union(*need.values()) if need else set(candidates)
+    cached_keys = set(candidates) - missing if spaces else set()
+    todo = [k for k in candidates if k in missing]
+    skipped = 0
+    if spaces and not retry_failed and todo:
+        first = next(iter(spaces.values()))
+        known = {f.key for f in store.failures(first.fingerprint) if f.key}
+        skipped = sum(1 for k in todo if k in known)
+        todo = [k for k in todo if k not in known]
+    return WorkPlan(unique, todo, need, cached_keys, duplicates, skipped)
 
 
 def _hash(store: Any, paths: Sequence[str]) -> tuple[list[str], dict[str, str]]:

@@ -178,3 +178,17 @@ def test_two_processes_embedding_into_one_store(tmp_path, many_photos, tiny_mode
     got = embed_images(many_photos, tiny_model, store=store, progress=False)
     assert got.report.embedded == 0
     np.testing.assert_allclose(got.X, clean.X, rtol=1e-5, atol=1e-6)
+
+
+def test_a_space_that_already_holds_a_key_does_not_get_it_twice(tmp_path, texture_dir):
+    from featurebank.export.onnx_export import export_backbone
+
+    export_backbone("test_efficientnet", tmp_path / "s.onnx", layers=["features"], weights="random", input_format="uint8")
+    export_backbone("test_efficientnet", tmp_path / "m.onnx", layers=["blocks.2", "features"], weights="random",
+                    input_format="uint8")
+    store = tmp_path / "store"
+    embed_images(texture_dir, tmp_path / "s.onnx", store=store, progress=False)
+    multi = embed_images(texture_dir, tmp_path / "m.onnx", store=store, progress=False)
+    assert multi.report.embedded == 30  # blocks.2 was missing everywhere
+    report = open_store(store).verify()
+    assert report.ok and report.n_rows == report.n_vectors == 60  # 30 per space, no duplicate rows
