@@ -561,7 +561,6 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     core_nodes = [n for n in graph.node if not _is_featurebank_node(n)]
     ours_out = {o for n in ours for o in n.output}
     ours_in = set().union(*(_node_inputs(n) for n in ours)) if ours else set()
-    core_out = {o for n in core_nodes for o in n.output}
     core_in = set().union(*(_node_inputs(n) for n in core_nodes)) if core_nodes else set()
     graph_inputs = {i.name for i in graph.input}
     graph_outputs = [o.name for o in graph.output]

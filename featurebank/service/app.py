@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
