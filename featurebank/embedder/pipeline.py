@@ -104,7 +104,7 @@ def space_of(runner: ModelRunner, output: str, decode_mode: str) -> str:
     return space_fingerprint(runner.card.output(output).fingerprint, decode_mode)
 
 
-def _lower_thread_priority() -> None:
+def lower_thread_priority() -> None:
     """Decode-thread initializer on CPU-only runs: onnxruntime's threads are the critical
     path and share the cores with decoding; at a lower priority decoding fills the gaps
     (op barriers, waits) instead of preempting inference. +5% images/s measured on 2 cores
@@ -220,7 +220,7 @@ def embed_images(
         return ok, stacked, errs, time.perf_counter() - t0
 
     try:
-        init = None if runner.on_cuda else _lower_thread_priority
+        init = None if runner.on_cuda else lower_thread_priority
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fb-decode", initializer=init) as pool:
             pending: deque[Future] = deque()
             it = iter(batches)

@@ -232,7 +232,12 @@ class ServiceEngine:
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        self._decode_pool = ThreadPoolExecutor(max_workers=self.config.decode_threads, thread_name_prefix="fb-decode")
+        # as in the batch embedder: on a CPU-only machine inference is the critical path and
+        # decoding fills the gaps at a lower priority
+        from featurebank.embedder.pipeline import lower_thread_priority
+
+        self._decode_pool = ThreadPoolExecutor(max_workers=self.config.decode_threads, thread_name_prefix="fb-decode",
+                                               initializer=None if self.runner.on_cuda else lower_thread_priority)
         await self.batcher.start()
 
     async def warm_up(self) -> None:
