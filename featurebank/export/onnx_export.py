@@ -30,8 +30,8 @@ from featurebank.artifact import ModelCard, OutputSpec, write_model_card
 from featurebank.errors import ExportParityError, UnknownLayerError
 from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
 from featurebank.export.layers import LayerInfo, list_layers, resolve_layers, truncate
-from featurebank.export.parity import compare_outputs, pool_reference
-from featurebank.export.registry import DEFAULT_BACKBONE, BackboneSpec, get_backbone
+from featurebank.export.parity import compare_outputs, normalise_pixels, pool_reference, seeded_pixels
+from featurebank.export.registry import DEFAULT_BACKBONE, get_backbone
 from featurebank.export.weights import build_backbone
 
 __all__ = ["export_backbone", "OPSET"]
@@ -63,25 +63,6 @@ def _check_output_path(output: str | os.PathLike[str]) -> Path:
     if not os.access(folder, os.W_OK):
         raise PermissionError(13, "output folder is not writable", str(folder))
     return path
-
-
-def _seeded_pixels(spec: BackboneSpec, n: int, seed: int) -> np.ndarray:
-    """uint8 NHWC pixels: half seeded noise, half smooth gradients (realistic statistics)."""
-    rng = np.random.default_rng(seed)
-    _, h, w = spec.input_size
-    noise = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(n // 2):
-        phase = rng.uniform(0, 2 * np.pi, size=3)
-        for c in range(3):
-            noise[i, :, :, c] = (127.5 + 127.5 * np.sin(xx / (7 + 5 * c) + yy / (11 + 3 * i) + phase[c])).astype(np.uint8)
-    return noise
-
-
-def _normalise(pixels: np.ndarray, spec: BackboneSpec) -> np.ndarray:
-    x = pixels.astype(np.float32) / 255.0
-    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def export_backbone(
@@ -183,10 +164,10 @@ def export_backbone(
             )
 
         # verify against torch
-        pixels = _seeded_pixels(spec, 4, seed)
+        pixels = seeded_pixels(4, spec.input_size[1], spec.input_size[2], seed=seed)
         if verify_pixels is not None:
             pixels = np.concatenate([pixels, np.asarray(verify_pixels, np.uint8)], axis=0)
-        floats = _normalise(pixels, spec)
+        floats = normalise_pixels(pixels, spec.mean, spec.std)
         with torch.no_grad():
             refs = [t.numpy() for t in cut(torch.from_numpy(floats))]
         figures = _verify(model, refs, heads, pixels if input_format == "uint8" else floats, precision)
