@@ -181,7 +181,8 @@ def resolve_space(store: Any, *, space: str | None = None, model: Any = None, ou
     if space:
         return space
     if model is not None:
-        return space_of(_runner(model), _runner(model).card.output(output).name, decode_mode)
+        runner = _runner(model)
+        return space_of(runner, runner.card.output(output).name, decode_mode)
     st = store if hasattr(store, "spaces") else open_store(store, create=False)
     spaces = st.spaces()
     if len(spaces) == 1:

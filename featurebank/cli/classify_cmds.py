@@ -17,9 +17,7 @@ def _params(pairs: list[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            from featurebank.errors import FeaturebankError
-
-            raise type("ParamError", (FeaturebankError, ValueError), {})(f"--param takes NAME=VALUE; got {pair!r}")
+            raise ValueError(f"--param takes NAME=VALUE; got {pair!r}")  # the shell prints it as one line
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -27,9 +27,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def resolve_model(args: argparse.Namespace) -> str:
     """The ONNX path named by --model, or the cached export of --backbone."""
     if args.model and args.backbone:
-        from featurebank.errors import ModelCardError
-
-        raise ModelCardError("give --model or --backbone, not both")
+        raise ValueError("give --model or --backbone, not both")
     if args.model:
         return args.model
     uint8 = {"input_format": "uint8"}  # a quarter of the bytes to move per image; same vectors

@@ -388,12 +388,8 @@ def load_embeddings(
     X : ndarray of shape (n_ok, dim), float32. Images that failed are left out (they are
     listed by ``featurebank store failures``).
     """
-    emb = embed_images(source, model, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
-    if output is None and len(emb.vectors) != 1:
-        raise ValueError(f"model has several outputs ({', '.join(emb.vectors)}); pass output=")
-    runner_outputs = list(emb.vectors)
-    name = output if output in emb.vectors else next((n for n in runner_outputs if n.endswith(f":{output}")), None) if output else runner_outputs[0]
-    if name is None:
-        raise ValueError(f"model has no output {output!r}; it has {', '.join(runner_outputs)}")
+    runner = _as_runner(model, embed_options.pop("device", "auto"), embed_options.pop("threads", None))
+    name = runner.card.output(output).name  # by name or layer; the only one when None
+    emb = embed_images(source, runner, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
     idx = np.flatnonzero(emb.ok)
     return emb.vectors[name][idx], [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx]

@@ -75,9 +75,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
     def transform(self, X: Sequence[Any]) -> np.ndarray:
         check_is_fitted(self, "output_name_")
-        items = list(X) if not isinstance(X, np.ndarray) or X.dtype == object else list(X)
         if isinstance(X, (str, bytes, os.PathLike)):
             raise ValueError("X must be a sequence of images; wrap a single image in a list")
+        items = list(X)
         if all(isinstance(x, (str, os.PathLike)) for x in items) and self.store is not None and items:
             from featurebank.embedder.pipeline import embed_images
             from featurebank.embedder.sources import ImageList

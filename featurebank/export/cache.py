@@ -39,7 +39,7 @@ def cached_export(backbone: str, **export_options: Any) -> Path:
     if "weights" in options and os.path.isfile(str(options["weights"])):
         options["weights"] = os.path.abspath(str(options["weights"]))
         options["_weights_mtime"] = os.stat(options["weights"]).st_mtime_ns
-    key = fingerprint_of({"backbone": backbone, **{k: v for k, v in options.items()}})[:16]
+    key = fingerprint_of({"backbone": backbone, **options})[:16]
     options.pop("_weights_mtime", None)
     folder = cache_dir() / "models"
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import torch
 
+from featurebank._atomic import write_bytes_atomic
 from featurebank.artifact import ModelCard, OutputSpec, write_model_card
 from featurebank.errors import ExportParityError, UnknownLayerError
 from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
@@ -184,13 +185,8 @@ def export_backbone(
             precision=precision,
             verification={"inputs": int(pixels.shape[0]), "seed": seed, "outputs": figures},
         )
-        write_model_card(model, card)
-        onnx.checker.check_model(model, full_check=True)
-        final_tmp = Path(tmp) / "final.onnx"
-        onnx.save(model, str(final_tmp))
-        with open(final_tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(final_tmp, out_path)
+        write_model_card(model, card)  # metadata only: the graph checked in _verify is unchanged
+        write_bytes_atomic(out_path, model.SerializeToString())
     return card
 
 
