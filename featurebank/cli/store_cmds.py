@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from featurebank.store.catalog import printable as _p  # file names that are not UTF-8 print as \xNN
+
 
 def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     store = sub.add_parser(
@@ -75,9 +77,9 @@ def _info(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         info = store.info()
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "path": _p(info["path"])}, indent=2))
         return 0
-    print(f"store {info['path']} (format {info['format_version']}), {_mb(info['bytes'])}")
+    print(f"store {_p(info['path'])} (format {info['format_version']}), {_mb(info['bytes'])}")
     print(f"  stat cache: {info['n_stat_cache']} files, items: {info['n_items']}, failures: {info['n_failures']}")
     for s in info["spaces"]:
         print(f"  space {s['fingerprint']}")
@@ -94,18 +96,20 @@ def _verify(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         rep = store.verify(quarantine=args.quarantine)
     if args.json:
-        print(json.dumps(rep.to_dict(), indent=2))
+        d = rep.to_dict()
+        print(json.dumps({k: _p(v) if isinstance(v, str) else [_p(x) for x in v] if isinstance(v, list) else v
+                          for k, v in d.items()}, indent=2))
         return 0 if rep.ok else 1
     print(f"{'OK' if rep.ok else 'PROBLEMS'}: {rep.n_spaces} spaces, {rep.n_shards} shards, "
           f"{rep.n_vectors} vectors ({rep.n_rows} rows)")
     for p in rep.problems:
-        print(f"  problem: {p}")
+        print(f"  problem: {_p(p)}")
     for q in rep.quarantined:
-        print(f"  quarantined: {q}")
+        print(f"  quarantined: {_p(q)}")
     for t in rep.stale_temps:
-        print(f"  leftover temporary file of a dead writer (removed on next open): {t}")
+        print(f"  leftover temporary file of a dead writer (removed on next open): {_p(t)}")
     if rep.problems and not args.quarantine:
-        print(f"run `featurebank store verify {args.store} --quarantine` to move broken shards aside")
+        print(f"run `featurebank store verify {_p(args.store)} --quarantine` to move broken shards aside")
     return 0 if rep.ok else 1
 
 
@@ -132,7 +136,7 @@ def _resolve_space(store, args: argparse.Namespace) -> str:
 def _export(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         res = store.export(_resolve_space(store, args), args.out_path, format=args.format, overwrite=args.overwrite)
-    print(f"wrote {res['n_vectors']} vectors (dim {res['dim']}) to {res['path']} ({res['format']})")
+    print(f"wrote {res['n_vectors']} vectors (dim {res['dim']}) to {_p(res['path'])} ({res['format']})")
     return 0
 
 
@@ -140,14 +144,14 @@ def _failures(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         recs = store.failures(args.space)
     if args.json:
-        print(json.dumps([r.__dict__ for r in recs], indent=2))
+        print(json.dumps([{**r.__dict__, "path": _p(r.path)} for r in recs], indent=2))
         return 0
     if not recs:
         print("no failures recorded")
         return 0
     for r in recs:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
-        print(f"{r.path}\n    {r.reason}  (space {r.space[:12]}…, {r.attempts} attempt{'s' if r.attempts != 1 else ''}, {when})")
+        print(f"{_p(r.path)}\n    {_p(r.reason)}  (space {r.space[:12]}…, {r.attempts} attempt{'s' if r.attempts != 1 else ''}, {when})")
     print(f"{len(recs)} failures")
     return 0
 

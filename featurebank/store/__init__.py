@@ -53,6 +53,7 @@ from featurebank.store.store import (
     VerifyReport,
     open_store,
 )
+from featurebank.store.catalog import printable
 
 __all__ = [
     "DTYPES",
@@ -64,4 +65,5 @@ __all__ = [
     "Space",
     "VerifyReport",
     "open_store",
+    "printable",
 ]

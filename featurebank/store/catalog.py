@@ -1,4 +1,4 @@
-"""The store's SQLite catalog: stat cache, embedded items (path -> key, label), failures.
+r"""The store's SQLite catalog: stat cache, embedded items (path -> key, label), failures.
 
 One file ``catalog.sqlite`` in WAL mode with a busy timeout, so several processes can read
 and write it at once. Tables (plain SQL, readable with the ``sqlite3`` shell)::
@@ -7,11 +7,22 @@ and write it at once. Tables (plain SQL, readable with the ``sqlite3`` shell)::
     items(path PK, key, label, updated)                  -- what was embedded, for export
     failures(path, space, key, reason, attempts, time, PK(path, space))
 
+Paths are kept losslessly: a path (or label) that is valid UTF-8 is stored as TEXT, one that
+is not (a Latin-1 ``caf\xe9.jpg`` from an old disk, which Python sees as ``'caf\udce9.jpg'``)
+as a BLOB of its raw bytes (``os.fsencode``); :func:`to_db` / :func:`from_db` convert, and
+each path always maps to the same value, so lookups match. Reasons are free text for people:
+bytes that are not UTF-8 are written as ``\xNN`` escapes (:func:`printable`).
+
+Schema versions (``PRAGMA user_version``): 1 held TEXT only; 2 may hold BLOB paths and labels.
+A version-1 catalog is valid version 2 data and is upgraded in place on open; featurebank
+releases that read only version 1 then refuse it (they would return bytes as paths).
+
 Vectors never live here: they are in the Arrow shard files.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -22,7 +33,8 @@ from typing import Iterator, Sequence
 from featurebank.errors import StoreError
 
 CATALOG_NAME = "catalog.sqlite"
-CATALOG_SCHEMA = 1
+CATALOG_SCHEMA = 2
+_READABLE_SCHEMAS = (0, 1, 2)  # 0: a new file; 1: upgraded to 2 on open (nothing to rewrite)
 BUSY_TIMEOUT_S = 60.0
 _CHUNK = 500  # rows per `IN (...)` query, below SQLite's default variable limit
 
@@ -56,6 +68,42 @@ CREATE TABLE IF NOT EXISTS failures (
 """
 
 
+def to_db(path: str) -> str | bytes:
+    """A path or label as stored: TEXT when it is valid UTF-8, else its raw bytes (BLOB)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{printable(path)!r} holds lone surrogate characters that are not file-name bytes "
+            "(os.fsdecode never produces them); pass the path as the operating system gave it"
+        ) from None
+
+
+def from_db(value: str | bytes | None) -> str | None:
+    """Inverse of :func:`to_db`: BLOB bytes become the str Python uses for that file name."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def printable(text: str) -> str:
+    """``text`` with every character UTF-8 cannot encode shown as an escape, never raising:
+    file-name bytes that are not UTF-8 as ``\\xNN`` (``'caf\\udce9.jpg'`` -> ``caf\\xe9.jpg``),
+    other lone surrogates as ``\\uNNNN``. Valid text is returned unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Catalog:
     """Thin wrapper over one SQLite connection (autocommit; explicit write transactions)."""
 
@@ -73,7 +121,7 @@ class Catalog:
             self._conn.execute("PRAGMA synchronous = NORMAL")
             with self.write():
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, CATALOG_SCHEMA):
+                if version not in _READABLE_SCHEMAS:
                     raise StoreError(
                         f"{self.path}: catalog schema version {version} is not supported by this featurebank "
                         f"(supports {CATALOG_SCHEMA}); upgrade featurebank"
@@ -117,9 +165,10 @@ class Catalog:
     # ------------------------------------------------------------------ stat cache
     def stat_lookup(self, paths: Sequence[str]) -> dict[str, tuple]:
         rows = self.query_in(
-            "SELECT path, size, mtime_ns, ctime_ns, inode, dev, key, hashed_at_ns FROM stat_cache WHERE path IN ", paths
+            "SELECT path, size, mtime_ns, ctime_ns, inode, dev, key, hashed_at_ns FROM stat_cache WHERE path IN ",
+            [to_db(p) for p in paths],
         )
-        return {r[0]: r[1:] for r in rows}
+        return {from_db(r[0]): r[1:] for r in rows}
 
     def stat_store(self, rows: Sequence[tuple]) -> None:
         if not rows:
@@ -128,7 +177,7 @@ class Catalog:
             c.executemany(
                 "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ctime_ns, inode, dev, key, hashed_at_ns) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
+                [(to_db(r[0]), *r[1:]) for r in rows],
             )
 
     # ------------------------------------------------------------------ items
@@ -137,7 +186,7 @@ class Catalog:
         with self.write() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO items (path, key, label, updated) VALUES (?, ?, ?, ?)",
-                [(p, k, lab, now) for p, k, lab in rows],
+                [(to_db(p), k, None if lab is None else to_db(lab), now) for p, k, lab in rows],
             )
 
     # ------------------------------------------------------------------ failures
@@ -148,7 +197,7 @@ class Catalog:
                 "INSERT INTO failures (path, space, key, reason, attempts, time) VALUES (?, ?, ?, ?, 1, ?) "
                 "ON CONFLICT(path, space) DO UPDATE SET key = excluded.key, reason = excluded.reason, "
                 "attempts = failures.attempts + 1, time = excluded.time",
-                [(p, s, k, r, now) for p, s, k, r in rows],
+                [(to_db(p), s, k, printable(r), now) for p, s, k, r in rows],
             )
 
     def clear_failures(self, space: str | None, paths: Sequence[str] | None) -> int:
@@ -159,7 +208,7 @@ class Catalog:
                 return c.execute("DELETE FROM failures WHERE space = ?", (space,)).rowcount
             n = 0
             for s in range(0, len(paths), _CHUNK):
-                part = list(paths[s : s + _CHUNK])
+                part = [to_db(p) for p in paths[s : s + _CHUNK]]
                 marks = ",".join("?" * len(part))
                 if space is None:
                     n += c.execute(f"DELETE FROM failures WHERE path IN ({marks})", part).rowcount

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from featurebank.errors import StoreError
-from featurebank.store.catalog import Catalog
+from featurebank.store.catalog import Catalog, from_db, printable
 from featurebank.store.index import KeyIndex
 from featurebank.store.shards import (
     KEY_LEN,
@@ -123,7 +123,12 @@ class FailureRecord:
 
 @dataclass(frozen=True)
 class Item:
-    """A file that was embedded: its path, content key and optional label."""
+    """A file that was embedded: its path, content key and optional label.
+
+    ``path`` is the str Python uses for the file name: bytes that are not UTF-8 appear as
+    surrogate escapes (``os.fsdecode``), so ``open(path)`` works; show it with
+    :func:`featurebank.store.printable`.
+    """
 
     path: str
     key: str
@@ -536,7 +541,8 @@ class EmbeddingStore:
 
     def items(self) -> list[Item]:
         """Every recorded (path, key, label), oldest first."""
-        return [Item(*r) for r in self.catalog.query("SELECT path, key, label, updated FROM items ORDER BY updated, path")]
+        rows = self.catalog.query("SELECT path, key, label, updated FROM items ORDER BY updated, path")
+        return [Item(from_db(p), k, from_db(lab), t) for p, k, lab, t in rows]
 
     # ------------------------------------------------------------------ failures
     def record_failures(self, space_fp: str, records: Iterable[FailureRecord | Mapping[str, Any]]) -> int:
@@ -573,7 +579,8 @@ class EmbeddingStore:
         if space_fp is not None:
             sql += " WHERE space = ?"
             params = (_check_fingerprint(space_fp),)
-        return [FailureRecord(*r) for r in self.catalog.query(sql + " ORDER BY time, path", params)]
+        rows = self.catalog.query(sql + " ORDER BY time, path", params)
+        return [FailureRecord(from_db(r[0]), *r[1:]) for r in rows]
 
     def clear_failures(
         self, space_fp: str | None = None, paths: Sequence[str | os.PathLike[str]] | None = None
@@ -794,9 +801,12 @@ class EmbeddingStore:
 
         format="parquet" : one file, columns ``key`` (string), ``path``, ``label`` (string,
             null if unknown), ``vector`` (fixed_size_list<float32>[dim]); one row per key.
+            Parquet strings are UTF-8, so a file name that is not is written escaped
+            (``caf\\xe9.jpg``, see :func:`~featurebank.store.printable`).
         format="npy" : a directory with ``vectors.npy`` (n, dim) float32, ``keys.npy`` (n,)
             ``<U64``, ``paths.npy`` and ``labels.npy`` (n,) unicode ("" if unknown), and
-            ``space.json``. Loads with ``np.load`` (no pickle).
+            ``space.json``. Loads with ``np.load`` (no pickle). Paths are exact: a name that
+            is not UTF-8 keeps its surrogate escapes (``os.fsencode`` gives its bytes back).
 
         Rows are sorted by key. Written to a temporary name and renamed into place. Returns
         {"path", "format", "n_vectors", "dim"}.
@@ -842,10 +852,12 @@ class EmbeddingStore:
                     k = keys[s : s + chunk_size]
                     X, _ = space.get(k)
                     vec = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), space.dim)
-                    p = [x or None for x in paths[s : s + chunk_size]]
+                    # Parquet strings are UTF-8: a name that is not is written with \xNN escapes
+                    p = [printable(x) or None for x in paths[s : s + chunk_size]]
+                    lab = [None if x is None else printable(x) for x in labels[s : s + chunk_size]]
                     w.write_table(
                         pa.table([pa.array(k.tolist(), pa.string()), pa.array(p, pa.string()),
-                                  pa.array(labels[s : s + chunk_size], pa.string()), vec], schema=schema)
+                                  pa.array(lab, pa.string()), vec], schema=schema)
                     )
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
