@@ -37,8 +37,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require header X-API-Key on every route but /healthz, /readyz and the page "
+                   help="require header X-API-Key: KEY (or Authorization: Bearer KEY) on every route but /healthz, "
+                   "/readyz and the page, /openapi.json and /docs included "
                    "(default: env FEATUREBANK_API_KEY; prefer the variable: arguments show in `ps`)")
+    p.add_argument("--expose-paths", action="store_true",
+                   help="search results carry each indexed file's absolute server path (default: only its name "
+                   "relative to the folder holding all indexed files)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int, default=32, help="images per inference batch (default: 32)")
     g.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default: 5)")
@@ -46,10 +50,21 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     g.add_argument("--max-images", type=int, default=64, help="images per request; beyond: 413 (default: 64)")
     g.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit in MiB; beyond: 413 (default: 32)")
     g.add_argument("--max-pixels", type=int, default=None, help="pixels per image; beyond: 413 (default: 89478485)")
+    g.add_argument("--max-request-pixels", type=int, default=None,
+                   help="pixels of all images of one request, read from their headers before decoding; beyond: 413. "
+                   "Also the most pixels decoded at once, which bounds memory (default: 268435456)")
     g.add_argument("--timeout-s", type=float, default=30.0, help="per-request time limit; beyond: 504 (default: 30)")
+    g.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="time a client has to send a request's headers; beyond: 408 and closed (default: 10)")
+    g.add_argument("--body-timeout-s", type=float, default=30.0,
+                   help="time a client has to send a request's body after its headers; beyond: 408 and closed "
+                   "(default: 30)")
+    g.add_argument("--max-connections", type=int, default=512,
+                   help="open connections served at once; a request on one more gets 503 (default: 512)")
     g.add_argument("--cache-size", type=int, default=1024, help="embeddings kept in the content-hash LRU cache (default: 1024)")
-    g.add_argument("--graceful-timeout-s", type=float, default=30.0,
-                   help="on SIGTERM/SIGINT, how long in-flight requests may take to finish (default: 30)")
+    g.add_argument("--graceful-timeout-s", type=float, default=None,
+                   help="on SIGTERM/SIGINT, how long requests in flight may take to finish; those still running "
+                   "then get 503 + Retry-After, as do later ones (default: --timeout-s)")
     m = p.add_argument_group("model")
     m.add_argument("--output", default=None, metavar="NAME", help="model output to serve (default: the only one)")
     m.add_argument("--decode-mode", choices=("fast", "exact"), default=None,
@@ -75,11 +90,14 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s",
                         handlers=[_StderrHandler()])
-    extra = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    extra = {name: getattr(args, name) for name in ("max_pixels", "max_request_pixels")
+             if getattr(args, name) is not None}
     try:
         config = ServiceConfig(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
             max_images=args.max_images, max_body_mb=args.max_body_mb, timeout_s=args.timeout_s,
+            header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+            max_connections=args.max_connections, expose_paths=args.expose_paths,
             api_key=args.api_key or api_key_from_env(), decode_mode=args.decode_mode, output=args.output,
             cache_size=args.cache_size, device=args.device, threads=args.threads,
             decode_workers=args.decode_workers, **extra,

@@ -32,6 +32,7 @@ names: form fields that are not files are refused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -43,10 +44,12 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import APIKeyHeader
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from featurebank import __version__
@@ -107,7 +110,10 @@ class Neighbour(BaseModel):
     id: str = Field(description="indexed id (content key)")
     score: float = Field(description="cosine similarity (larger is closer) or squared L2 distance (smaller is closer)")
     rank: int
-    path: str | None = Field(description="the indexed file, where the store records it")
+    name: str | None = Field(description="the indexed file, relative to the folder holding every indexed file "
+                                         "(null where the store records no file)")
+    path: str | None = Field(description="absolute path of the indexed file on the server; null unless the "
+                                         "server runs with --expose-paths")
     thumbnail_url: str | None
 
 
@@ -147,7 +153,7 @@ _IMAGE_BODY: dict[str, Any] = {
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "no image, or a malformed body",
-        401: "missing or wrong API key (header X-API-Key)",
+        401: "missing or wrong API key (header X-API-Key or Authorization: Bearer)",
         404: "not loaded / not in the index",
         406: "the Accept header asks for a format this route cannot give",
         413: "body, image count or image pixels over the limit",
@@ -166,52 +172,130 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class _Limits:
-    """Pure ASGI middleware: body size limit (413), request metrics, in-flight gauge.
+class _BodyTimeout(Exception):
+    pass
 
-    Pure ASGI (not BaseHTTPMiddleware) so that the body is counted while it streams in.
+
+class _Drain:
+    """Shutdown of the HTTP layer, begun by the server on SIGTERM/SIGINT (:func:`make_server`).
+
+    Requests in flight at that moment get ``grace_s`` seconds to finish; any still running
+    then, and any that arrive later, get 503 with ``Retry-After`` (never a 500).
     """
 
-    def __init__(self, app, engine: ServiceEngine) -> None:
-        self.app, self.engine = app, engine
+    def __init__(self, engine: ServiceEngine) -> None:
+        self.engine = engine
+        self.draining = False
+        self.running: set[asyncio.Timeout] = set()
+
+    def begin(self, grace_s: float) -> None:
+        """Called on the event loop when the server starts to shut down."""
+        self.draining = True
+        self.engine.stopping = True  # new embeddings get 503, /readyz 503
+        deadline = asyncio.get_running_loop().time() + grace_s
+        for timeout in self.running:
+            timeout.reschedule(deadline)
+        log.info("shutting down: %d request(s) in flight get %g s to finish", len(self.running), grace_s)
+
+
+_SHUTTING_DOWN = "the service is shutting down; retry the request (on another instance, or once it is back)"
+
+
+class _Limits:
+    """Pure ASGI middleware: body size (413) and body time (408) limits, shutdown (503),
+    request metrics, in-flight gauge.
+
+    Pure ASGI (not BaseHTTPMiddleware) so that the body is counted and timed while it streams
+    in. The time to send the headers is bounded by the server (:mod:`featurebank.service.server`).
+    """
+
+    def __init__(self, app, engine: ServiceEngine, drain: _Drain) -> None:
+        self.app, self.engine, self.drain = app, engine, drain
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics, limit = self.engine.metrics, self.engine.config.max_body_bytes
+        config, metrics = self.engine.config, self.engine.metrics
+        limit = config.max_body_bytes
         started = time.perf_counter()
         status = {"code": 500}
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
+        # the whole body must be in within body_timeout_s of the headers; reads after it
+        # (waiting for a disconnect while a response streams) are not timed
+        loop = asyncio.get_running_loop()
+        body_deadline = loop.time() + config.body_timeout_s
+        body_done = False
+
+        async def timed_receive():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimeout(
+                    f"the request body was not received within {config.body_timeout_s:g} s (server --body-timeout-s); "
+                    "send it faster, or send fewer or smaller images per request") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        if self.drain.draining:
+            await _send_problem(send_status, 503, _SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
+            return
         declared = _content_length(scope)
         metrics.in_flight.inc()
+        shutdown = asyncio.timeout(None)  # rescheduled by _Drain.begin
+        self.drain.running.add(shutdown)
         try:
-            if declared is not None and declared > limit:
-                await _drain(receive, _DRAIN_LIMIT)
-                await _send_problem(send_status, 413, _too_large(declared, limit))
-                return
-            received = 0
+            async with shutdown:
+                if declared is not None and declared > limit:
+                    # read what the client is still sending (for a while), so that it reads
+                    # the 413 instead of a reset connection
+                    with contextlib.suppress(_BodyTimeout):
+                        await _drain(timed_receive, _DRAIN_LIMIT)
+                    await _send_problem(send_status, 413, _too_large(declared, limit), {"Connection": "close"})
+                    return
+                received = 0
 
-            async def counting_receive():
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        if message.get("more_body", False):
-                            # read what the client is still sending, so that it reads the 413
-                            # instead of a reset connection
-                            await _drain(receive, _DRAIN_LIMIT)
-                        raise _BodyTooLarge(_too_large(received, limit, streaming=True))
-                return message
+                async def counting_receive():
+                    nonlocal received
+                    message = await timed_receive()
+                    if message["type"] == "http.request":
+                        received += len(message.get("body", b""))
+                        if received > limit:
+                            if message.get("more_body", False):
+                                with contextlib.suppress(_BodyTimeout):
+                                    await _drain(timed_receive, _DRAIN_LIMIT)
+                            raise _BodyTooLarge(_too_large(received, limit, streaming=True))
+                    return message
 
-            await self.app(scope, counting_receive, send_status)
+                await self.app(scope, counting_receive, send_status)
+        except _BodyTimeout as exc:
+            log.info("%s %s: %s", scope["method"], scope["path"], exc)
+            if not _started(status):
+                await _send_problem(send_status, 408, str(exc), {"Connection": "close"})
+        except ClientDisconnect:
+            # the client went away before its request was complete: nothing to answer, and
+            # not an error of the server
+            log.info("%s %s: the client disconnected before sending the whole request", scope["method"], scope["path"])
+            status["code"] = 499
+        except TimeoutError:
+            if not shutdown.expired():
+                raise
+            log.warning("%s %s: still running when the shutdown grace period ended; answered 503",
+                        scope["method"], scope["path"])
+            if not _started(status):
+                await _send_problem(send_status, 503, _SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
         finally:
+            self.drain.running.discard(shutdown)
             metrics.in_flight.inc(-1)
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
@@ -246,8 +330,12 @@ async def _drain(receive, cap: int) -> None:
             return
 
 
-async def _send_problem(send, status: int, detail: str) -> None:
-    response = JSONResponse({"detail": detail}, status_code=status)
+def _started(status: dict) -> bool:
+    return "started" in status
+
+
+async def _send_problem(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
@@ -344,6 +432,7 @@ def create_app(
     """
     config = config or ServiceConfig()
     engine = ServiceEngine(model, classifier=classifier, index=index, config=config)
+    drain = _Drain(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -364,26 +453,50 @@ def create_app(
                 await warm
             await engine.stop()
 
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="the server's API key (--api-key or FEATUREBANK_API_KEY)")
+    bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token "
+                                                      "(Authorization: Bearer <key>)")
+
+    async def require_key(key: str | None = Security(key_header),
+                          token: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        offered = [k for k in (key, token and token.credentials) if k is not None]
+        if not any(hmac.compare_digest(k.encode(), config.api_key.encode()) for k in offered):
+            raise RequestRejected(
+                401, "wrong API key (header X-API-Key or Authorization: Bearer)" if offered
+                else "missing API key: send header X-API-Key: <key> or Authorization: Bearer <key>",
+                {"WWW-Authenticate": "ApiKey, Bearer"})
+
+    protected = [Depends(require_key)] if config.api_key else []
+    auth_codes = (401,) if config.api_key else ()
+
+    # with an API key, the spec and the docs pages need it like every other route (they
+    # list the routes and the limits); they are added below with the key's dependency
+    docs = {} if config.api_key is None else {"openapi_url": None, "docs_url": None, "redoc_url": None}
     app = FastAPI(
         title="featurebank embedding service",
         version=__version__,
         description="Embed, classify and search images with a featurebank ONNX model. "
                     "Images go in as the raw body or as multipart/form-data files.",
         lifespan=lifespan,
+        **docs,
     )
     app.state.engine = engine
-    app.add_middleware(_Limits, engine=engine)
+    app.state.drain = drain
+    app.add_middleware(_Limits, engine=engine, drain=drain)
 
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                              description="the server's API key (--api-key or FEATUREBANK_API_KEY)")
+    if config.api_key is not None:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=protected)
+        async def openapi_spec() -> JSONResponse:
+            return JSONResponse(app.openapi())
 
-    async def require_key(key: str | None = Security(key_header)) -> None:
-        if key is None or not hmac.compare_digest(key.encode(), config.api_key.encode()):
-            raise RequestRejected(401, "missing API key: send header X-API-Key" if key is None
-                                  else "wrong API key (header X-API-Key)", {"WWW-Authenticate": "ApiKey"})
+        @app.get("/docs", include_in_schema=False, dependencies=protected)
+        async def swagger_page() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
 
-    protected = [Depends(require_key)] if config.api_key else []
-    auth_codes = (401,) if config.api_key else ()
+        @app.get("/redoc", include_in_schema=False, dependencies=protected)
+        async def redoc_page() -> Response:
+            return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     @app.exception_handler(RequestRejected)
     async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
@@ -480,7 +593,8 @@ def create_app(
                                  "probabilities": [{"label": l, "probability": p} for l, p in ranked]}]}
 
     def _with_urls(rows: list[dict]) -> list[dict]:
-        return [{**r, "thumbnail_url": f"/v1/images/{r['id']}/thumbnail" if r["path"] else None} for r in rows]
+        return [{**r, "thumbnail_url": f"/v1/images/{r['id']}/thumbnail" if r["id"] in engine.paths else None}
+                for r in rows]
 
     @app.post("/v1/search", tags=["images"], dependencies=protected, openapi_extra=_IMAGE_BODY,
               response_model=SearchResponse, responses=_problems(*embed_codes),

@@ -8,7 +8,11 @@ from dataclasses import dataclass, fields
 from featurebank.artifact import DECODE_MODES
 from featurebank.embedder.decode import DEFAULT_MAX_PIXELS
 
-__all__ = ["ServiceConfig", "API_KEY_ENV"]
+__all__ = ["ServiceConfig", "API_KEY_ENV", "DEFAULT_MAX_REQUEST_PIXELS"]
+
+#: Default of :attr:`ServiceConfig.max_request_pixels`: 2**28, three images at the largest
+#: size ``max_pixels`` allows by default (about 1 GiB of RGBA while decoding).
+DEFAULT_MAX_REQUEST_PIXELS = 2**28
 
 #: Environment variable read by ``featurebank serve`` when ``--api-key`` is not given.
 API_KEY_ENV = "FEATUREBANK_API_KEY"
@@ -27,9 +31,22 @@ class ServiceConfig:
     max_images : images per request (413 beyond)
     max_body_mb : request body size limit in MiB (413 beyond), checked while reading
     max_pixels : images with more pixels are refused (413) before their pixels are decoded
-    timeout_s : a request not answered within this many seconds gets 504
+    max_request_pixels : pixels of all the images of one request together, read from their
+        headers before anything is decoded (413 beyond); also the most pixels decoded at once
+        across all requests, which bounds the decoders' memory (about 4 bytes a pixel)
+    timeout_s : a request not answered within this many seconds gets 504; on SIGTERM, how long
+        the requests in flight may take to finish (503 with ``Retry-After`` after that)
+    header_timeout_s : a client must send a request's headers within this many seconds of
+        connecting (or of starting its next request on a kept-alive connection): 408, closed
+    body_timeout_s : a client must send the whole request body within this many seconds of
+        its headers: 408, closed (a 32 MiB body then needs about 1.1 MB/s)
+    max_connections : open connections (and requests in progress) at most; a request arriving
+        beyond gets 503
     api_key : when set, every route but ``/``, its static files, ``/healthz`` and
-        ``/readyz`` needs header ``X-API-Key: <key>`` (or ``Authorization: Bearer <key>``)
+        ``/readyz`` (``/openapi.json``, ``/docs`` and ``/redoc`` included) needs header
+        ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``
+    expose_paths : search results carry the absolute server path of each indexed file; by
+        default only its name relative to the folder that holds all indexed files
     decode_mode : ``"fast"``/``"exact"``; None: the mode the classifier or index was built
         with, else ``"fast"`` (the embedder's default)
     output : model output to serve (name or layer); None: the only one
@@ -47,8 +64,13 @@ class ServiceConfig:
     max_images: int = 64
     max_body_mb: float = 32.0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
     api_key: str | None = None
+    expose_paths: bool = False
     decode_mode: str | None = None
     output: str | None = None
     cache_size: int = 1024
@@ -59,14 +81,15 @@ class ServiceConfig:
     max_k: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "queue_size", "max_images", "max_pixels", "top_k", "max_k"):
+        for name in ("max_batch", "queue_size", "max_images", "max_pixels", "max_request_pixels", "max_connections",
+                     "top_k", "max_k"):
             _positive_int(name, getattr(self, name))
         for name in ("decode_workers", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 0:
             raise ValueError(f"cache_size must be an integer >= 0 (0 disables the cache); got cache_size={self.cache_size!r}")
-        for name in ("max_body_mb", "timeout_s"):
+        for name in ("max_body_mb", "timeout_s", "header_timeout_s", "body_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number; got {name}={value!r}")
@@ -77,6 +100,13 @@ class ServiceConfig:
                 f"queue_size ({self.queue_size}) must be at least max_images ({self.max_images}), "
                 "or a request of max_images images could never be admitted"
             )
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels:,}) must be at least max_pixels ({self.max_pixels:,}), "
+                "or an image under max_pixels could never be served; raise max_request_pixels (--max-request-pixels)"
+            )
+        if not isinstance(self.expose_paths, bool):
+            raise ValueError(f"expose_paths must be True or False; got expose_paths={self.expose_paths!r}")
         if self.decode_mode is not None and self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)} or None; got {self.decode_mode!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):

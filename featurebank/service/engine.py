@@ -18,11 +18,11 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -95,6 +95,63 @@ class _LRU:
         return len(self._data)
 
 
+def _printable(path: str) -> str:
+    """A path as valid UTF-8 text: bytes of a name that is not UTF-8 (kept by the store as
+    surrogate escapes) are shown as ``\\xe9``, so a JSON answer never fails on them."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _display_names(paths: dict[str, str]) -> dict[str, str]:
+    """key -> file name relative to the deepest folder holding every file (what clients see:
+    the server's own folder layout above it is not theirs to know)."""
+    if not paths:
+        return {}
+    try:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths.values()])
+    except ValueError:  # absolute and relative paths mixed
+        root = None
+    return {k: _printable(os.path.relpath(p, root) if root else os.path.basename(p)) for k, p in paths.items()}
+
+
+class _PixelBudget:
+    """A weighted FIFO semaphore on the event loop: pixels being decoded at once, across requests.
+
+    A request waits its turn rather than overtaking a larger one (no starvation); ``acquire``
+    of more than ``capacity`` is the caller's mistake (it clamps first).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    async def acquire(self, n: int) -> None:
+        if not self._waiters and self.used + n <= self.capacity:
+            self.used += n
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted as the waiter was cancelled
+                self.release(n)
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        while self._waiters:
+            want, future = self._waiters[0]
+            if future.done():  # cancelled waiter
+                self._waiters.popleft()
+                continue
+            if self.used + want > self.capacity:
+                break
+            self._waiters.popleft()
+            self.used += want
+            future.set_result(None)
+
+
 def _candidate_spaces(card, output: str | None) -> dict[str, tuple[OutputSpec, str | None]]:
     """fingerprint -> (output, decode mode) for every space this model can produce.
 
@@ -145,13 +202,15 @@ class ServiceEngine:
                     f"the {what} takes {dim}-dimensional vectors but output {self.output.name!r} of the model gives "
                     f"{self.output.dim}; serve it with the model it was built from"
                 )
-        self.paths = self._index_paths()
+        self.paths = self._index_paths()  # absolute, for thumbnails; clients see ``names``
+        self.names = _display_names(self.paths)
         self.metrics = Metrics(max_batch=config.max_batch)
         self.cache = _LRU(config.cache_size)
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self._admitted = 0
         self._decoding = 0  # images in the decode pool: they may join the batch being formed
+        self._decode_budget = _PixelBudget(config.max_request_pixels)
         self._decode_pool: ThreadPoolExecutor | None = None
         self.batcher = Batcher(self._infer, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000.0,
                                metrics=self.metrics, upcoming=lambda: self._decoding)
@@ -265,12 +324,26 @@ class ServiceEngine:
         out = self.runner.run(to_model_input(pixels, card), outputs=[self.output.name])[self.output.name]
         return out.reshape(len(pixels), -1)
 
-    def _prepare(self, data: bytes, where: str) -> tuple[str, np.ndarray | None, np.ndarray | None]:
-        """(key, cached vector or None, decoded pixels or None); runs in the decode pool."""
+    def _survey(self, data: bytes) -> tuple[str, np.ndarray | None, int | None]:
+        """(key, cached vector or None, pixels by the header or None); runs in the decode pool.
+
+        Pillow reads only the header here (``Image.open`` is lazy): nothing is decoded.
+        None: the header cannot be read, and decoding will say why.
+        """
         key = hashlib.sha256(data).hexdigest()
         vec = self.cache.get(key)
         if vec is not None:
             return key, vec, None
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return key, None, img.size[0] * img.size[1]
+        except Exception:  # noqa: BLE001 - any header Pillow cannot read is the decoder's to explain
+            return key, None, None
+
+    def _decode(self, data: bytes, where: str) -> np.ndarray:
+        """Decoded, preprocessed pixels (H, W, C) uint8; runs in the decode pool."""
         t = time.perf_counter()
         try:
             pixels = decode_image(bytes(data), self.runner.card.preprocessing, mode=self.decode_mode,
@@ -278,7 +351,7 @@ class ServiceEngine:
         except ImageDecodeError as exc:
             raise self._decode_rejection(data, where, exc) from None
         self.metrics.stage.observe(time.perf_counter() - t, stage="decode")
-        return key, None, pixels
+        return pixels
 
     def _decode_rejection(self, data: bytes, where: str, exc: ImageDecodeError) -> RequestRejected:
         detail = str(exc)
@@ -351,15 +424,45 @@ class ServiceEngine:
         return EmbedResult(keys, vectors, cached)
 
     async def _gather(self, images: Sequence[bytes], names: Sequence[str]) -> list[tuple[str, np.ndarray, bool]]:
-        # a TaskGroup cancels the request's other images as soon as one fails
+        loop = asyncio.get_running_loop()
+        # every image of the request counts as on its way to the batcher until its decode is
+        # over, so that a batch being formed waits for it (Batcher's ``upcoming``)
+        upcoming = [True] * len(images)
+        self._decoding += len(images)
+
+        def arrived(i: int) -> None:
+            if upcoming[i]:
+                upcoming[i] = False
+                self._decoding -= 1
+
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._embed_one(data, name)) for data, name in zip(images, names)]
-        except BaseExceptionGroup as group_exc:
-            errors = group_exc.exceptions
-            rejected = [e for e in errors if isinstance(e, RequestRejected)]
-            raise (rejected[0] if rejected else errors[0]) from None
+            surveys = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._survey, d) for d in images))
+            self._check_request_pixels(surveys)
+            # a TaskGroup cancels the request's other images as soon as one fails
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(self._embed_one(data, name, survey, lambda i=i: arrived(i)))
+                             for i, (data, name, survey) in enumerate(zip(images, names, surveys))]
+            except BaseExceptionGroup as group_exc:
+                errors = group_exc.exceptions
+                rejected = [e for e in errors if isinstance(e, RequestRejected)]
+                raise (rejected[0] if rejected else errors[0]) from None
+        finally:
+            for i in range(len(images)):
+                arrived(i)
         return [t.result() for t in tasks]
+
+    def _check_request_pixels(self, surveys: Sequence[tuple[str, np.ndarray | None, int | None]]) -> None:
+        # images over max_pixels are refused one by one when their header is opened again
+        # for decoding, with the per-image message; cached images are not decoded at all
+        config = self.config
+        counts = [p for _, vec, p in surveys if vec is None and p is not None and p <= config.max_pixels]
+        total, budget = sum(counts), config.max_request_pixels
+        if total > budget:
+            raise RequestRejected(
+                413, f"the {len(counts)} images of this request have {total:,} pixels in all, over the per-request "
+                     f"budget of {budget:,} (server --max-request-pixels); split them into requests of at most "
+                     f"{budget:,} pixels each (at least {-(-total // budget)} requests)")
 
     def _retry_after(self) -> int:
         # seconds to clear the queue at the observed rate, at least 1
@@ -370,21 +473,36 @@ class ServiceEngine:
         per_batch = stage.sum(stage="infer") / batches
         return max(1, int(np.ceil(self._admitted / self.config.max_batch * per_batch)))
 
-    async def _embed_one(self, data: bytes, where: str) -> tuple[str, np.ndarray, bool]:
-        loop = asyncio.get_running_loop()
-        self._decoding += 1
-        try:
-            key, vec, pixels = await loop.run_in_executor(self._decode_pool, self._prepare, data, where)
-        finally:
-            self._decoding -= 1
+    async def _embed_one(self, data: bytes, where: str, survey: tuple[str, np.ndarray | None, int | None],
+                         arrived: Callable[[], None]) -> tuple[str, np.ndarray, bool]:
+        key, vec, pixels = survey
         if vec is not None:
+            arrived()
             self.metrics.cache_hits.inc()
             return key, vec, True
+        try:
+            pixels = await self._decode_within_budget(data, where, pixels or 0)
+        finally:
+            arrived()
         self.metrics.cache_misses.inc()
         vec = await self.batcher.embed(pixels)
         self.cache.put(key, vec)
         self.metrics.cache_entries.set(len(self.cache))
         return key, vec, False
+
+    async def _decode_within_budget(self, data: bytes, where: str, pixels: int) -> np.ndarray:
+        # the pixels are held from the moment the decode thread may start until it is done,
+        # also when the request is cancelled meanwhile (the thread cannot be stopped)
+        loop = asyncio.get_running_loop()
+        n = min(pixels, self.config.max_request_pixels)
+        await self._decode_budget.acquire(n)
+        try:
+            job = self._decode_pool.submit(self._decode, data, where)
+        except BaseException:
+            self._decode_budget.release(n)
+            raise
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._decode_budget.release, n))
+        return await asyncio.wrap_future(job)
 
     # ------------------------------------------------------------------ classify / search
 
@@ -418,7 +536,12 @@ class ServiceEngine:
         return k
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
-        """Neighbours of each query vector: dicts with id, score, rank, path."""
+        """Neighbours of each query vector: dicts with id, score, rank, name and path.
+
+        ``name`` is the indexed file relative to the folder that holds every indexed file
+        (None where the store records no file); ``path`` its absolute server path, only with
+        ``config.expose_paths``, else None.
+        """
         index = self._require_index()
         k = self._check_k(k)
         scores, ids = index.search(vectors, k, clip=True)
@@ -459,8 +582,10 @@ class ServiceEngine:
         return X
 
     def _neighbours(self, scores: np.ndarray, ids: list[list[str | None]]) -> list[list[dict]]:
+        expose = self.config.expose_paths
         return [
-            [{"id": key, "score": float(s), "rank": rank, "path": self.paths.get(key)}
+            [{"id": key, "score": float(s), "rank": rank, "name": self.names.get(key),
+              "path": _printable(self.paths[key]) if expose and key in self.paths else None}
              for rank, (key, s) in enumerate(zip(row, srow)) if key is not None]
             for row, srow in zip(ids, scores)
         ]
@@ -487,8 +612,11 @@ class ServiceEngine:
     def _make_thumbnail(self, path: str) -> bytes:
         from PIL import Image, ImageOps
 
+        from featurebank.embedder.files import open_image_file
+
         try:
-            with Image.open(path) as img:
+            # the one checked opener: a FIFO or device put where the image was cannot hang a thread
+            with open_image_file(path) as fh, Image.open(fh) as img:
                 if img.size[0] * img.size[1] > self.config.max_pixels:
                     raise RequestRejected(413, "the indexed image is over the pixel limit")
                 img.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))

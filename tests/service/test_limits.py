@@ -140,18 +140,41 @@ def test_api_key_on_every_route_but_health_and_page(assets, photo_dir):
     with run_server(_app(assets, api_key="s3cret")) as live, live.client() as c:
         key = next(iter(assets.keys.values()))
         routes = [("POST", "/v1/embed"), ("POST", "/v1/classify"), ("POST", "/v1/search"), ("GET", f"/v1/search?id={key}"),
-                  ("GET", f"/v1/images/{key}/thumbnail"), ("GET", "/v1/info"), ("GET", "/metrics")]
+                  ("GET", f"/v1/images/{key}/thumbnail"), ("GET", "/v1/info"), ("GET", "/metrics"),
+                  ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")]
         for method, url in routes:
             kw = {"content": data, "headers": JPEG} if method == "POST" else {}
-            missing = c.request(method, url, **kw)
-            assert missing.status_code == 401 and missing.json()["detail"] == "missing API key: send header X-API-Key"
-            assert missing.headers["www-authenticate"] == "ApiKey"
-            wrong = c.request(method, url, **{**kw, "headers": {**kw.get("headers", {}), "X-API-Key": "guess"}})
-            assert wrong.status_code == 401 and wrong.json()["detail"] == "wrong API key (header X-API-Key)"
-            ok = c.request(method, url, **{**kw, "headers": {**kw.get("headers", {}), "X-API-Key": "s3cret"}})
-            assert ok.status_code == 200, (url, ok.text)
+            headers = kw.pop("headers", {})
+
+            def call(**extra):
+                return c.request(method, url, **kw, headers={**headers, **extra})
+
+            missing = call()
+            assert missing.status_code == 401, url
+            assert missing.json()["detail"] == "missing API key: send header X-API-Key: <key> or Authorization: Bearer <key>"
+            assert missing.headers["www-authenticate"] == "ApiKey, Bearer"
+            for wrong in (call(**{"X-API-Key": "guess"}), call(Authorization="Bearer guess"),
+                          call(Authorization="Basic czNjcmV0")):
+                assert wrong.status_code == 401, url
+            assert wrong.json()["detail"] == "missing API key: send header X-API-Key: <key> or Authorization: Bearer <key>"
+            assert call(**{"X-API-Key": "guess"}).json()["detail"] == "wrong API key (header X-API-Key or Authorization: Bearer)"
+            for ok in (call(**{"X-API-Key": "s3cret"}), call(Authorization="Bearer s3cret")):
+                assert ok.status_code == 200, (url, ok.text)
+        spec = c.get("/openapi.json", headers={"X-API-Key": "s3cret"}).json()
+        assert spec["info"]["title"] == "featurebank embedding service" and "/v1/embed" in spec["paths"]
+        assert "/openapi.json" not in spec["paths"] and "/docs" not in spec["paths"]
+        assert "swagger-ui" in c.get("/docs", headers={"X-API-Key": "s3cret"}).text
         for url in ("/healthz", "/readyz", "/", "/static/app.js"):
             assert c.get(url).status_code == 200
+
+
+def test_without_api_key_the_spec_and_docs_are_open(assets):
+    with run_server(_app(assets)) as live, live.client() as c:
+        spec, docs, redoc = c.get("/openapi.json"), c.get("/docs"), c.get("/redoc")
+    assert spec.status_code == 200 and "/v1/embed" in spec.json()["paths"]
+    assert "security" not in spec.json()["paths"]["/v1/embed"]["post"]
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    assert redoc.status_code == 200 and "redoc" in redoc.text
 
 
 def test_concurrent_requests_form_batches(assets, photos):

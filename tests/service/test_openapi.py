@@ -41,7 +41,7 @@ CHECKS = [
 def test_generated_requests_get_planned_answers(spec_server):
     # Schemathesis' pytest plugin (`from_fixture`) does not run under this pytest; the same
     # cases are drawn here with Hypothesis directly, one bounded run per operation.
-    schema = schemathesis.openapi.from_url(f"{spec_server.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{spec_server.url}/openapi.json", headers={"X-API-Key": KEY})
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
     seen = {}
@@ -65,11 +65,14 @@ def test_generated_requests_get_planned_answers(spec_server):
 def test_spec_documents_image_bodies_and_auth(spec_server):
     import httpx
 
-    spec = httpx.get(f"{spec_server.url}/openapi.json").json()
+    assert httpx.get(f"{spec_server.url}/openapi.json").status_code == 401  # the key guards the spec too
+    spec = httpx.get(f"{spec_server.url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     body = spec["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/jpeg", "image/png", "application/octet-stream"} <= set(body)
     assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {
         "type": "apiKey", "in": "header", "name": "X-API-Key",
         "description": "the server's API key (--api-key or FEATUREBANK_API_KEY)"}
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert spec["paths"]["/v1/embed"]["post"]["security"] == [{"APIKeyHeader": []}, {"HTTPBearer": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
     assert {"401", "413", "415", "422", "503", "504"} <= set(spec["paths"]["/v1/embed"]["post"]["responses"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,11 +101,30 @@ def test_search_by_image_and_by_id_find_the_image_itself(live, assets):
         by_id = c.get("/v1/search", params={"id": key, "k": 5})
     assert by_image.status_code == 200 and by_id.status_code == 200, (by_image.text, by_id.text)
     hits = by_image.json()["results"][0]["neighbours"]
-    assert len(hits) == 5 and hits[0]["id"] == key and hits[0]["path"] == path
+    # the client sees the file's name under the folder holding every indexed file, never
+    # where it lies on the server
+    assert len(hits) == 5 and hits[0]["id"] == key and hits[0]["path"] is None
+    assert hits[0]["name"] == "/".join(Path(path).parts[-2:])  # e.g. brick/00.jpg
+    by_id_hits = by_id.json()["results"][0]["neighbours"]
+    assert all(not h["name"].startswith("/") and h["path"] is None for h in hits + by_id_hits)
+    assert str(Path(path).parent.parent) not in by_image.text + by_id.text
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert hits[0]["thumbnail_url"] == f"/v1/images/{key}/thumbnail"
     assert [h["id"] for h in by_id.json()["results"][0]["neighbours"]][0] == key
+
+
+def test_search_shows_server_paths_only_when_the_operator_opts_in(assets):
+    from live_server import run_server
+
+    from featurebank.service import ServiceConfig, create_app
+
+    path, key = next(iter(assets.keys.items()))
+    app = create_app(assets.model, index=assets.index, config=ServiceConfig(threads=1, decode_workers=1, expose_paths=True))
+    with run_server(app) as live, live.client() as c:
+        hits = c.get("/v1/search", params={"id": key, "k": 3}).json()["results"][0]["neighbours"]
+    assert hits[0]["path"] == path and hits[0]["name"] == "/".join(Path(path).parts[-2:])
+    assert all(h["path"].startswith(str(Path(path).parent.parent) + "/") for h in hits)
 
 
 def test_thumbnails_only_by_indexed_id(live, assets):
@@ -154,7 +174,7 @@ def test_metrics_expose_stages_batches_and_queue(live, photo_dir):
         ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "Content-Type 'text/plain'"),
         ({"content": b"hello"}, 415, "no Content-Type"),
         ({"content": b"definitely not an image", "headers": {"Content-Type": "image/jpeg"}}, 422,
-         "body: not an image in a format Pillow can read"),
+         "body: not an image"),
         ({"data": {"image": "/etc/passwd"}, "files": {"x": ("a.txt", b"", "text/plain")}}, 422, "form field 'image' is not a file"),
         ({"data": {"path": "/etc/passwd"}}, 415, "Content-Type 'application/x-www-form-urlencoded'"),
     ],
@@ -164,6 +184,16 @@ def test_bad_requests_get_clear_errors(live, kwargs, status, message):
         r = c.post("/v1/embed", **kwargs)
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
+
+
+def test_refusals_never_echo_the_bytes_of_the_image(live):
+    passwd = b"root:x:0:0:root:/root:/bin/bash\n"
+    with live.client() as c:
+        raw = c.post("/v1/embed", content=passwd, headers={"Content-Type": "image/jpeg"})
+        form = c.post("/v1/embed", files=[("image", ("a.jpg", passwd, "image/jpeg"))])
+    assert raw.status_code == 422 and raw.json()["detail"].startswith("body: not an image")
+    assert form.status_code == 422 and form.json()["detail"].startswith("image 0 ('a.jpg'): not an image")
+    assert "root" not in raw.text + form.text
 
 
 def test_truncated_jpeg_is_422_naming_the_file(live, photo_dir):

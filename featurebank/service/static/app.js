@@ -87,15 +87,15 @@ function showResults(neighbours, metric) {
     card.type = "button";
     card.className = "result";
     card.dataset.id = n.id;
-    card.title = n.path || n.id;
+    card.title = n.path || n.name || n.id;
     const img = document.createElement("img");
-    img.alt = n.path ? n.path.split("/").slice(-2).join("/") : n.id;
+    img.alt = n.name ? n.name.split("/").slice(-2).join("/") : n.id;
     const score = document.createElement("div");
     score.className = "score";
     score.textContent = metric === "cosine" ? `${n.score.toFixed(3)} cos` : `${n.score.toFixed(3)} L2²`;
     const name = document.createElement("div");
     name.className = "name";
-    name.textContent = n.path ? n.path.split("/").slice(-2).join("/") : n.id.slice(0, 12);
+    name.textContent = n.name ? n.name.split("/").slice(-2).join("/") : n.id.slice(0, 12);
     card.append(img, score, name);
     card.addEventListener("click", () => searchFromId(n.id, img.src));
     grid.append(card);
