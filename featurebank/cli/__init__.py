@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad arguments found by the library (k > count, wrong dim ...)
         print(f"featurebank: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"featurebank: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2

@@ -160,8 +160,12 @@ def _compact(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         res = store.compact(args.space)
     for s in res["spaces"]:
-        print(f"space {s['fingerprint'][:12]}…: {s['shards_before']} -> {s['shards_after']} shards, "
-              f"{s['rows_dropped']} duplicate rows dropped")
+        merged = (f"{s['shards_merged']} merged into {s['shards_written']}" if s["shards_merged"]
+                  else "nothing to merge")
+        meanwhile = (f"; {s['shards_added_meanwhile']} new shards from other writers arrived meanwhile"
+                     if s["shards_added_meanwhile"] else "")
+        print(f"space {s['fingerprint'][:12]}…: {s['shards_before']} -> {s['shards_after']} shards ({merged}), "
+              f"{s['rows_dropped']} duplicate rows dropped{meanwhile}")
     if not res["spaces"]:
         print("no spaces to compact")
     return 0

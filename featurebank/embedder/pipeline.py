@@ -43,7 +43,9 @@ DEFAULT_DECODE_MODE = "fast"
 
 @dataclass
 class EmbedReport:
-    """What a run did. ``timings`` holds seconds per stage (read, decode, infer, write)."""
+    """What a run did. ``timings`` holds seconds per stage (read, decode, infer, write).
+    ``damaged``: cached vectors that failed their checksum, so were embedded again;
+    ``quarantined``: the shards that held them, moved to ``<store>/quarantine/``."""
 
     total: int = 0
     embedded: int = 0
@@ -51,6 +53,8 @@ class EmbedReport:
     duplicates: int = 0
     failed: int = 0
     skipped_failed: int = 0
+    damaged: int = 0
+    quarantined: list[str] = field(default_factory=list)
     elapsed: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -65,6 +69,8 @@ class EmbedReport:
             f"{self.duplicates} duplicate files" if self.duplicates else "",
             f"{self.failed} failed",
             f"{self.skipped_failed} failed before, skipped (--retry-failed to try again)" if self.skipped_failed else "",
+            (f"{self.damaged} cached vectors failed their checksum and were embedded again "
+             f"({len(self.quarantined)} damaged shards moved to quarantine)") if self.quarantined else "",
             f"{self.elapsed:.1f}s" + (f" ({self.images_per_s:.1f} images/s)" if self.embedded else ""),
         ]
         return ", ".join(p for p in parts if p)
@@ -141,6 +147,7 @@ def embed_images(
     return_vectors: bool = True,
     progress: bool | None = None,
     store_dtype: str | None = None,
+    repair: bool = True,
 ) -> Embeddings:
     """Embed images with a featurebank ONNX model, reusing and filling a store.
 
@@ -162,6 +169,9 @@ def embed_images(
     progress : show a progress bar (default: when stderr is a terminal)
     store_dtype : ``"float32"`` or ``"float16"`` (half the disk; vectors load as float32) for a
         new space; None keeps an existing space's dtype (float32 for a new one)
+    repair : cached vectors of these images whose shard batch fails its checksum are treated
+        as missing: the shard is quarantined (its intact batches kept) and the images are
+        embedded again. False raises StoreError instead when such vectors are read.
 
     Returns
     -------
@@ -196,9 +206,10 @@ def embed_images(
     failures: list[tuple[str, str | None, str]] = [(path, None, reason) for path, reason in read_errors.items()]
     first_space = next(iter(spaces.values()), None)
     label_of = dict(zip(images.paths, images.labels))
-    plan = plan_work(st, spaces, images.paths, keys, retry_failed=retry_failed)
+    plan = plan_work(st, spaces, images.paths, keys, retry_failed=retry_failed, repair=repair)
     unique, todo_keys = plan.unique, plan.todo
     report.duplicates, report.cached, report.skipped_failed = plan.duplicates, plan.cached, plan.skipped_failed
+    report.damaged, report.quarantined = plan.damaged, plan.quarantined
 
     # decode + infer + write, decode running ahead on a thread pool
     n_workers = workers or physical_cores()
@@ -313,7 +324,8 @@ class WorkPlan:
     """What a run must embed. ``unique``: content key -> first path with those bytes;
     ``todo``: keys to embed (missing from at least one space, not a known failure unless
     retried); ``need``: output name -> keys that space lacks; ``cached_keys``: keys every
-    space already holds."""
+    space already holds; ``damaged``: keys whose cached vectors failed their checksum (now
+    missing, so in ``need``); ``quarantined``: the shards moved aside for that."""
 
     unique: dict[str, str]
     todo: list[str]
@@ -321,6 +333,8 @@ class WorkPlan:
     cached_keys: set[str]
     duplicates: int
     skipped_failed: int
+    damaged: int = 0
+    quarantined: list[str] = field(default_factory=list)
 
     @property
     def cached(self) -> int:
@@ -328,9 +342,11 @@ class WorkPlan:
 
 
 def plan_work(store: Any, spaces: dict[str, Any], paths: Sequence[str], keys: Sequence[str], *,
-              retry_failed: bool = False) -> WorkPlan:
+              retry_failed: bool = False, repair: bool = True) -> WorkPlan:
     """Decide what to embed: each distinct content once, only where a space lacks it, and
-    known failures only when ``retry_failed``. Shared by the local and the Ray embedder."""
+    known failures only when ``retry_failed``. With ``repair``, shards whose batches serving
+    these keys fail their checksum are quarantined first, so their keys count as missing.
+    Shared by the local and the Ray embedder."""
     unique: dict[str, str] = {}
     for path, key in zip(paths, keys):
         if key and key not in unique:
@@ -338,8 +354,19 @@ def plan_work(store: Any, spaces: dict[str, Any], paths: Sequence[str], keys: Se
     duplicates = sum(1 for k in keys if k) - len(unique)
     candidates = list(unique)
     need: dict[str, set[str]] = {}
+    damaged: set[str] = set()
+    quarantined: list[str] = []
     for name, sp in spaces.items():
         held = np.asarray(sp.contains(candidates), bool) if candidates else np.zeros(0, bool)
+        bad = sp.damaged_shards(candidates) if repair and candidates else []
+        if bad:
+            moved = [str(p) for p in sp.quarantine(bad)]
+            quarantined.extend(moved)
+            before = held
+            held = np.asarray(sp.contains(candidates), bool)
+            damaged.update(k for k, b, h in zip(candidates, before, held) if b and not h)
+            log.warning("%s: %d cached vectors failed their checksum; moved %s to quarantine, embedding them again",
+                        name, int((before & ~held).sum()), ", ".join(moved) or "nothing (moved by another process)")
         need[name] = {k for k, h in zip(candidates, held) if not h}
     missing = set().union(*need.values()) if need else set(candidates)
     cached_keys = set(candidates) - missing if spaces else set()
@@ -350,7 +377,7 @@ def plan_work(store: Any, spaces: dict[str, Any], paths: Sequence[str], keys: Se
         known = {f.key for f in store.failures(first.fingerprint) if f.key}
         skipped = sum(1 for k in todo if k in known)
         todo = [k for k in todo if k not in known]
-    return WorkPlan(unique, todo, need, cached_keys, duplicates, skipped)
+    return WorkPlan(unique, todo, need, cached_keys, duplicates, skipped, len(damaged), quarantined)
 
 
 def _hash(store: Any, paths: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -360,11 +387,17 @@ def _hash(store: Any, paths: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         return [k or "" for k in hashed.keys], {p: e for p, e in hashed.failed()}
     import hashlib
 
+    from featurebank.embedder.files import open_image_file
+
     keys, errors = [], {}
     for p in paths:
         try:
-            with open(p, "rb") as fh:
+            # never a bare open(): a FIFO or a link to /dev/zero would hang the run
+            with open_image_file(p) as fh:
                 keys.append(hashlib.file_digest(fh, "sha256").hexdigest())
+        except FeaturebankError as exc:
+            keys.append("")
+            errors[p] = str(exc)
         except OSError as exc:
             keys.append("")
             errors[p] = f"{exc.strerror or exc}"
@@ -387,9 +420,15 @@ def load_embeddings(
 
     X : ndarray of shape (n_ok, dim), float32. Images that failed are left out (they are
     listed by ``featurebank store failures``).
+
+    Raises StoreError if a cached vector of these images fails its checksum (a damaged
+    shard): run ``featurebank store verify STORE --quarantine``, then load again.
     """
     runner = _as_runner(model, embed_options.pop("device", "auto"), embed_options.pop("threads", None))
     name = runner.card.output(output).name  # by name or layer; the only one when None
+    # a training set is read as stored: damaged cached vectors refuse (StoreError naming the
+    # shard and `store verify --quarantine`) rather than being repaired behind the user's back
+    embed_options.setdefault("repair", False)
     emb = embed_images(source, runner, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
     idx = np.flatnonzero(emb.ok)
     return emb.vectors[name][idx], [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx]

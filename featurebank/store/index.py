@@ -8,6 +8,8 @@ Building it for 1M keys takes well under a second and holds ~90 bytes per key.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from featurebank.store.shards import KEY_LEN, Block, key_prefix64
@@ -86,8 +88,18 @@ class KeyIndex:
                     k += 1
         return out
 
-    def gather(self, positions: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> None:
-        """Copy vectors at index ``positions`` into ``out[out_rows]`` (casting to out.dtype)."""
+    def blocks_of(self, positions: np.ndarray) -> list[Block]:
+        """The distinct blocks holding the rows at index ``positions``, in block order."""
+        return [self.blocks[int(i)] for i in np.unique(self.block[positions])]
+
+    def gather(
+        self, positions: np.ndarray, out: np.ndarray, out_rows: np.ndarray, check: Callable[[Block], None] | None = None
+    ) -> None:
+        """Copy vectors at index ``positions`` into ``out[out_rows]`` (casting to out.dtype).
+
+        check : called with each block just before its rows are copied (while its pages are
+            being read anyway); raise from it to refuse the block.
+        """
         if len(positions) == 0:
             return
         blk = self.block[positions]
@@ -100,7 +112,10 @@ class KeyIndex:
         cuts = np.flatnonzero(np.diff(blk_sorted)) + 1
         for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(order)]):
             sel = order[s:e]
-            vecs = self.blocks[int(blk_sorted[s])].vectors
+            block = self.blocks[int(blk_sorted[s])]
+            if check is not None:
+                check(block)
+            vecs = block.vectors
             r = row[sel]
             if r[-1] - r[0] == len(r) - 1:  # sorted and unique, so a contiguous run
                 out[out_rows[sel]] = vecs[r[0] : r[-1] + 1]

@@ -34,6 +34,7 @@ from featurebank.store.shards import (
     temp_path,
     write_bytes_atomic,
     write_shard,
+    write_shard_blocks,
 )
 
 __all__ = [
@@ -232,14 +233,22 @@ class Space:
         q = keys_to_array(keys)
         return self._refresh().lookup(q) >= 0
 
-    def get(self, keys: Iterable[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, keys: Iterable[str] | np.ndarray, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Load vectors by key.
+
+        Every record batch a row comes from is checked against its checksum the first time
+        this Space reads it (CRC-32, about 6 GB/s; remembered while the shard stays open).
+
+        verify : False skips that check (for benchmarks; ``store verify`` checks everything)
 
         Returns
         -------
         X : ndarray of shape (n, dim), float32, row i for keys[i]; rows not found are NaN
             (so that using them by mistake fails loudly downstream)
         found : ndarray of shape (n,), bool
+
+        Raises StoreError naming the shard if a row's batch fails its checksum: damaged
+        vectors are never returned, and never silently reported as not found.
         """
         q = keys_to_array(keys)
         index = self._refresh()
@@ -249,8 +258,57 @@ class Space:
         if not found.all():
             X[~found] = np.nan
         rows = np.flatnonzero(found)
-        index.gather(pos[rows], X, rows)
+        index.gather(pos[rows], X, rows, check=self._check_block if verify else None)
         return X, found
+
+    def _check_block(self, block: Block) -> None:
+        if not block.verify():
+            raise StoreError(
+                f"{self.shard_dir / block.shard} (record batch {block.batch}): vectors do not match their "
+                f"checksum (the file was modified or damaged on disk); run `featurebank store verify "
+                f"{self.store.root} --quarantine` to move it aside (its images are then embedded again)"
+            )
+
+    def damaged_shards(self, keys: Iterable[str] | np.ndarray | None = None) -> list[str]:
+        """Names of the shards holding a record batch that fails its checksum, among the
+        batches that serve ``keys`` (every batch in use when None). Each batch is read once."""
+        index = self._refresh()
+        if keys is None:
+            blocks = index.blocks_of(np.arange(len(index)))
+        else:
+            pos = index.lookup(keys_to_array(keys))
+            blocks = index.blocks_of(pos[pos >= 0])
+        return sorted({b.shard for b in blocks if not b.verify()})
+
+    def quarantine(self, names: Sequence[str]) -> list[Path]:
+        """Move shards aside to ``<store>/quarantine/<space>/`` after copying their intact
+        record batches into a new shard; the rows of damaged batches are then missing (and
+        embedded again by the next run). Safe with concurrent readers (they keep their
+        mapping) and with another process quarantining the same shard. Returns the new
+        paths of the shards this call moved."""
+        moved = []
+        for name in names:
+            path = self.shard_dir / name
+            try:
+                blocks = self._blocks.get(name) or read_blocks(path, self.dim, self.dtype)
+            except FileNotFoundError:  # another process moved or compacted it already
+                continue
+            except StoreError:  # unreadable as a whole: nothing to keep
+                blocks = []
+            intact = [b for b in blocks if not check_blocks([b], str(path))]
+            if intact:
+                write_shard_blocks(self.shard_dir, self._schema, intact)
+            qdir = self.store.root / "quarantine" / self.fingerprint
+            qdir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(path, qdir / name)
+            except FileNotFoundError:
+                continue
+            fsync_dir(self.shard_dir)
+            self._blocks.pop(name, None)
+            self._index = None
+            moved.append(qdir / name)
+        return moved
 
     def shards(self) -> list[Path]:
         """Paths of the committed shard files, oldest first."""
@@ -628,7 +686,8 @@ class EmbeddingStore:
         sha256 hex, vectors are finite, checksums match. Also checks the catalog.
 
         quarantine : move broken shards to ``<store>/quarantine/<space>/`` so the store is usable
-            again (their images get embedded again on the next run).
+            again; their intact record batches are first copied to a new shard, and the images
+            of the damaged ones get embedded again on the next run (see :meth:`Space.quarantine`).
         """
         rep = VerifyReport(path=str(self.root))
         try:
@@ -670,11 +729,7 @@ class EmbeddingStore:
                 if problems:
                     rep.problems.extend(problems)
                     if quarantine:
-                        qdir = self.root / "quarantine" / fp
-                        qdir.mkdir(parents=True, exist_ok=True)
-                        os.rename(path, qdir / name)
-                        fsync_dir(space.shard_dir)
-                        rep.quarantined.append(str(qdir / name))
+                        rep.quarantined.extend(str(p) for p in space.quarantine([name]))
             rep.n_vectors += len(keys_seen)
         return rep
 
@@ -685,8 +740,15 @@ class EmbeddingStore:
         Safe with concurrent readers and writers: merged shards are committed before the
         inputs are deleted (a reader may briefly see both and dedupes; a reader that had
         mapped an input keeps its mapping). Only one compaction per space runs at a time.
-        Shards of at least ``target_bytes / 2`` are kept as they are.
-        Returns {"spaces": [{"fingerprint", "shards_before", "shards_after", "rows_dropped"}]}.
+        Shards of at least ``target_bytes / 2`` are kept as they are. A record batch that fails
+        its checksum stops the compaction with a StoreError (merging would give damaged
+        vectors a fresh, valid checksum): quarantine it first (``verify(quarantine=True)``).
+
+        Returns {"spaces": [{"fingerprint", "shards_before", "shards_merged", "shards_written",
+        "shards_after", "shards_added_meanwhile", "rows_dropped"}]}: ``shards_after`` is
+        ``shards_before - shards_merged + shards_written``, what this compaction made of the
+        shards it found; ``shards_added_meanwhile`` counts shards other writers committed
+        while it ran (the space holds both).
         """
         if target_bytes < 1:
             raise ValueError(f"target_bytes must be positive; got {target_bytes}")
@@ -709,7 +771,8 @@ class EmbeddingStore:
             sizes = {n: _size(space.shard_dir / n) for n in names}
             small = [n for n in names if sizes[n] < target_bytes // 2]
             keep = [n for n in names if n not in small]
-            report = {"fingerprint": space.fingerprint, "shards_before": len(names), "rows_dropped": 0}
+            report = {"fingerprint": space.fingerprint, "shards_before": len(names), "shards_merged": 0,
+                      "shards_written": 0, "shards_after": len(names), "shards_added_meanwhile": 0, "rows_dropped": 0}
             seen: set[bytes] = set()
             for n in keep:
                 for b in read_blocks(space.shard_dir / n, space.dim, space.dtype):
@@ -727,8 +790,10 @@ class EmbeddingStore:
                     for b in blocks:
                         has_dup = has_dup or any(k in seen for k in b.keys.tolist())
                 if not has_dup:
-                    report["shards_after"] = len(names)
                     return report
+            for blocks in small_blocks:
+                for b in blocks:
+                    space._check_block(b)
             row_bytes = space.dim * np.dtype(space.dtype).itemsize + KEY_LEN
             written: list[str] = []
             writer: ShardWriter | None = None
@@ -784,7 +849,9 @@ class EmbeddingStore:
                 except FileNotFoundError:
                     pass
             fsync_dir(space.shard_dir)
-            report["shards_after"] = len(list_shards(space.shard_dir))
+            report["shards_merged"], report["shards_written"] = len(small), len(written)
+            report["shards_after"] = len(names) - len(small) + len(written)
+            report["shards_added_meanwhile"] = len(set(list_shards(space.shard_dir)) - set(names) - set(written))
             return report
 
     # ------------------------------------------------------------------ export
@@ -816,7 +883,9 @@ class EmbeddingStore:
         space = self.space(_check_fingerprint(space_fp))
         out = Path(out_path).expanduser().absolute()
         if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or another path")
+            raise FileExistsError(
+                f"{out} exists; choose another output path, remove it, or pass --overwrite (overwrite=True in Python)"
+            )
         if not out.parent.is_dir():
             raise FileNotFoundError(f"{out.parent} is not a directory; create it first")
         keys = space._refresh().keys.astype(f"U{KEY_LEN}")
@@ -917,14 +986,20 @@ def _size(p: Path) -> int:
 
 def _hash_one(path: str) -> tuple[str | None, tuple | None, str | None]:
     """(key, stat-cache row or None, error or None) for one file."""
+    from featurebank.embedder.files import open_image_file  # the one checked opener (stdlib only)
+    from featurebank.errors import ImageDecodeError
+
     hashed_at = time.time_ns()
     try:
-        with open(path, "rb") as f:
+        # never a bare open(): a FIFO swapped in after hash_files' stat would block it forever
+        with open_image_file(path) as f:
             st0 = os.fstat(f.fileno())
             h = hashlib.sha256()
             while chunk := f.read(_READ_CHUNK):
                 h.update(chunk)
             st1 = os.fstat(f.fileno())
+    except ImageDecodeError as exc:
+        return None, None, str(exc)
     except OSError as exc:
         return None, None, _describe_os_error(exc)
     key = h.hexdigest()
