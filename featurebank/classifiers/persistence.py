@@ -30,11 +30,13 @@ use memory out of proportion to a limit the caller sets. What loading does, in o
    fitting each of them (``tests/classifiers/test_persistence.py`` refits them all, so a
    legitimate file is never refused). No function, method, ``partial``, operator, bytes,
    sparse matrix or object-dtype array is allowed; the random generator's bit-generator
-   name must be one of numpy's; the skops protocol must be :data:`SKOPS_PROTOCOL`. This
+   name must be one of numpy's; the skops protocol must be :data:`SKOPS_PROTOCOL`. (Arrays of
+   objects, such as GradientBoosting's array of trees, are stored as lists of nodes, each
+   checked like any other.) This
    check parses JSON only: no module named in the file is imported unless the whole file
    passed it (``skops.io.get_untrusted_types`` is not used: it reads every array member).
-4. **Array members** are ``.npy`` of a plain dtype (no objects) whose header agrees with the
-   member's size; together with the schema they stay within ``max_bytes``.
+4. **Array members** are ``.npy`` of a plain dtype (never ``object``, which needs pickle) whose
+   header agrees with the member's size; together with the schema they stay within ``max_bytes``.
 5. Only then skops rebuilds the estimator (classes: ``__new__`` + ``__setstate__``; never
    ``pickle``), and the header must agree with it (estimator type, number of classes).
 
@@ -430,12 +432,11 @@ def _check_schema(path: Path, schema: Any, members: Mapping[str, zipfile.ZipInfo
             refused.add(f"{name} (as {loader})" if name in _ALLOWED_NAMES else name)
             continue
         names.add(name)
-        if loader == "NdArrayNode":
+        if loader == "NdArrayNode" and value.get("type") != "json":
+            # "json" arrays (GradientBoosting's array of trees) are lists of nodes, all checked here
             if value.get("type") != "numpy":
-                raise ClassifierFileError(
-                    f"{str(path)!r} holds an array of Python objects ({name} of type {value.get('type')!r}); "
-                    "featurebank loads only arrays of plain numbers or strings: do not load this file"
-                )
+                raise ClassifierFileError(f"{str(path)!r} holds an array of unknown kind {value.get('type')!r}: "
+                                          "the file is corrupt or crafted")
             file = value.get("file")
             if not isinstance(file, str) or file not in members:
                 raise ClassifierFileError(f"{str(path)!r} refers to a missing array member {file!r}: it is corrupt")
@@ -482,8 +483,6 @@ def _check_array_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) 
 
 
 def _rebuild(path: Path, model_bytes: bytes, max_bytes: int) -> Any:
-    import skops.io
-
     try:
         with zipfile.ZipFile(io.BytesIO(model_bytes)) as zf:
             infos = zf.infolist()
@@ -516,7 +515,10 @@ def _rebuild(path: Path, model_bytes: bytes, max_bytes: int) -> Any:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
         raise _corrupt(path, exc) from None
     # Every node is allowed and every member is stored and within the cap: skops now imports
-    # only allowed modules and reads at most what was counted above.
+    # only allowed modules and reads at most what was counted above. (Importing skops imports
+    # all of scikit-learn; a refused file never gets this far.)
+    import skops.io
+
     try:
         return skops.io.loads(model_bytes, trusted=sorted(names))
     except Exception as exc:

@@ -12,6 +12,8 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.svm import SVC
 
 from featurebank.classifiers import KNNClassifier, LinearProbe, PrototypeClassifier, load_classifier, save_classifier
+from featurebank.classifiers.persistence import ALLOWED_NODES
+from featurebank.classifiers.registry import list_classifiers, make_classifier
 from featurebank.errors import ClassifierFileError, FingerprintMismatchError
 
 SPACE = "a" * 64
@@ -114,3 +116,65 @@ def test_types_outside_sklearn_numpy_featurebank_are_refused(vectors, tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ClassifierFileError, match=r"no classifier file at"):
         load_classifier(tmp_path / "nope.fbclf")
+
+
+# Meta-estimators that need an estimator object: `train` cannot build them (--param takes JSON values).
+NOT_TRAINABLE_BY_NAME = {
+    "ClassifierChain", "FixedThresholdClassifier", "MultiOutputClassifier", "OneVsOneClassifier",
+    "OneVsRestClassifier", "OutputCodeClassifier", "SelfTrainingClassifier", "StackingClassifier",
+    "TunedThresholdClassifierCV", "VotingClassifier",
+}
+# Options that change what a fitted estimator is made of (trees, losses, optimisers, indexes).
+VARIANTS = {
+    "probe": [{"cv": 3}],
+    "knn": [{}, {"index_factory": "IVF2,Flat", "search_params": "nprobe=2"}, {"metric": "l2"}],
+    "KNeighborsClassifier": [{}, {"algorithm": "kd_tree"}, {"algorithm": "ball_tree"}],
+    "RadiusNeighborsClassifier": [{"radius": 5.0}],
+    "SVC": [{}, {"probability": True}],
+    "MLPClassifier": [{"max_iter": 50}, {"solver": "sgd", "max_iter": 50}],
+    "SGDClassifier": [{}, {"loss": "log_loss"}, {"loss": "modified_huber"}],
+    "CalibratedClassifierCV": [{}, {"method": "isotonic"}],
+    "GradientBoostingClassifier": [{"n_estimators": 5}],
+}
+
+
+@pytest.mark.parametrize("name", list_classifiers())
+def test_every_classifier_train_accepts_round_trips(name, tmp_path, make_vectors):
+    """The allow-list never refuses a file `featurebank train` writes: every name it accepts,
+    with the options that change what it holds, on a multi-class and a binary problem."""
+    if name in NOT_TRAINABLE_BY_NAME:
+        with pytest.raises((TypeError, ValueError)):
+            make_classifier(name).fit(*make_vectors())
+        return
+    for n_per_class in ((12, 12, 12), (15, 15)):
+        X, y = make_vectors(n_per_class=n_per_class, n_features=8)
+        X = np.abs(X)  # the naive Bayes classifiers take counts
+        for params in VARIANTS.get(name, [{}]):
+            clf = make_classifier(name, **params).fit(X, y)
+            path = save_classifier(clf, tmp_path / "c.fbclf", fingerprint=SPACE)
+            saved = load_classifier(path, fingerprint=SPACE)
+            np.testing.assert_array_equal(saved.estimator.predict(X), clf.predict(X), err_msg=f"{name} {params}")
+            assert saved.classes == tuple(sorted(set(y)))
+
+
+def test_allow_list_holds_exact_names_with_their_loader():
+    assert all(isinstance(n, str) and "." in n and not n.endswith(".") and isinstance(loader, str)
+               and loader.endswith("Node") for n, loader in ALLOWED_NODES)
+    loaders = {loader for _, loader in ALLOWED_NODES}
+    # the loaders that call functions, methods or arbitrary constructors are not among them
+    assert not loaders & {"FunctionNode", "MethodNode", "PartialNode", "OperatorFuncNode",
+                          "ConstructorFromReduceNode", "BytesNode", "SparseMatrixNode", "CachedNode"}
+
+
+def test_header_must_name_as_many_classes_as_the_estimator(vectors, tmp_path):
+    X, y = vectors
+    path = save_classifier(PrototypeClassifier().fit(X, y), tmp_path / "p.fbclf", fingerprint=SPACE)
+    with zipfile.ZipFile(path) as zf:
+        header, model = json.loads(zf.read("featurebank-classifier.json")), zf.read("model.skops")
+    header["classes"] = ["brick", "grass"]
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("featurebank-classifier.json", json.dumps(header))
+        zf.writestr("model.skops", model)
+    with pytest.raises(ClassifierFileError, match=r"header names 2 classes but its estimator has 3; the file was "
+                       r"edited or is corrupt: save the classifier again"):
+        load_classifier(path, fingerprint=SPACE)
