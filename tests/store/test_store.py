@@ -267,7 +267,7 @@ def test_export_parquet_and_npy_readable_without_featurebank(store, tmp_path):
     assert L[K.tolist().index(keys[4])] == "dog"
     assert json.loads((tmp_path / "npy" / "space.json").read_text())["info"] == {"decode_mode": "fast"}
 
-    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"exists; choose another output path, remove it, or pass --overwrite \(overwrite=True in Python\)"):
         store.export(FP_A, tmp_path / "v.parquet")
     with pytest.raises(ValueError, match="format must be 'parquet' or 'npy'; got 'csv'"):
         store.export(FP_A, tmp_path / "v.csv", format="csv")
