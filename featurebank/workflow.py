@@ -128,17 +128,19 @@ def predict_images(
     store: Any = None,
     top_k: int = 3,
     progress: bool | None = None,
+    max_classifier_bytes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Labels and probabilities for ``images`` (paths, folders or lists).
 
     The decode mode and output are those the classifier was trained with; a model that
     does not produce the classifier's vector space is refused (FingerprintMismatchError).
+    ``max_classifier_bytes`` is ``load_classifier``'s ``max_bytes``.
 
     Returns one dict per image: ``path``, ``label``, ``probability``, ``top`` (list of
     (label, probability), best first), or ``error`` for an image that failed.
     """
     runner = _runner(model)
-    saved = load_classifier(classifier_path)
+    saved = load_classifier(classifier_path, max_bytes=max_classifier_bytes)
     meta = dict(saved.meta)
     decode_mode = meta.get("decode_mode", DEFAULT_DECODE_MODE)
     out_name = meta.get("output")
@@ -151,7 +153,8 @@ def predict_images(
         ) from None
     expected = space_of(runner, out.name, decode_mode)
     if saved.fingerprint != expected:
-        load_classifier(classifier_path, fingerprint=expected)  # raises FingerprintMismatchError, with its message
+        # raises FingerprintMismatchError, with its message
+        load_classifier(classifier_path, fingerprint=expected, max_bytes=max_classifier_bytes)
     emb = embed_images(images, runner, store=store, decode_mode=decode_mode, progress=progress)
     X = emb.vectors[out.name]
     rows: list[dict[str, Any]] = []

@@ -32,6 +32,12 @@ def _classifier_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="classifier parameter (repeatable)")
 
 
+def _max_classifier_bytes_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-classifier-bytes", type=int, default=None, metavar="N",
+                   help="refuse a classifier file whose contents inflate past N bytes (default 1 GiB); raise it "
+                   "only for files you trust")
+
+
 def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p = sub.add_parser("train", help="train a classifier on the images' vectors", formatter_class=formatter_class,
                        description="Train a classifier on labelled images (class subfolders or a label column). "
@@ -63,6 +69,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                        description="Predict labels for images with a saved classifier; CSV or JSON.")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or lists")
     p.add_argument("--classifier", required=True, metavar="CLF.fbclf")
+    _max_classifier_bytes_option(p)
     add_model_options(p)
     p.add_argument("--store", default=None, metavar="DIR", help="reuse / fill this store (optional)")
     p.add_argument("--top-k", type=int, default=3)
@@ -76,6 +83,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                        "label and probabilities out, checked equal to the two-step path.")
     p.add_argument("--model", required=True, metavar="MODEL.onnx")
     p.add_argument("--classifier", required=True, metavar="CLF.fbclf")
+    _max_classifier_bytes_option(p)
     p.add_argument("-o", "--output", required=True, metavar="END2END.onnx")
     p.set_defaults(func=_fuse)
 
@@ -114,7 +122,7 @@ def _predict(args: argparse.Namespace) -> int:
     from featurebank.workflow import predict_images
 
     rows = predict_images(args.images, args.classifier, open_runner(args), store=args.store, top_k=args.top_k,
-                          progress=args.progress)
+                          progress=args.progress, max_classifier_bytes=args.max_classifier_bytes)
     fh = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         if args.format == "json":
@@ -136,7 +144,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from featurebank.classifiers import fuse_classifier, load_classifier
 
-    saved = load_classifier(args.classifier)
+    saved = load_classifier(args.classifier, max_bytes=args.max_classifier_bytes)
     path = fuse_classifier(args.model, saved.estimator, args.output, output=saved.meta.get("output"))
     print(f"wrote {path}: {saved.meta.get('backbone', 'backbone')} + {saved.estimator_type.rsplit('.', 1)[-1]}, "
           "outputs label and probabilities (checked equal to the two-step path)")

@@ -178,3 +178,32 @@ def test_header_must_name_as_many_classes_as_the_estimator(vectors, tmp_path):
     with pytest.raises(ClassifierFileError, match=r"header names 2 classes but its estimator has 3; the file was "
                        r"edited or is corrupt: save the classifier again"):
         load_classifier(path, fingerprint=SPACE)
+
+
+def test_cli_predict_and_fuse_refuse_a_header_with_too_few_classes(capsys, tmp_path, texture_dir, tiny_model):
+    """Was an IndexError traceback in `predict`, and exit 0 in `fuse`."""
+    from featurebank.cli import main
+    from featurebank.workflow import train_classifier
+
+    clf = tmp_path / "clf.fbclf"
+    train_classifier(texture_dir, tiny_model, clf, store=tmp_path / "store", classifier="probe")
+    with zipfile.ZipFile(clf) as zf:
+        header, model = json.loads(zf.read("featurebank-classifier.json")), zf.read("model.skops")
+    header["classes"] = header["classes"][:2]
+    bad = tmp_path / "bad.fbclf"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("featurebank-classifier.json", json.dumps(header))
+        zf.writestr("model.skops", model)
+    expected = (f"featurebank: error: {str(bad)!r} header names 2 classes but its estimator has 3; the file was edited "
+                "or is corrupt: save the classifier again with featurebank.save_classifier")
+    for argv in (["predict", texture_dir / "brick", "--classifier", bad, "--model", tiny_model, "--store", tmp_path / "store"],
+                 ["fuse", "--model", tiny_model, "--classifier", bad, "-o", tmp_path / "e2e.onnx"]):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines()[-1] == expected and "Traceback" not in err
+    assert not (tmp_path / "e2e.onnx").exists()
+    # the size cap reaches the CLI
+    code = main(["predict", str(texture_dir / "brick"), "--classifier", str(clf), "--model", str(tiny_model),
+                 "--max-classifier-bytes", "1000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bytes uncompressed, over the limit of 1000 bytes; if you trust this file, raise the limit" in err
