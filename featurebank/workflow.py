@@ -204,11 +204,15 @@ def search_images(
     k: int = 10,
     clip: bool = False,
     output: str | None = None,
-) -> tuple[list[str], list[list[Any]]]:
-    """Nearest indexed images of query image files: ``(query paths, [[Neighbour, ...], ...])``.
+) -> tuple[list[str], list[list[Any]], list[tuple[str, str]]]:
+    """Nearest indexed images of query image files:
+    ``(query paths, [[Neighbour, ...], ...], [(failed query path, reason), ...])``.
 
     The query vectors come from ``model`` in the decode mode the index's space was built
     with; a model that does not produce that space is refused (FingerprintMismatchError).
+    A query that cannot be read or decoded does not cost the others: it is left out of the
+    first two lists and listed with its reason in the third. Raises ImageSourceError when no
+    query at all could be embedded.
     """
     from featurebank.search import open_index, query_index
 
@@ -222,8 +226,10 @@ def search_images(
             f"({out.layer}) does not produce in any decode mode; query with the model the index was built from"
         )
     emb = embed_images(images, runner, decode_mode=modes[0] if modes else DEFAULT_DECODE_MODE, progress=False)
-    if not emb.ok.all():
-        bad = [f"{p}: {why}" for p, why in emb.report.failures]
-        raise ImageSourceError(f"query image could not be embedded: {bad[0] if bad else 'unknown'}")
-    hits = query_index(idx, emb.vectors[out.name], k=k, clip=clip, space=idx.space or None)
-    return emb.paths, hits
+    reasons = dict(emb.report.failures)
+    failures = [(p, reasons.get(p, "no vector")) for p, ok in zip(emb.paths, emb.ok) if not ok]
+    if not emb.ok.any():
+        p, why = failures[0]
+        raise ImageSourceError(f"query image could not be embedded: {why if p in why else f'{p}: {why}'}")
+    hits = query_index(idx, emb.vectors[out.name][emb.ok], k=k, clip=clip, space=idx.space or None)
+    return [p for p, ok in zip(emb.paths, emb.ok) if ok], hits, failures

@@ -84,11 +84,19 @@ def _embed(args: argparse.Namespace) -> int:
     from featurebank.distributed.cli import embed_on_ray, uses_ray
 
     if uses_ray(args):  # the same run on a Ray cluster, into the same store
+        from featurebank.distributed.locations import list_sources
+
+        images = args.sources = list_sources(args.sources)  # listed once, here, to report what was skipped
+        _say_skipped(images)
         r = embed_on_ray(args)
     else:
+        from featurebank.embedder.sources import list_images
+
+        images = list_images(args.sources)
+        _say_skipped(images)
         runner = open_runner(args)
         emb = embed_images(
-            args.sources, runner, store=args.store, decode_mode=args.decode_mode or DEFAULT_DECODE_MODE,
+            images, runner, store=args.store, decode_mode=args.decode_mode or DEFAULT_DECODE_MODE,
             batch_size=args.batch_size, workers=args.workers, retry_failed=args.retry_failed,
             return_vectors=False, progress=args.progress, store_dtype=args.store_dtype,
         )
@@ -96,7 +104,7 @@ def _embed(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"total": r.total, "embedded": r.embedded, "cached": r.cached, "failed": r.failed,
                           "skipped_failed": r.skipped_failed, "duplicates": r.duplicates, "elapsed_s": r.elapsed,
-                          "images_per_s": r.images_per_s, "timings_s": r.timings,
+                          "images_per_s": r.images_per_s, "timings_s": r.timings, "skipped_files": images.skipped,
                           "failures": [{"path": p, "reason": why} for p, why in r.failures]}, indent=2))
     else:
         for path, why in r.failures[:20]:
@@ -105,6 +113,12 @@ def _embed(args: argparse.Namespace) -> int:
             print(f"... and {len(r.failures) - 20} more (featurebank store failures {args.store})", file=sys.stderr)
         print(r.summary())
     return 0
+
+
+def _say_skipped(images) -> None:
+    """Files a folder walk left out (not an accepted image format), by extension, on stderr."""
+    if images.skipped:
+        print(images.skipped_summary(), file=sys.stderr)
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -120,12 +120,16 @@ def _info(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from featurebank.search import query_index
 
+    failures: list[tuple[str, str]] = []
     if args.queries:
         if args.ids or args.vector_file:
             raise ValueError("give query images, or --id, or --vector-file; not several")
         from featurebank.workflow import search_images
 
-        labels, hits = search_images(args.queries, args.index_dir, open_runner(args), k=args.k, clip=args.clip)
+        labels, hits, failures = search_images(args.queries, args.index_dir, open_runner(args), k=args.k,
+                                               clip=args.clip)
+        for path, why in failures:  # one bad query does not cost the others
+            print(f"failed: {why}" if path in why else f"failed: {path}: {why}", file=sys.stderr)
     elif args.vector_file:
         import numpy as np
 
@@ -140,7 +144,8 @@ def _search(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give query image files, --id KEY or --vector-file Q.npy")
     if args.json:
-        print(json.dumps([{"query": q, "neighbours": [h.__dict__ for h in row]} for q, row in zip(labels, hits)], indent=2))
+        print(json.dumps([{"query": q, "neighbours": [h.__dict__ for h in row]} for q, row in zip(labels, hits)]
+                         + [{"query": q, "error": why} for q, why in failures], indent=2))
         return 0
     for q, row in zip(labels, hits):
         print(f"query {q}")

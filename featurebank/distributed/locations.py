@@ -7,7 +7,8 @@ so their keys, item paths and failure messages are the same as a local run's.
 
 Other URLs (``s3://bucket/photos/``, ``gs://``, ``https://...``, chained URLs such as
 ``zip://photos::s3://bucket/photos.zip``) are read with fsspec: a URL folder is listed recursively with the same rules as a local folder
-(immediate subfolders are classes, image extensions only, dot names skipped, sorted); a URL
+(immediate subfolders are classes, accepted image extensions only with the others counted in
+``ImageList.skipped``, dot names skipped, sorted); a URL
 file is one image. Their bytes are hashed on the driver (object stores have no stat cache, so
 each run reads them once to key them) and read again by the decode task, which checks the
 key so that an object rewritten between the two reads is not stored under a stale key.
@@ -23,7 +24,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from featurebank.embedder.sources import IMAGE_EXTENSIONS, LIST_FORMATS, ImageList, list_images
+from featurebank.embedder.sources import (
+    IMAGE_EXTENSIONS,
+    LIST_FORMATS,
+    ImageList,
+    list_images,
+    skipped_extension,
+    sort_skipped,
+)
 from featurebank.errors import ImageSourceError
 
 __all__ = ["is_url", "list_sources", "hash_urls", "read_url"]
@@ -62,6 +70,7 @@ def list_sources(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     paths: list[str] = []
     labels: list[str | None] = []
     roots: list[str] = []
+    skipped: dict[str, int] = {}
     run: list[str] = []  # consecutive local sources: one list_images call keeps its semantics
 
     def flush() -> None:
@@ -70,6 +79,8 @@ def list_sources(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[st
             paths.extend(got.paths)
             labels.extend(got.labels)
             roots.extend(got.roots)
+            for ext, c in got.skipped.items():
+                skipped[ext] = skipped.get(ext, 0) + c
             run.clear()
 
     for src in items:
@@ -80,12 +91,12 @@ def list_sources(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[st
             run.append(_local(s))
             continue
         flush()
-        p, lab = _list_url(s)
+        p, lab = _list_url(s, skipped)
         paths += p
         labels += lab
         roots.append(s)
     flush()
-    return ImageList(paths=paths, labels=labels, roots=roots)
+    return ImageList(paths=paths, labels=labels, roots=roots, skipped=sort_skipped(skipped))
 
 
 def _filesystem(url: str):
@@ -98,7 +109,7 @@ def _filesystem(url: str):
         raise ImageSourceError(f"{url}: cannot open this URL ({exc}); install the fsspec backend for it on every node") from None
 
 
-def _list_url(url: str) -> tuple[list[str], list[str | None]]:
+def _list_url(url: str, skipped: dict[str, int]) -> tuple[list[str], list[str | None]]:
     if url.lower().endswith(LIST_FORMATS):
         raise ImageSourceError(
             f"{url}: list files must be local paths (copy the list next to the driver); URL sources may be folders or image files"
@@ -121,7 +132,11 @@ def _list_url(url: str) -> tuple[list[str], list[str | None]]:
     rows: list[tuple[tuple[str, ...], str, str | None]] = []
     for p in found:
         rel = p[len(root) :].lstrip("/").split("/")
-        if any(part.startswith(".") for part in rel) or not rel[-1].lower().endswith(IMAGE_EXTENSIONS):
+        if any(part.startswith(".") for part in rel):
+            continue
+        if not rel[-1].lower().endswith(IMAGE_EXTENSIONS):
+            ext = skipped_extension(rel[-1])
+            skipped[ext] = skipped.get(ext, 0) + 1
             continue
         full = fs.unstrip_protocol(p) + (f"::{chain}" if chain else "")
         rows.append((tuple(rel), full, rel[0] if len(rel) > 1 else None))

@@ -7,8 +7,11 @@ input (uint8 NHWC as is, or normalised float32 NCHW).
 
 Steps of :func:`decode_image`, in order:
 
-1. open the file and read the header only; refuse images with more than ``max_pixels``
-   pixels *before* any pixel is decoded (decompression bombs);
+1. open the file (through :func:`~featurebank.embedder.files.open_image_file`, which refuses
+   FIFOs, devices, virtual and oversized files) and read the header only, trying only the
+   :data:`ACCEPTED_FORMATS`; refuse images with more than ``max_pixels`` pixels *before* any
+   pixel is decoded (decompression bombs; Pillow's own ``DecompressionBombWarning`` is not
+   shown, the refusal says it all);
 2. take the first frame of animations (GIF, APNG, WebP, multi-page TIFF);
 3. (``mode="fast"``, JPEG only) let libjpeg decode at 1/2, 1/4 or 1/8 scale
    (``Image.draft``) while staying at least as large as the resize target;
@@ -42,33 +45,75 @@ Truncated files fail loudly: featurebank never sets ``PIL.ImageFile.LOAD_TRUNCAT
 and they decode without error; that is then your choice. Corruption inside JPEG entropy
 data that libjpeg recovers from is not detectable here.
 
-Everything here is thread-safe (no shared mutable state; each call opens its own file and
-image) and the heavy parts (file reads, decoding, resampling, numpy arithmetic) release the
+Accepted formats: :data:`ACCEPTED_FORMATS` (Pillow format names) and their file name
+endings :data:`IMAGE_EXTENSIONS` are the one list featurebank uses everywhere: folder walks
+pick files by these endings, and the decoder (files, and bytes sent to the service) opens
+only these formats, so what ``embed`` picks up and what the service accepts are the same.
+The list is the raster picture formats the *installed* Pillow decodes completely: JPEG (and
+MPO, multi-picture JPEG from cameras), PNG, WebP, AVIF, GIF, BMP/DIB, TIFF, JPEG 2000, ICO,
+PPM/PGM/PBM and TGA, each kept only when Pillow was built with its codec (``features.check``).
+Left out on purpose although Pillow registers them: layered documents (PSD: Pillow reads only
+the flattened preview), formats that need an outside program or have no decoder in Pillow
+(EPS, WMF, BUFR, GRIB, HDF5, MPEG), and specialised containers whose pixels are not photos
+(FITS, DDS, ICNS, CUR, fonts and brushes, ...). Reasons for refusals never quote the file's
+bytes.
+
+Everything here is thread-safe (no shared mutable state except one lock around Pillow's
+header parsing, see :func:`_open_image`; each call opens its own file and image) and the heavy parts (file reads, decoding, resampling, numpy arithmetic) release the
 GIL, so a thread pool scales with cores.
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import re
-import stat
+import threading
+import warnings
 from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError, features
 
 from featurebank.artifact import DECODE_MODES, INPUT_FORMATS, ModelCard, Preprocessing
+from featurebank.embedder.files import open_image_file
 from featurebank.errors import ImageDecodeError
 
 __all__ = [
+    "ACCEPTED_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "DECODE_MODES",
+    "IMAGE_EXTENSIONS",
     "decode_image",
     "to_model_input",
 ]
+
+
+def _accepted_formats() -> tuple[str, ...]:
+    # Pillow format name -> the codec or module it needs (None: pure Python in Pillow)
+    wanted = {
+        "JPEG": "jpg", "MPO": "jpg", "PNG": "zlib", "WEBP": "webp", "AVIF": "avif", "GIF": None,
+        "BMP": None, "DIB": None, "TIFF": None, "JPEG2000": "jpg_2000", "ICO": None, "PPM": None, "TGA": None,
+    }
+    Image.init()
+    # MPO has no opener of its own: the JPEG plugin opens it
+    opens = set(Image.OPEN) | ({"MPO"} if "JPEG" in Image.OPEN else set())
+    return tuple(f for f, need in wanted.items() if f in opens and (need is None or features.check(need)))
+
+
+#: Pillow format names featurebank decodes (see the module docstring), computed at import
+#: from what the installed Pillow can decode.
+ACCEPTED_FORMATS: tuple[str, ...] = _accepted_formats()
+
+# what Image.open(formats=...) is given: the names that have an opener of their own
+_OPENERS = tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+
+#: File name endings of :data:`ACCEPTED_FORMATS` (lower case, with the dot), as Pillow
+#: registers them; folder walks pick image files by these.
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(
+    sorted(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS)
+)
 
 #: Default pixel limit, the same as Pillow's own warning threshold (about 9459 x 9459).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -103,19 +148,37 @@ _MAX_INTERMEDIATE = 16
 # times larger than the target (Pillow's reducing_gap); 2.0 measured ~as good as 3.0 here.
 _REDUCING_GAP = 2.0
 
-# magic numbers, to tell "broken PNG" from "not an image at all"
+# magic numbers, to tell "broken PNG" from "not an image at all" and to name formats that are
+# not accepted; Pillow format names. (offset, bytes, format)
 _SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"RIFF", "WebP"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"BM", "BMP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"RIFF", "WEBP"),  # and "WEBP" at offset 8, checked below
+    (4, b"ftypavif", "AVIF"),
+    (4, b"ftypavis", "AVIF"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (0, b"\xff\x4f\xff\x51", "JPEG2000"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    *((0, b"P%d" % d, "PPM") for d in range(1, 7)),
+    # not accepted: named in the refusal so the user knows what the file is
+    (0, b"8BPS", "PSD"),
+    (0, b"%PDF", "PDF"),
+    (0, b"%!PS", "EPS"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (0, b"\xff\x0a", "JPEG XL"),
 )
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# warnings.catch_warnings changes process-wide state: decode threads take turns inside it
+_OPEN_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +251,7 @@ def decode_image(
             return _process(img, pre, mode, int(max_pixels), out, "bytes", owned=True)
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
-        with _open_file(path) as fp, _open_image(fp, path, max_pixels) as img:
+        with open_image_file(path) as fp, _open_image(fp, path, max_pixels) as img:
             return _process(img, pre, mode, int(max_pixels), out, path, owned=True)
     raise TypeError(
         "src must be a path, bytes, a PIL.Image.Image or a uint8 ndarray; got " + type(src).__name__
@@ -280,41 +343,6 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray
     return (1.0 / (255.0 * s)).astype(np.float32), (-m / s).astype(np.float32)
 
 
-def _open_file(path: str):
-    """Open a regular file for reading, turning every OS failure into one clear line."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ImageDecodeError(f"{path}: broken symbolic link (its target does not exist)") from None
-        raise ImageDecodeError(f"{path}: no such file") from None
-    except PermissionError:
-        raise ImageDecodeError(f"{path}: permission denied (a folder on the path is not searchable)") from None
-    except OSError as exc:
-        raise ImageDecodeError(_os_reason(path, exc)) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageDecodeError(f"{path}: is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        # opening a FIFO or a device would block or read forever
-        raise ImageDecodeError(f"{path}: not a regular file (a pipe, socket or device)")
-    if st.st_size == 0:
-        raise ImageDecodeError(f"{path}: file is empty (0 bytes)")
-    try:
-        return open(path, "rb")
-    except PermissionError:
-        raise ImageDecodeError(f"{path}: permission denied (the file is not readable by this user)") from None
-    except OSError as exc:
-        raise ImageDecodeError(_os_reason(path, exc)) from None
-
-
-def _os_reason(path: str, exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:
-        return f"{path}: symbolic link loop (too many levels of symbolic links)"
-    if exc.errno == errno.ENAMETOOLONG:
-        return f"{path}: file name too long"
-    return f"{path}: cannot open ({exc.strerror or type(exc).__name__})"
-
-
 def _bomb_message(where: str, pixels: int | None, size: tuple[int, int] | None, max_pixels: int) -> str:
     dims = f" ({size[0]}x{size[1]})" if size else ""
     count = f"{pixels:,} pixels{dims}" if pixels is not None else "too many pixels"
@@ -325,9 +353,14 @@ def _bomb_message(where: str, pixels: int | None, size: tuple[int, int] | None, 
 
 
 def _open_image(fp, where: str, max_pixels: int) -> Image.Image:
-    """Image.open (header only) with Pillow's exceptions turned into ImageDecodeError."""
+    """Image.open (header only, accepted formats only) with Pillow's exceptions turned into
+    ImageDecodeError. Pillow's DecompressionBombWarning is not shown: :func:`_process` checks
+    the size against ``max_pixels`` and refuses with one message, or the caller allowed it."""
     try:
-        return Image.open(fp)
+        # catch_warnings swaps the process's filter list: threads must not interleave inside it
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp, formats=_OPENERS)
     except Image.DecompressionBombError as exc:
         # Pillow refuses on its own above 2 * PIL.Image.MAX_IMAGE_PIXELS, before we see the size
         m = _BOMB_PIXELS.search(str(exc))
@@ -338,35 +371,50 @@ def _open_image(fp, where: str, max_pixels: int) -> Image.Image:
             msg += f" and raise PIL.Image.MAX_IMAGE_PIXELS (Pillow itself refuses above {limit:,})"
         raise ImageDecodeError(msg) from None
     except UnidentifiedImageError:
-        head = _peek(fp)
-        kind = _claimed_format(head)
-        if kind:
+        kind = _claimed_format(_peek(fp))
+        if kind in ACCEPTED_FORMATS:
             raise ImageDecodeError(f"{where}: starts like a {kind} file but its header is corrupt or cut short") from None
-        raise ImageDecodeError(f"{where}: not an image in a format Pillow can read (starts with {head!r})") from None
-    except Exception as exc:  # malformed headers raise SyntaxError, struct.error, ValueError ...
-        kind = _claimed_format(_peek(fp)) or "image"
+        if kind:
+            raise ImageDecodeError(
+                f"{where}: a {kind} file, not an accepted image format (accepted: {', '.join(ACCEPTED_FORMATS)})"
+            ) from None
         raise ImageDecodeError(
-            f"{where}: starts like a {kind} file but its header is corrupt or cut short ({_describe(exc)})"
+            f"{where}: not an image: unrecognised content (the first bytes match no accepted image format: "
+            f"{', '.join(ACCEPTED_FORMATS)})"
+        ) from None
+    except Exception as exc:  # malformed headers raise SyntaxError, struct.error, ValueError ...
+        kind = _claimed_format(_peek(fp))
+        raise ImageDecodeError(
+            f"{where}: starts like {f'a {kind}' if kind else 'an image'} file but its header is corrupt or cut "
+            f"short ({_describe(exc)})"
         ) from None
 
 
 def _claimed_format(head: bytes) -> str | None:
-    kind = next((k for sig, k in _SIGNATURES if head.startswith(sig)), None)
-    if kind == "WebP" and head[8:12] != b"WEBP":
-        return None
-    return kind
+    for offset, sig, kind in _SIGNATURES:
+        if head[offset : offset + len(sig)] == sig:
+            if kind == "WEBP" and head[8:12] != b"WEBP":
+                return None
+            return kind
+    return None
 
 
 def _peek(fp) -> bytes:
     try:
         fp.seek(0)
-        return fp.read(12)
+        return fp.read(16)
     except (OSError, ValueError):
         return b""
 
 
 def _describe(exc: BaseException) -> str:
+    """The exception's type and the first clause of its message. Pillow puts pieces of the
+    file after a colon, a parenthesis or a quote ("broken PNG file (chunk b'...')", "Token too
+    long in file header: <bytes>"); those are cut so that a reason never quotes the file."""
     text = " ".join(str(exc).split())
+    if text[:2] in ("b'", 'b"'):  # a message Pillow built as bytes
+        text = text[2:]
+    text = re.split(r"[:(\[{'\"<=]", text, maxsplit=1)[0].strip()[:80]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -5,9 +5,12 @@
 * a **folder**, walked recursively. Immediate subfolders of the root are classes, as in
   torchvision's ``ImageFolder`` (``root/cat/x.jpg`` has label ``"cat"``, and so has
   ``root/cat/more/y.jpg``); images directly in the root have label ``None``. Files are
-  picked by extension (:data:`IMAGE_EXTENSIONS`, case-insensitive); names starting with a
-  dot are skipped (``.DS_Store``, macOS ``._x.jpg`` resource forks, ``.ipynb_checkpoints``);
-  a directory named like ``x.jpg`` is not a file and is skipped. Symbolic links are followed,
+  picked by extension (:data:`IMAGE_EXTENSIONS`: the endings of the formats the decoder
+  accepts, :data:`~featurebank.embedder.decode.ACCEPTED_FORMATS`; case-insensitive). Other
+  files are skipped and counted by extension in :attr:`ImageList.skipped` (``embed`` prints
+  "skipped 3 files ...: .txt 2, .psd 1"), so no file disappears without a word. Names
+  starting with a dot are skipped without being counted (``.DS_Store``, macOS ``._x.jpg``
+  resource forks, ``.ipynb_checkpoints``: system files, never pictures someone put there). Symbolic links are followed,
   but a link back to a folder already on the current path (a loop) is not entered again.
   A symlink named ``x.jpg`` that is broken or loops *is* listed: the decoder then reports
   why that file fails, so no input disappears silently.
@@ -31,11 +34,11 @@ import stat
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
+from featurebank.embedder.decode import ACCEPTED_FORMATS, IMAGE_EXTENSIONS
 from featurebank.errors import ImageSourceError
 
 __all__ = ["IMAGE_EXTENSIONS", "LIST_FORMATS", "ImageList", "list_images"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LIST_FORMATS = (".txt", ".csv", ".parquet")
 
 Source = Union[str, "os.PathLike[str]"]
@@ -52,12 +55,16 @@ class ImageList:
     classes : sorted distinct labels (``None`` excluded)
     roots : one absolute folder per source: the walked folder, or the folder a list file's
         relative paths are resolved against
+    skipped : ``{extension: count}`` of the files folder walks left out because their name
+        does not end in an accepted image extension (``""`` for names without one); most
+        frequent first
     """
 
     paths: list[str]
     labels: list[str | None]
     classes: list[str] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
@@ -67,6 +74,15 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def skipped_summary(self) -> str:
+        """One line saying which files folder walks skipped, e.g. ``"skipped 3 files that are
+        not in an accepted image format, by extension: .txt 2, .psd 1"``; ``""`` if none."""
+        if not self.skipped:
+            return ""
+        n = sum(self.skipped.values())
+        counts = ", ".join(f"{ext or '(no extension)'} {c}" for ext, c in self.skipped.items())
+        return f"skipped {n} file{'s' if n != 1 else ''} that {'are' if n != 1 else 'is'} not in an accepted image format, by extension: {counts}"
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -111,17 +127,28 @@ def list_images(
     paths: list[str] = []
     labels: list[str | None] = []
     roots: list[str] = []
+    skipped: dict[str, int] = {}
     for src in sources:
         if not isinstance(src, (str, os.PathLike)):
             raise TypeError(f"an image source must be a path; got {type(src).__name__}")
-        p, lab, root = _list_one(os.fspath(src), exts)
+        p, lab, root = _list_one(os.fspath(src), exts, skipped)
         paths += p
         labels += lab
         roots.append(root)
-    return ImageList(paths=paths, labels=labels, roots=roots)
+    return ImageList(paths=paths, labels=labels, roots=roots, skipped=sort_skipped(skipped))
 
 
-def _list_one(src: str, exts: tuple[str, ...]) -> tuple[list[str], list[str | None], str]:
+def sort_skipped(skipped: dict[str, int]) -> dict[str, int]:
+    """``{extension: count}`` most frequent first, then by extension."""
+    return dict(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def skipped_extension(name: str) -> str:
+    """The key a skipped file is counted under: its extension, lower case ("" if none)."""
+    return os.path.splitext(name)[1].lower()
+
+
+def _list_one(src: str, exts: tuple[str, ...], skipped: dict[str, int]) -> tuple[list[str], list[str | None], str]:
     try:
         st = os.stat(src)
     except FileNotFoundError:
@@ -130,11 +157,15 @@ def _list_one(src: str, exts: tuple[str, ...]) -> tuple[list[str], list[str | No
         raise ImageSourceError(f"cannot read image source {src!r}: {exc.strerror or exc}") from None
     path = os.path.abspath(src)
     if stat.S_ISDIR(st.st_mode):
-        p, lab = _walk_folder(path, exts)
+        here: dict[str, int] = {}
+        p, lab = _walk_folder(path, exts, here)
         if not p:
-            raise ImageSourceError(
-                f"found no images under {src!r} (looked for {', '.join(exts)}, case-insensitive)"
-            )
+            seen = f"; skipped {sum(here.values())} other files ({', '.join(e or '(no extension)' for e in sort_skipped(here))})" if here else ""
+            wanted = (f"the file endings of {', '.join(ACCEPTED_FORMATS)}" if exts == IMAGE_EXTENSIONS
+                      else ", ".join(exts))
+            raise ImageSourceError(f"found no images under {src!r} (looked for {wanted}, case-insensitive{seen})")
+        for ext, c in here.items():
+            skipped[ext] = skipped.get(ext, 0) + c
         return p, lab, path
     suffix = os.path.splitext(path)[1].lower()
     base = os.path.dirname(path)
@@ -149,7 +180,8 @@ def _list_one(src: str, exts: tuple[str, ...]) -> tuple[list[str], list[str | No
     else:
         raise ImageSourceError(
             f"unknown image list format {suffix or '(no extension)'!r} for {src!r}; "
-            f"use a folder, an image file, or a list ending in {', '.join(LIST_FORMATS)}"
+            f"use a folder, an image file (ending in an accepted image extension, see "
+            f"featurebank.embedder.decode.IMAGE_EXTENSIONS), or a list ending in {', '.join(LIST_FORMATS)}"
         )
     if not p:
         raise ImageSourceError(f"image list {src!r} lists no images")
@@ -160,7 +192,7 @@ def _resolve(base: str, p: str) -> str:
     return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
 
 
-def _walk_folder(root: str, exts: tuple[str, ...]) -> tuple[list[str], list[str | None]]:
+def _walk_folder(root: str, exts: tuple[str, ...], skipped: dict[str, int]) -> tuple[list[str], list[str | None]]:
     found: list[tuple[tuple[str, ...], str, str | None]] = []
     root_st = os.stat(root)
     # iterative DFS; each stack entry carries the (dev, inode) of the folders above it, so a
@@ -197,6 +229,9 @@ def _walk_folder(root: str, exts: tuple[str, ...]) -> tuple[list[str], list[str 
                 rel = parts + (name,)
                 label = parts[0] if parts else None
                 found.append((rel, entry.path, label))
+            else:
+                ext = skipped_extension(name)
+                skipped[ext] = skipped.get(ext, 0) + 1
     found.sort(key=lambda t: t[0])
     return [os.path.normpath(p) for _, p, _ in found], [lab for _, _, lab in found]
 

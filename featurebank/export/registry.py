@@ -205,6 +205,8 @@ def get_backbone(name: str) -> BackboneSpec:
         if name in _timm_names():
             return _from_timm(name)
         candidates = [*BACKBONES, *_timm_names(), *(f"torchvision/{n}" for n in _torchvision_names())]
+    # registered names are timm names too: each once (first place kept), or difflib lists it twice
+    candidates = list(dict.fromkeys(candidates))
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownBackboneError(

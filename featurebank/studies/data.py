@@ -81,8 +81,10 @@ def read_pixels(paths: Sequence[str], *, mode: str = "gray", size: int = 32) -> 
     if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 256:
         raise ValueError(f"pixel_size must be an int in [4, 256]; got pixel_size={size!r}")
     rows = np.empty((len(paths), size * size * (3 if mode == "rgb" else 1)), np.float32)
+    from featurebank.embedder.files import open_image_file
+
     for i, path in enumerate(paths):
-        with Image.open(path) as im:
+        with open_image_file(path) as fh, Image.open(fh) as im:
             im = ImageOps.exif_transpose(im).convert("L" if mode == "gray" else "RGB")
             rows[i] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), np.float32).ravel()
     rows -= rows.mean(axis=1, keepdims=True)

@@ -80,8 +80,9 @@ def test_broken_and_odd_files_are_recorded_and_the_run_completes(tmp_path, tiny_
         else:
             assert not by_name[name] and name in reasons, name
             unreadable = emb.keys[emb.paths.index(str(corpus / name))] == ""
-            if unreadable:  # failed when its bytes were read for hashing: the OS's own words
-                assert re.search(r"symbolic links|directory|Permission|No such", reasons[name]), reasons[name]
+            if unreadable:  # refused when its bytes were read for hashing (the OS's or open_image_file's words)
+                assert re.search(r"symbolic links|directory|Permission|No such|file is empty \(0 bytes\)",
+                                 reasons[name]), reasons[name]
             elif e.match:
                 assert re.search(e.match, reasons[name]), (name, reasons[name])
     assert np.isfinite(emb.X).all()
@@ -192,3 +193,54 @@ def test_a_space_that_already_holds_a_key_does_not_get_it_twice(tmp_path, textur
     assert multi.report.embedded == 30  # blocks.2 was missing everywhere
     report = open_store(store).verify()
     assert report.ok and report.n_rows == report.n_vectors == 60  # 30 per space, no duplicate rows
+
+
+def _overwrite_8_bytes_of_a_vector(shard: Path) -> list[str]:
+    """Overwrite 8 bytes inside the first stored vector of ``shard``; return the shard's keys."""
+    import pyarrow.feather as feather
+
+    t = feather.read_table(shard)
+    first = np.asarray(t["vector"][0].values, np.float32).tobytes()
+    data = bytearray(shard.read_bytes())
+    at = bytes(data).index(first) + 16
+    data[at : at + 8] = np.array([9.5e14, 9.5e14], np.float32).tobytes()
+    shard.write_bytes(bytes(data))
+    return t["key"].to_pylist()
+
+
+def test_damaged_cached_vectors_are_embedded_again_and_training_loads_refuse(tmp_path, texture_dir, tiny_model):
+    from featurebank.errors import StoreError
+    from featurebank.workflow import train_classifier
+
+    store = tmp_path / "store"
+    clean = embed_images(texture_dir, tiny_model, store=store, batch_size=8, progress=False)
+    (space,) = open_store(store).spaces()
+    shard = space.shards()[1]
+    damaged_keys = _overwrite_8_bytes_of_a_vector(shard)
+    assert len(damaged_keys) == 8 and not open_store(store).verify().ok
+    hint = rf"{shard} \(record batch 0\): vectors do not match their checksum.*store verify {store} --quarantine"
+
+    # loads for training read the store as it is: they refuse, naming the shard
+    with pytest.raises(StoreError, match=hint):
+        load_embeddings(texture_dir, tiny_model, store, progress=False)
+    with pytest.raises(StoreError, match=hint):
+        train_classifier(texture_dir, tiny_model, tmp_path / "clf.skops", store=store, progress=False)
+    assert shard.exists()
+
+    # embed treats the damaged rows as missing: the shard goes to quarantine, its images are embedded again
+    again = embed_images(texture_dir, tiny_model, store=store, batch_size=8, progress=False)
+    r = again.report
+    assert (r.embedded, r.cached, r.damaged, r.failed) == (8, 22, 8, 0)
+    assert r.quarantined == [str(store / "quarantine" / space.fingerprint / shard.name)] and not shard.exists()
+    assert "8 cached vectors failed their checksum and were embedded again" in r.summary()
+    assert again.ok.all()
+    np.testing.assert_allclose(again.X, clean.X, rtol=1e-6, atol=1e-6)
+    st = open_store(store)
+    assert st.verify().ok
+    X, found = st.spaces()[0].get(damaged_keys)
+    assert found.all()
+    np.testing.assert_allclose(X, clean.X[[clean.keys.index(k) for k in damaged_keys]], rtol=1e-6, atol=1e-6)
+    third = embed_images(texture_dir, tiny_model, store=store, progress=False)
+    assert (third.report.embedded, third.report.cached, third.report.damaged) == (0, 30, 0)
+    Xl, *_ = load_embeddings(texture_dir, tiny_model, store, progress=False)
+    np.testing.assert_array_equal(Xl, third.X)

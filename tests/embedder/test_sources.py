@@ -154,8 +154,15 @@ def test_source_errors(tmp_path):
     with pytest.raises(ImageSourceError, match=r"unknown image list format '\.json'.*\.txt, \.csv, \.parquet"):
         list_images(tmp_path / "list.json")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageSourceError, match=r"found no images under '.*empty' \(looked for \.jpg, "):
+    with pytest.raises(ImageSourceError, match=r"found no images under '.*empty' \(looked for the file endings of "
+                       r"JPEG, .*PNG.*, case-insensitive\)$"):
         list_images(tmp_path / "empty")
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    (tmp_path / "empty" / "README").write_text("x")
+    with pytest.raises(ImageSourceError, match=r"case-insensitive; skipped 2 other files \(\(no extension\), \.txt\)\)$"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(ImageSourceError, match=r"\(looked for \.png, case-insensitive; skipped 2 other files"):
+        list_images(tmp_path / "empty", extensions=["png"])
     with pytest.raises(ImageSourceError, match=r"no image source given"):
         list_images([])
     with pytest.raises(TypeError, match=r"an image source must be a path; got int"):

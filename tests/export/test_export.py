@@ -206,3 +206,16 @@ def test_vit_avg_pool_leaves_out_the_class_token_like_timm(tmp_path):
     got = run(tmp_path / "m.onnx", x)["embedding"]
     assert lb.model.num_prefix_tokens >= 1
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("typo,suggestions", [
+    # registered names are timm names too: each is suggested once
+    ("efficentnet_lite0", "efficientnet_lite0, efficientnet_lite4, efficientnet_lite3, efficientnet_lite2, "
+                          "efficientnet_lite1"),
+    ("test_resnt", "test_resnet, test_nfnet, test_vit, test_vit_relpos, test_byobnet"),
+])
+def test_backbone_suggestions_name_each_backbone_once(typo, suggestions):
+    from featurebank.errors import UnknownBackboneError
+
+    with pytest.raises(UnknownBackboneError, match=rf"unknown backbone '{typo}'\. Did you mean: {suggestions}\? Run"):
+        get_backbone(typo)

@@ -110,7 +110,8 @@ def test_search_by_image_and_index_build_from_source(capsys, tmp_path, photo_dir
     assert code == 0 and "vectors" in out, err
     idx = open_index(tmp_path / "idx")
     assert idx.count == len(list(photo_dir.glob("*.jpg")))
-    queries, hits = search_images([photo_dir / "coffee.jpg"], tmp_path / "idx", tiny_model, k=3)
+    queries, hits, failures = search_images([photo_dir / "coffee.jpg"], tmp_path / "idx", tiny_model, k=3)
+    assert failures == [] and len(queries) == 1
     assert hits[0][0].path.endswith("coffee.jpg") and hits[0][0].score > 0.999
     code, out, _ = cli(capsys, "search", photo_dir / "chelsea.jpg", "--index", tmp_path / "idx", "--model", tiny_model,
                        "-k", "2", "--json")
