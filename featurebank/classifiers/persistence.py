@@ -39,11 +39,13 @@ use memory out of proportion to a limit the caller sets. What loading does, in o
    header agrees with the member's size; together with the schema they stay within ``max_bytes``.
 5. Only then skops rebuilds the estimator (classes: ``__new__`` + ``__setstate__``; never
    ``pickle``), and the header must agree with it (estimator type, number of classes).
+   Decision trees (``sklearn.tree._tree.Tree``, whose node indices scikit-learn follows
+   without bounds checks) must point forward, inside the tree and inside the features.
 
 What this does not defend against: bugs in numpy, scikit-learn, scipy, FAISS or skops
-themselves when fed crafted *values* of allowed types (for example out-of-range node
-indices in a decision tree's arrays, or a FAISS index blob whose inner sizes are absurd,
-which the compiled code trusts), and a file whose size is within the cap you set. Only load
+themselves when fed crafted *values* of allowed types that compiled code trusts (for
+example the node arrays of HistGradientBoosting's ``TreePredictor`` or of ``KDTree`` /
+``BallTree``, or a FAISS index blob whose inner sizes are absurd), and a file whose size is within the cap you set. Only load
 files from sources you would run a scikit-learn model from; raise ``max_bytes`` only for
 files you trust.
 
@@ -482,7 +484,7 @@ def _check_array_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) 
         )
 
 
-def _rebuild(path: Path, model_bytes: bytes, max_bytes: int) -> Any:
+def _rebuild(path: Path, model_bytes: bytes, max_bytes: int) -> tuple[Any, set]:
     try:
         with zipfile.ZipFile(io.BytesIO(model_bytes)) as zf:
             infos = zf.infolist()
@@ -520,12 +522,49 @@ def _rebuild(path: Path, model_bytes: bytes, max_bytes: int) -> Any:
     import skops.io
 
     try:
-        return skops.io.loads(model_bytes, trusted=sorted(names))
+        return skops.io.loads(model_bytes, trusted=sorted(names)), names
     except Exception as exc:
         raise ClassifierFileError(
             f"{str(path)!r} holds an estimator that cannot be rebuilt ({type(exc).__name__}: {exc}); "
             "it may be corrupt or written by an incompatible scikit-learn: retrain and save it again"
         ) from None
+
+
+def _check_trees(path: Path, estimator: Any, names: "set[str]") -> None:
+    """Decision trees hold raw node indices that scikit-learn follows without bounds checks at
+    predict time: refuse any that point outside the tree, backwards (a loop) or past the features."""
+    if "sklearn.tree._tree.Tree" not in names:
+        return
+    import numpy as np
+    from sklearn.tree._tree import Tree
+
+    seen, stack = set(), [(estimator, None)]
+    while stack:
+        obj, owner = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Tree):
+            n = obj.node_count
+            ok = 0 <= n <= obj.capacity and (owner is None or obj.n_features == getattr(owner, "n_features_in_", -1))
+            if ok and n:
+                left, right, feature = obj.children_left, obj.children_right, obj.feature
+                idx = np.arange(n)
+                inner = left != -1
+                ok = bool(np.array_equal(inner, right != -1) and np.all(
+                    (left[inner] > idx[inner]) & (left[inner] < n) & (right[inner] > idx[inner]) & (right[inner] < n)
+                    & (feature[inner] >= 0) & (feature[inner] < obj.n_features)))
+            if not ok:
+                raise ClassifierFileError(
+                    f"{str(path)!r} holds a decision tree whose nodes point outside the tree or its features: the "
+                    "file is corrupt or crafted; do not load it"
+                )
+        elif isinstance(obj, (list, tuple)) or (isinstance(obj, np.ndarray) and obj.dtype == object):
+            stack.extend((item, owner) for item in obj)
+        elif isinstance(obj, dict):
+            stack.extend((item, owner) for item in obj.values())
+        elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("sklearn.", "featurebank.")):
+            stack.extend((item, obj) for item in vars(obj).values())
 
 
 def load_classifier(
@@ -570,8 +609,9 @@ def load_classifier(
             "meaningless: embed your images with the model it was trained on, or retrain the classifier "
             "on vectors of your current model"
         )
-    estimator = _rebuild(path, model_bytes, max_bytes)
+    estimator, names = _rebuild(path, model_bytes, max_bytes)
     del model_bytes
+    _check_trees(path, estimator, names)
     expected_type = header["estimator_type"]
     actual_type = f"{type(estimator).__module__}.{type(estimator).__qualname__}"
     if actual_type != expected_type:

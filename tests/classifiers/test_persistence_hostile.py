@@ -311,3 +311,18 @@ def test_deep_nesting_and_other_protocols_are_refused(good, tmp_path):
 def test_a_good_file_still_loads_in_a_fresh_interpreter(good):
     result = load_in_subprocess(good)
     assert result["error"] is None and result["stdout"] == ""
+
+
+@pytest.mark.parametrize("damage", ["out_of_range", "backwards", "feature"])
+def test_decision_trees_with_wild_node_indices_are_refused(tmp_path, vectors, damage):
+    """scikit-learn follows a tree's child and feature indices without bounds checks at predict time."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    X, y = vectors
+    clf = DecisionTreeClassifier(random_state=0).fit(X, y)
+    column = {"out_of_range": "children_left", "backwards": "children_right", "feature": "feature"}[damage]
+    getattr(clf.tree_, column)[0] = {"out_of_range": 10**6, "backwards": 0, "feature": 999}[damage]
+    path = save_classifier(clf, tmp_path / "tree.fbclf", fingerprint=SPACE)
+    with pytest.raises(ClassifierFileError, match=r"holds a decision tree whose nodes point outside the tree or its "
+                       r"features: the file is corrupt or crafted; do not load it"):
+        load_classifier(path, fingerprint=SPACE)
