@@ -123,3 +123,57 @@ def test_search_by_image_and_index_build_from_source(capsys, tmp_path, photo_dir
     export_backbone("test_resnet", tmp_path / "other.onnx", weights="random", input_format="uint8")
     with pytest.raises(FingerprintMismatchError, match="query with the model the index was built from"):
         search_images([photo_dir / "coffee.jpg"], tmp_path / "idx", tmp_path / "other.onnx")
+
+
+def _run_cli(*argv, timeout=60):
+    """The real command line in a child process; a hang fails the test instead of blocking it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "featurebank", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _folder_with_special_files(root, good):
+    """Links to real photos, a FIFO and a link to /dev/zero named like images."""
+    import os
+
+    root.mkdir()
+    for p in good:
+        os.symlink(p, root / p.name)
+    os.mkfifo(root / "fifo.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    return root
+
+
+def test_predict_and_search_without_a_store_refuse_special_files_and_finish(capsys, tmp_path, texture_dir, photo_dir,
+                                                                            tiny_model):
+    clf = tmp_path / "clf.fbclf"
+    train_classifier(texture_dir, tiny_model, clf, store=tmp_path / "s", classifier="prototype")
+    good = sorted((texture_dir / "grass").glob("*.jpg"))[:2]
+    q = _folder_with_special_files(tmp_path / "q", good)
+    r = _run_cli("predict", q, "--classifier", clf, "--model", tiny_model, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = {row["path"]: row for row in csv.DictReader(io.StringIO(r.stdout))}
+    assert sorted(rows) == sorted(str(q / n) for n in ("fifo.jpg", "zero.jpg", *(p.name for p in good)))
+    for p in good:
+        assert rows[str(q / p.name)]["label"] in {"brick", "grass", "gravel"} and rows[str(q / p.name)]["error"] == ""
+    for name in ("fifo.jpg", "zero.jpg"):
+        assert rows[str(q / name)]["label"] == ""
+        assert rows[str(q / name)]["error"] == f"{q / name}: not a regular file (a pipe, socket or device)"
+
+    code, out, err = cli(capsys, "index", "build", photo_dir, "--store", tmp_path / "s2", "--model", tiny_model,
+                         "--index", tmp_path / "idx")
+    assert code == 0, err
+    r = _run_cli("search", q / "fifo.jpg", photo_dir / "coffee.jpg", q / "zero.jpg", "--index", tmp_path / "idx",
+                 "--model", tiny_model, "-k", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"query {photo_dir / 'coffee.jpg'}\n    1 ") and "coffee.jpg" in r.stdout.splitlines()[1]
+    failed = [line for line in r.stderr.splitlines() if line.startswith("failed:")]
+    assert failed == [f"failed: {q / n}: not a regular file (a pipe, socket or device)" for n in ("fifo.jpg", "zero.jpg")]
+    r = _run_cli("search", q / "fifo.jpg", "--index", tmp_path / "idx", "--model", tiny_model)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"featurebank: error: query image could not be embedded: {q / 'fifo.jpg'}: not a regular file "
+        "(a pipe, socket or device)"
+    )
