@@ -45,8 +45,9 @@ use memory out of proportion to a limit the caller sets. What loading does, in o
 What this does not defend against: bugs in numpy, scikit-learn, scipy, FAISS or skops
 themselves when fed crafted *values* of allowed types that compiled code trusts (for
 example the node arrays of HistGradientBoosting's ``TreePredictor`` or of ``KDTree`` /
-``BallTree``, or a FAISS index blob whose inner sizes are absurd), and a file whose size is within the cap you set. Only load
-files from sources you would run a scikit-learn model from; raise ``max_bytes`` only for
+``BallTree``, or a FAISS index blob whose inner sizes are absurd), and a file whose size is
+within the cap you set. Only load files from sources you would run a scikit-learn model
+from; raise ``max_bytes`` only for
 files you trust.
 
 >>> # save_classifier(probe, "cats.fbclf", fingerprint=card.output().fingerprint)
