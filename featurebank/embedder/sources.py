@@ -82,7 +82,8 @@ class ImageList:
             return ""
         n = sum(self.skipped.values())
         counts = ", ".join(f"{ext or '(no extension)'} {c}" for ext, c in self.skipped.items())
-        return f"skipped {n} file{'s' if n != 1 else ''} that {'are' if n != 1 else 'is'} not in an accepted image format, by extension: {counts}"
+        files, verb = ("files", "are") if n != 1 else ("file", "is")
+        return f"skipped {n} {files} that {verb} not in an accepted image format, by extension: {counts}"
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -160,7 +161,8 @@ def _list_one(src: str, exts: tuple[str, ...], skipped: dict[str, int]) -> tuple
         here: dict[str, int] = {}
         p, lab = _walk_folder(path, exts, here)
         if not p:
-            seen = f"; skipped {sum(here.values())} other files ({', '.join(e or '(no extension)' for e in sort_skipped(here))})" if here else ""
+            others = ", ".join(e or "(no extension)" for e in sort_skipped(here))
+            seen = f"; skipped {sum(here.values())} other files ({others})" if here else ""
             wanted = (f"the file endings of {', '.join(ACCEPTED_FORMATS)}" if exts == IMAGE_EXTENSIONS
                       else ", ".join(exts))
             raise ImageSourceError(f"found no images under {src!r} (looked for {wanted}, case-insensitive{seen})")

@@ -23,7 +23,7 @@ from featurebank.distributed.locations import list_sources
 from featurebank.embedder.decode import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, decode_image
 from featurebank.embedder.files import MAX_FILE_BYTES, open_image_file
 from featurebank.embedder.pipeline import embed_images
-from featurebank.embedder.sources import list_images
+from featurebank.embedder.sources import ImageList, list_images
 from featurebank.errors import ImageDecodeError
 from featurebank.store import open_store
 
@@ -135,6 +135,9 @@ def test_folder_walk_takes_every_accepted_format_and_counts_the_rest(tmp_path, p
     assert images.skipped == {".txt": 2, ".pcx": 1, ".psd": 1}
     assert images.skipped_summary() == (
         "skipped 4 files that are not in an accepted image format, by extension: .txt 2, .pcx 1, .psd 1"
+    )
+    assert ImageList(paths=[], labels=[], skipped={"": 1}).skipped_summary() == (
+        "skipped 1 file that is not in an accepted image format, by extension: (no extension) 1"
     )
     # the distributed listing (local paths) agrees and keeps the counts
     assert list_sources([tmp_path / "mixed"]).skipped == images.skipped
