@@ -52,8 +52,8 @@ only these formats, so what ``embed`` picks up and what the service accepts are 
 The list is the raster picture formats the *installed* Pillow decodes completely: JPEG (and
 MPO, multi-picture JPEG from cameras), PNG, WebP, AVIF, GIF, BMP/DIB, TIFF, JPEG 2000, ICO,
 PPM/PGM/PBM and TGA, each kept only when Pillow was built with its codec (``features.check``).
-Left out on purpose although Pillow registers them: layered documents (PSD: Pillow reads only
-the flattened preview), formats that need an outside program or have no decoder in Pillow
+Left out on purpose although Pillow registers them: layered documents (PSD: Pillow reads the
+merged image only, and not every bit depth), formats that need an outside program or have no decoder in Pillow
 (EPS, WMF, BUFR, GRIB, HDF5, MPEG), and specialised containers whose pixels are not photos
 (FITS, DDS, ICNS, CUR, fonts and brushes, ...). Reasons for refusals never quote the file's
 bytes.
