@@ -183,15 +183,14 @@ class _Drain:
     then, and any that arrive later, get 503 with ``Retry-After`` (never a 500).
     """
 
-    def __init__(self, engine: ServiceEngine) -> None:
-        self.engine = engine
+    def __init__(self) -> None:
         self.draining = False
         self.running: set[asyncio.Timeout] = set()
 
     def begin(self, grace_s: float) -> None:
         """Called on the event loop when the server starts to shut down."""
+        # the engine is stopped later, by the app's shutdown, once these requests are done
         self.draining = True
-        self.engine.stopping = True  # new embeddings get 503, /readyz 503
         deadline = asyncio.get_running_loop().time() + grace_s
         for timeout in self.running:
             timeout.reschedule(deadline)
@@ -432,7 +431,7 @@ def create_app(
     """
     config = config or ServiceConfig()
     engine = ServiceEngine(model, classifier=classifier, index=index, config=config)
-    drain = _Drain(engine)
+    drain = _Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -528,9 +527,9 @@ def create_app(
     @app.get("/readyz", response_model=Health, tags=["health"], responses=_problems(503),
              summary="the model is loaded and warmed up")
     async def readyz() -> Any:
-        if engine.ready and not engine.stopping:
+        if engine.ready and not engine.stopping and not drain.draining:
             return {"status": "ready"}
-        state = "stopping" if engine.stopping else "warming up"
+        state = "stopping" if engine.stopping or drain.draining else "warming up"
         return JSONResponse({"detail": f"not ready: {state}"}, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics", tags=["health"], dependencies=protected, responses=_problems(*auth_codes),

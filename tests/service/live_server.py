@@ -1,14 +1,18 @@
-"""A real uvicorn server on 127.0.0.1 (random free port) in a thread, and a Prometheus text
-reader, shared by the service tests (a module of its own: `conftest` is not importable by
+"""A real uvicorn server on 127.0.0.1 (random free port) in a thread, ``featurebank serve`` in a
+subprocess, and a Prometheus text reader, shared by the service tests (a module of its own: `conftest` is not importable by
 name when several test folders have one)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -29,7 +33,7 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def run_server(app, *, graceful_timeout_s: float = 10.0, wait_ready: bool = True):
+def run_server(app, *, graceful_timeout_s: float | None = 10.0, wait_ready: bool = True):
     """Serve ``app`` with a real uvicorn server on 127.0.0.1 in a thread; yields a LiveServer."""
     from featurebank.service import make_server
 
@@ -71,3 +75,52 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if sample == target:
             return float(value)
     return 0.0
+
+
+@dataclass
+class ServeProcess:
+    """``featurebank serve`` in a subprocess; its stderr goes to ``log`` (a file)."""
+
+    proc: subprocess.Popen
+    url: str
+    port: int
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM (peak resident set) of the server process, in MiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], log: Path, *, env: dict | None = None, ready_timeout: float = 90.0):
+    """Run ``featurebank serve ARGS --port <free>`` until it is ready; SIGKILL on the way out if
+    it is still running (a test that expects it to stop sends SIGTERM itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "featurebank", "serve", *args, "--port", str(port)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=err)
+    served = ServeProcess(proc, f"http://127.0.0.1:{port}", port, log)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                if httpx.get(f"{served.url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"featurebank serve did not become ready:\n{served.stderr()}")
+            time.sleep(0.1)
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -7,6 +7,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from live_server import metric_value, run_server
@@ -248,3 +249,52 @@ def test_classifier_of_another_vector_space_is_refused_at_start(assets, tmp_path
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ServiceConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def huge_jpegs(photos) -> list[bytes]:
+    """Two distinct 10000x8800 (88 megapixel) JPEGs of a real photo, about 3 MB each: under
+    the per-image pixel limit, 350 MB of memory each when decoded at full size."""
+    img = Image.fromarray(photos["astronaut"]).resize((10000, 8800), Image.Resampling.BILINEAR)
+    out = []
+    for i in range(2):
+        img.putpixel((0, 0), (i, i, i))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.mark.slow
+def test_pixel_budget_per_request_is_413_before_decoding_and_bounds_memory(assets, huge_jpegs, tmp_path):
+    from live_server import serve_process
+
+    args = ["--model", str(assets.model), "--decode-mode", "exact", "--threads", "1", "--decode-workers", "2",
+            "--max-request-pixels", "100000000"]
+    with serve_process(args, tmp_path / "serve.log") as served, httpx.Client(base_url=served.url, timeout=60) as c:
+        base = served.peak_rss_mb()
+        t = time.perf_counter()
+        over = c.post("/v1/embed", files=[("image", (f"{i}.jpg", huge_jpegs[0], "image/jpeg")) for i in range(4)])
+        over_s = time.perf_counter() - t
+        refused_peak = served.peak_rss_mb() - base
+        decoded = metric_value(c.get("/metrics").text, "featurebank_stage_duration_seconds_count", stage="decode")
+        # two requests of one such image each, at once: under the budget one by one, but the
+        # budget also holds for the pixels being decoded across requests, so they take turns
+        with ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda d: c.post("/v1/embed", content=d, headers=JPEG), huge_jpegs))
+        served_peak = served.peak_rss_mb() - base
+    assert over.status_code == 413
+    assert over.json()["detail"] == (
+        "the 4 images of this request have 352,000,000 pixels in all, over the per-request budget of 100,000,000 "
+        "(server --max-request-pixels); split them into requests of at most 100,000,000 pixels each "
+        "(at least 4 requests)")
+    assert decoded == 0 and over_s < 5.0
+    assert refused_peak < 100, f"refusing 4 x 88 MP from their headers raised the peak RSS by {refused_peak:.0f} MiB"
+    assert [r.status_code for r in both] == [200, 200]
+    # one 88 MP decode takes ~350 MiB; two at once took ~700 MiB before the shared budget
+    assert served_peak < 520, f"two 88 MP images in two requests raised the peak RSS by {served_peak:.0f} MiB"
+
+
+def test_max_request_pixels_must_hold_one_image_of_max_pixels():
+    with pytest.raises(ValueError, match=r"max_request_pixels \(1,000,000\) must be at least max_pixels \(89,478,485\)"):
+        ServiceConfig(max_request_pixels=1_000_000)
