@@ -649,6 +649,7 @@ class ServiceEngine:
                 "with_files": len(self.paths)},
             "limits": {k: v for k, v in self.config.public_dict().items()
                        if k in ("max_batch", "max_wait_ms", "queue_size", "max_images", "max_body_mb", "max_pixels",
-                                "timeout_s", "top_k", "max_k")},
+                                "max_request_pixels", "timeout_s", "header_timeout_s", "body_timeout_s",
+                                "max_connections", "top_k", "max_k")},
             "auth": self.config.api_key is not None,
         }
