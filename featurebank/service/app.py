@@ -7,7 +7,8 @@ uses uvicorn)::
     app = create_app("model.onnx", classifier="textures.fbclf", index="photos.idx",
                      config=ServiceConfig(max_batch=32, api_key="s3cret"))
 
-Routes (OpenAPI at ``/openapi.json``, interactive docs at ``/docs``):
+Routes (OpenAPI at ``/openapi.json``, interactive docs at ``/docs``; with an API key set,
+these need it too):
 
 =========================  ================================================================
 ``POST /v1/embed``         vectors of one or many images (JSON, or raw float32 with
@@ -246,14 +247,14 @@ class _Limits:
                 body_done = True
             return message
 
-        if self.drain.draining:
-            await _send_problem(send_status, 503, _SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
-            return
         declared = _content_length(scope)
         metrics.in_flight.inc()
         shutdown = asyncio.timeout(None)  # rescheduled by _Drain.begin
         self.drain.running.add(shutdown)
         try:
+            if self.drain.draining:
+                await _send_problem(send_status, 503, _SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
+                return
             async with shutdown:
                 if declared is not None and declared > limit:
                     # read what the client is still sending (for a while), so that it reads
