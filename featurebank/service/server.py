@@ -15,9 +15,9 @@ __all__ = ["serve", "make_server"]
 log = logging.getLogger("featurebank.service")
 
 
-_408 = b'{"detail":"the request headers were not received in time (server --header-timeout-s)"}'
+_HEADERS_TOO_SLOW = b'{"detail":"the request headers were not received in time (server --header-timeout-s)"}'
 _408_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                 b"content-length: " + str(len(_408)).encode() + b"\r\n\r\n" + _408)
+                 b"content-length: " + str(len(_HEADERS_TOO_SLOW)).encode() + b"\r\n\r\n" + _HEADERS_TOO_SLOW)
 
 
 def _protocol_class(header_timeout_s: float):

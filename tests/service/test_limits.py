@@ -243,6 +243,10 @@ def test_classifier_of_another_vector_space_is_refused_at_start(assets, tmp_path
     ({"max_batch": 0}, "max_batch must be a positive integer; got max_batch=0"),
     ({"queue_size": 4, "max_images": 8}, r"queue_size \(4\) must be at least max_images \(8\)"),
     ({"timeout_s": 0}, "timeout_s must be a positive number; got timeout_s=0"),
+    ({"header_timeout_s": -1}, "header_timeout_s must be a positive number; got header_timeout_s=-1"),
+    ({"body_timeout_s": 0}, "body_timeout_s must be a positive number; got body_timeout_s=0"),
+    ({"max_connections": 0}, "max_connections must be a positive integer; got max_connections=0"),
+    ({"expose_paths": "yes"}, "expose_paths must be True or False; got expose_paths='yes'"),
     ({"api_key": " "}, "api_key must be a non-empty string or None"),
     ({"decode_mode": "quick"}, "decode_mode must be one of exact, fast or None; got 'quick'"),
 ])

@@ -64,6 +64,8 @@ def test_serve_process_with_env_key_and_sigterm(assets, photo_dir):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--max-batch", "0"], "max_batch must be a positive integer; got max_batch=0"),
     (["--queue-size", "8"], r"queue_size \(8\) must be at least max_images \(64\)"),
+    (["--max-request-pixels", "1000"], r"max_request_pixels \(1,000\) must be at least max_pixels \(89,478,485\)"),
+    (["--graceful-timeout-s", "-1"], "graceful_timeout_s must be a number >= 0; got graceful_timeout_s=-1"),
 ])
 def test_serve_bad_options_are_one_line_errors(assets, capsys, argv, message):
     assert main(["serve", "--model", str(assets.model), *argv]) == 2
