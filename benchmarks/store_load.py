@@ -5,8 +5,12 @@
 The store is filled the way an embedding run fills it (one shard per batch of --shard-rows),
 then measured twice: as written (many small shards) and after compact(). Each load opens the
 store afresh (builds the key map) and fetches every key in a shuffled order; the peer loads a
-.npy of the same matrix in stored order (no keys, no reordering). Files are read once before
-timing so both sides run from the page cache. Prints and writes JSON (--json-out).
+.npy of the same matrix in stored order (no keys, no reordering). Store loads are timed with
+the checksum check on (``get()``, the default: each record batch's ``featurebank.sum2d`` is
+verified the first time an opened store reads it, so every timed load pays it in full) and
+off (``get(verify=False)``, reads as they were before verified reads existed), alternating,
+so noise from a shared machine hits both alike. Files are read once before timing so both sides
+run from the page cache. Prints and writes JSON (--json-out).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -24,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from featurebank.store import open_store  # noqa: E402
 
@@ -64,11 +69,21 @@ def main() -> None:
                 space.add(keys[s : s + a.shard_rows], X[s : s + a.shard_rows])
         t_write = time.perf_counter() - t0
 
-        def load_store(q=query):
+        def load_store(q=query, verify=True):
             with open_store(Path(tmp) / "store") as st:
-                Y, found = st.space(fp).get(q)
+                Y, found = st.space(fp).get(q, verify=verify)
             assert found.all()
             return Y
+
+        def best_pair(q=query):
+            """(unverified, verified) best times, the two runs interleaved."""
+            plain, checked = [], []
+            for _ in range(a.repeat):
+                for verify, out in ((False, plain), (True, checked)):
+                    t0 = time.perf_counter()
+                    load_store(q, verify)
+                    out.append(time.perf_counter() - t0)
+            return min(plain), min(checked)
 
         perm = np.array([order_of[k] for k in query])
 
@@ -86,8 +101,8 @@ def main() -> None:
         np.load(npy)
         t_npy = _best(lambda: np.load(npy), a.repeat)
         t_npy_shuffled = _best(load_npy_shuffled, a.repeat)
-        t_store_many = _best(load_store, a.repeat)
-        t_store_inorder = _best(lambda: load_store(keys), a.repeat)
+        t_store_many, t_verified_many = best_pair()
+        t_store_inorder, t_verified_inorder = best_pair(keys)
         t_index_many = _best(build_index, a.repeat)
         n_shards_before = len(space.shards())
         t0 = time.perf_counter()
@@ -96,7 +111,7 @@ def main() -> None:
             n_shards_after = len(store.space(fp).shards())
         t_compact = time.perf_counter() - t0
         load_store()
-        t_store_compact = _best(load_store, a.repeat)
+        t_store_compact, t_verified_compact = best_pair()
         t_index_compact = _best(build_index, a.repeat)
 
     res = {
@@ -106,6 +121,12 @@ def main() -> None:
         "store_get_shuffled_s_many_shards": round(t_store_many, 4),
         "store_get_shuffled_s_compacted": round(t_store_compact, 4),
         "store_get_in_write_order_s_many_shards": round(t_store_inorder, 4),
+        "verified_get_shuffled_s_many_shards": round(t_verified_many, 4),
+        "verified_get_shuffled_s_compacted": round(t_verified_compact, 4),
+        "verified_get_in_write_order_s_many_shards": round(t_verified_inorder, 4),
+        "ratio_verified_over_unverified_shuffled_many_shards": round(t_verified_many / t_store_many, 3),
+        "ratio_verified_over_unverified_shuffled_compacted": round(t_verified_compact / t_store_compact, 3),
+        "ratio_verified_over_unverified_in_order_many_shards": round(t_verified_inorder / t_store_inorder, 3),
         "np_load_then_shuffle_s": round(t_npy_shuffled, 4),
         "ratio_store_shuffled_over_npy_shuffled_many_shards": round(t_store_many / t_npy_shuffled, 2),
         "ratio_store_in_order_over_npy_many_shards": round(t_store_inorder / t_npy, 2),
@@ -117,8 +138,7 @@ def main() -> None:
         "compact_s": round(t_compact, 3),
         "shards_before_compact": n_shards_before,
         "shards_after_compact": n_shards_after,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "versions": {"numpy": np.__version__, "pyarrow": __import__("pyarrow").__version__},
+        "machine": {**machine_info(), "platform": platform.platform(), "pyarrow": __import__("pyarrow").__version__},
     }
     text = json.dumps(res, indent=2)
     print(text)

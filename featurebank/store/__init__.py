@@ -18,8 +18,14 @@ Layout (format version 1; everything is an open format)::
 
 Each shard is an uncompressed Arrow IPC file (Feather v2) with columns ``key`` (string,
 64-char sha256 hex) and ``vector`` (``fixed_size_list<float32 or float16>[dim]``); each
-record batch carries a ``featurebank.sha256`` checksum of its key and vector bytes. Read one
-without featurebank::
+record batch carries a ``featurebank.sha256`` and a ``featurebank.sum2d`` checksum of its key
+and vector bytes. Reads are verified: the first time an opened space reads a batch its sum2d
+is checked (on a small thread pool, overlapping the copy), and a batch that fails refuses
+with a StoreError naming the shard and ``featurebank store verify --quarantine``; damaged
+vectors are never served, and never silently reported as missing. An embedding run instead
+quarantines such shards (keeping their intact batches) and embeds their images again.
+File names that are not UTF-8 are kept exactly in the catalog and shown escaped
+(:func:`printable`). Read a shard without featurebank::
 
     import pyarrow.feather as feather, numpy as np
     t = feather.read_table("STORE/spaces/<fp>/shards/<name>.arrow")

@@ -6,15 +6,17 @@ One shard is an uncompressed Arrow IPC *file* (so it can be memory-mapped, zero 
 * ``vector`` : ``fixed_size_list<float32 | float16>[dim]``
 
 Schema metadata carries ``featurebank.space`` (the space fingerprint) and
-``featurebank.store_format``; each record batch carries two checksums of its key bytes
-followed by its vector bytes in its custom metadata:
+``featurebank.store_format``; each record batch carries two checksums of its key and vector
+bytes in its custom metadata:
 
-* ``featurebank.crc32`` (8 hex digits, zlib's CRC-32), checked the first time a reader
-  touches the batch (:meth:`Block.verify`), so damaged vectors are never served: CRC-32 runs
-  at memory speed (~6 GB/s), where sha256 would cost more than the read itself;
-* ``featurebank.sha256``, which ``store verify`` (:func:`check_blocks`) recomputes as well.
+* ``featurebank.sum2d`` (:func:`batch_sum2d`), checked the first time a reader touches the
+  batch (:meth:`Block.verify`), so damaged vectors are never served. It runs at memory speed
+  (two numpy integer reductions, ~45 GB/s; zlib's CRC-32 manages ~6.5 GB/s and sha256 ~1.9,
+  which would make a verified load 1.4x and 2x slower, benchmarks/RESULTS.md);
+* ``featurebank.sha256``, the cryptographic digest, which ``store verify``
+  (:func:`check_blocks`) recomputes as well.
 
-Shards written before ``featurebank.crc32`` existed are verified on read with their sha256.
+Shards written before ``featurebank.sum2d`` existed are verified on read with their sha256.
 Both are plain metadata entries: readers that do not know them ignore them. Plain pyarrow reads a shard with
 ``pyarrow.feather.read_table(path)`` or ``pyarrow.ipc.open_file(path).read_all()``.
 
@@ -30,9 +32,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 import uuid
-import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -236,10 +239,37 @@ def batch_checksum(keys: np.ndarray, X: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def batch_crc32(keys: np.ndarray, X: np.ndarray) -> str:
-    """CRC-32 of the key bytes followed by the vector bytes, as 8 lowercase hex digits."""
-    crc = zlib.crc32(memoryview(np.ascontiguousarray(keys)).cast("B"))
-    return f"{zlib.crc32(memoryview(np.ascontiguousarray(X)).cast('B'), crc):08x}"
+_LINE = 4096  # bytes per line of the 2-D sums: 512 lanes of 8 bytes
+
+
+def _sums2d(buf: np.ndarray) -> bytes:
+    """The bytes of ``buf`` as lines of 4 KiB, each line 512 little-endian uint64 lanes
+    (the last line zero-padded): the sum of each line and the sum of each lane, mod 2**64,
+    plus the byte length."""
+    raw = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    k = len(raw) // _LINE
+    main = raw[: k * _LINE].view("<u8").reshape(k, _LINE // 8)
+    tail = np.zeros(_LINE, np.uint8)
+    tail[: len(raw) - k * _LINE] = raw[k * _LINE :]
+    with np.errstate(over="ignore"):
+        lines = main.sum(axis=1, dtype=np.uint64)
+        lanes = main.sum(axis=0, dtype=np.uint64)
+    return lines.tobytes() + lanes.tobytes() + tail.tobytes() + len(raw).to_bytes(8, "little")
+
+
+def batch_sum2d(keys: np.ndarray, X: np.ndarray) -> str:
+    """The read-time checksum of a batch: sha256 (first 32 hex digits) of the 2-D sums of its
+    key bytes and of its vector bytes.
+
+    Each byte string is laid out as lines of 4 KiB, each line as 512 uint64 lanes, and both the
+    line sums and the lane sums (mod 2**64) enter the digest. A change confined to one line or
+    to one lane is always detected (a nonzero change of one word changes its line's sum, and
+    changes to several words of one line change their distinct lanes); so is a pair of
+    changed words anywhere, and an 8-byte overwrite, a zeroed page or a truncated tail. Two
+    rows swapped are detected unless their word sums are equal mod 2**64. Changes that cancel
+    in every line and every lane at once (+d, -d, -d, +d at the corners of a rectangle) are
+    not: ``store verify`` recomputes the sha256 as well. Costs two memory-speed passes."""
+    return hashlib.sha256(_sums2d(keys) + _sums2d(X)).hexdigest()[:32]
 
 
 def make_batch(keys: np.ndarray, X: np.ndarray, schema: pa.Schema) -> tuple[pa.RecordBatch, dict[str, str]]:
@@ -251,7 +281,7 @@ def make_batch(keys: np.ndarray, X: np.ndarray, schema: pa.Schema) -> tuple[pa.R
     values = pa.array(X.reshape(-1), type=schema.field("vector").type.value_type)
     vec = pa.FixedSizeListArray.from_arrays(values, dim)
     batch = pa.record_batch([key_arr, vec], schema=schema)
-    return batch, {"featurebank.sha256": batch_checksum(keys, X), "featurebank.crc32": batch_crc32(keys, X)}
+    return batch, {"featurebank.sha256": batch_checksum(keys, X), "featurebank.sum2d": batch_sum2d(keys, X)}
 
 
 class ShardWriter:
@@ -326,7 +356,7 @@ class Block:
     """One record batch of a shard, memory-mapped.
 
     keys : (n,) S64 view into the file; vectors : (n, dim) float32/float16 view into the file;
-    checksum, crc32 : the batch's ``featurebank.sha256`` / ``featurebank.crc32`` (None if absent).
+    checksum, sum2d : the batch's ``featurebank.sha256`` / ``featurebank.sum2d`` (None if absent).
     """
 
     shard: str
@@ -334,17 +364,17 @@ class Block:
     keys: np.ndarray
     vectors: np.ndarray
     checksum: str | None
-    crc32: str | None = None
+    sum2d: str | None = None
     #: result of :meth:`verify`, computed once per opened shard (None: not checked yet)
     intact: bool | None = field(default=None, compare=False)
 
     def verify(self) -> bool:
-        """True if the batch's bytes match its checksum (CRC-32, or sha256 for shards written
-        without one; a batch with neither is not intact). Computed once, then remembered:
+        """True if the batch's bytes match its checksum (:func:`batch_sum2d`, or sha256 for
+        shards written without one; a batch with neither is not intact). Computed once, then remembered:
         the mapping is read-only, so the answer cannot change while this object lives."""
         if self.intact is None:
-            if self.crc32 is not None:
-                self.intact = batch_crc32(self.keys, self.vectors) == self.crc32
+            if self.sum2d is not None:
+                self.intact = batch_sum2d(self.keys, self.vectors) == self.sum2d
             elif self.checksum is not None:
                 self.intact = batch_checksum(self.keys, self.vectors) == self.checksum
             else:
@@ -408,16 +438,44 @@ def read_blocks(path: Path, dim: int, dtype: str) -> list[Block]:
                 raise StoreError(f"{where}: column 'vector' has {vcol.null_count} nulls")
             flat = vcol.flatten().to_numpy(zero_copy_only=True)
             vectors = flat.reshape(len(batch), dim)
-            checksum = crc = None
+            checksum = sum2d = None
             if meta is not None:
                 raw = meta.get(b"featurebank.sha256")
                 checksum = raw.decode("ascii", "replace") if raw is not None else None
-                raw = meta.get(b"featurebank.crc32")
-                crc = raw.decode("ascii", "replace") if raw is not None else None
-            blocks.append(Block(shard=path.name, batch=i, keys=keys, vectors=vectors, checksum=checksum, crc32=crc))
+                raw = meta.get(b"featurebank.sum2d")
+                sum2d = raw.decode("ascii", "replace") if raw is not None else None
+            blocks.append(Block(shard=path.name, batch=i, keys=keys, vectors=vectors, checksum=checksum, sum2d=sum2d))
         return blocks
     finally:
         mm.close()
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:  # a forked child has the executor object but not its threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def verify_ahead(blocks: list[Block]) -> dict[int, Future]:
+    """Start checking the not yet verified ``blocks`` on a small thread pool (numpy's
+    reductions release the GIL), in the given order; returns {id(block): future}. A reader that copies block
+    after block waits only for the block it is about to copy, so the checks of the next
+    blocks overlap its copying instead of adding to it. One block is checked inline."""
+    todo = [b for b in blocks if b.intact is None]
+    if len(todo) < 2:
+        return {}
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="fb-verify")
+        return {id(b): _pool.submit(b.verify) for b in todo}
 
 
 def check_blocks(blocks: list[Block], where: str) -> list[str]:
@@ -436,8 +494,8 @@ def check_blocks(blocks: list[Block], where: str) -> list[str]:
             problems.append(f"{label}: no featurebank.sha256 checksum in batch metadata")
         elif batch_checksum(b.keys, b.vectors) != b.checksum:
             problems.append(f"{label}: sha256 checksum mismatch (the file was modified or corrupted)")
-        elif b.crc32 is not None and not b.verify():
-            problems.append(f"{label}: crc32 checksum mismatch (the batch metadata was modified or corrupted)")
+        elif b.sum2d is not None and not b.verify():
+            problems.append(f"{label}: sum2d checksum mismatch (the batch metadata was modified or corrupted)")
     return problems
 
 

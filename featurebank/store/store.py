@@ -32,6 +32,7 @@ from featurebank.store.shards import (
     remove_stale_temps,
     shard_schema,
     temp_path,
+    verify_ahead,
     write_bytes_atomic,
     write_shard,
     write_shard_blocks,
@@ -237,7 +238,8 @@ class Space:
         """Load vectors by key.
 
         Every record batch a row comes from is checked against its checksum the first time
-        this Space reads it (CRC-32, about 6 GB/s; remembered while the shard stays open).
+        this Space reads it (``featurebank.sum2d``, at memory speed; remembered while the shard
+        stays open).
 
         verify : False skips that check (for benchmarks; ``store verify`` checks everything)
 
@@ -258,7 +260,22 @@ class Space:
         if not found.all():
             X[~found] = np.nan
         rows = np.flatnonzero(found)
-        index.gather(pos[rows], X, rows, check=self._check_block if verify else None)
+        if not verify:
+            index.gather(pos[rows], X, rows)
+            return X, found
+        ahead = verify_ahead(index.blocks_of(pos[rows]))
+
+        def check(block: Block) -> None:
+            f = ahead.get(id(block))
+            if f is not None:
+                f.result()
+            self._check_block(block)
+
+        try:
+            index.gather(pos[rows], X, rows, check=check)
+        finally:
+            for f in ahead.values():
+                f.cancel()
         return X, found
 
     def _check_block(self, block: Block) -> None:
@@ -278,6 +295,8 @@ class Space:
         else:
             pos = index.lookup(keys_to_array(keys))
             blocks = index.blocks_of(pos[pos >= 0])
+        for f in verify_ahead(blocks).values():
+            f.result()
         return sorted({b.shard for b in blocks if not b.verify()})
 
     def quarantine(self, names: Sequence[str]) -> list[Path]:

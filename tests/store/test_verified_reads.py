@@ -75,7 +75,7 @@ def test_the_check_runs_once_per_opened_batch(store):
 
 
 def test_shards_written_with_only_a_sha256_are_verified_with_it(store):
-    """Shards written before featurebank.crc32 existed carry only featurebank.sha256."""
+    """Shards written before featurebank.sum2d existed carry only featurebank.sha256."""
     space = store.space(FP_A, dim=DIM)
     keys, X = make_keys(8), make_vectors(8, DIM)
     k = keys_to_array(keys)
@@ -195,3 +195,34 @@ def test_compaction_counts_only_its_own_work_while_another_writer_commits(store,
     assert any(r["shards_added_meanwhile"] > 0 for r in reports), reports
     store.compact()
     assert store.verify().ok and len(space) == 200 * 50
+
+
+def _get_in_child(root: str, keys: list[str], q) -> None:
+    from featurebank.store import open_store as reopen
+
+    with reopen(root) as st:
+        X, found = st.space(FP_A).get(keys)
+    q.put((bool(found.all()), X.tobytes()))
+
+
+def test_a_forked_child_checks_batches_without_the_parents_threads(store):
+    """The checks run on a module-level thread pool; a child forked after the parent used it
+    has the pool object but none of its threads, and must not wait on them forever."""
+    import multiprocessing as mp
+
+    space = store.space(FP_A, dim=DIM)
+    keys, X = make_keys(30), make_vectors(30, DIM)
+    for s in (0, 10, 20):
+        space.add(keys[s : s + 10], X[s : s + 10])
+    np.testing.assert_array_equal(open_store(store.root).space(FP_A).get(keys)[0], X)  # the pool is running
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_get_in_child, args=(str(store.root), keys, q))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the verification pool")
+    ok, raw = q.get(timeout=5)
+    assert ok and child.exitcode == 0
+    np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(30, DIM), X)
