@@ -119,6 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from featurebank.store import printable
     from featurebank.workflow import predict_images
 
     rows = predict_images(args.images, args.classifier, open_runner(args), store=args.store, top_k=args.top_k,
@@ -133,8 +134,10 @@ def _predict(args: argparse.Namespace) -> int:
             w.writerow(["path", "label", "probability", "top", "error"])
             for r in rows:
                 top = ";".join(f"{lab}:{p:.4f}" for lab, p in r.get("top", []))
-                w.writerow([r["path"], r.get("label", ""), f"{r['probability']:.4f}" if "probability" in r else "",
-                            top, r.get("error", "")])
+                # a file name that is not UTF-8 is written with \xNN escapes (a CSV is text)
+                w.writerow([printable(r["path"]), printable(str(r.get("label", ""))),
+                            f"{r['probability']:.4f}" if "probability" in r else "", printable(top),
+                            printable(r.get("error", ""))])
     finally:
         if args.output:
             fh.close()

@@ -147,10 +147,12 @@ def _search(args: argparse.Namespace) -> int:
         print(json.dumps([{"query": q, "neighbours": [h.__dict__ for h in row]} for q, row in zip(labels, hits)]
                          + [{"query": q, "error": why} for q, why in failures], indent=2))
         return 0
+    from featurebank.store import printable  # file names that are not UTF-8 print as \xNN
+
     for q, row in zip(labels, hits):
-        print(f"query {q}")
+        print(f"query {printable(str(q))}")
         for h in row:
-            print(f"  {h.rank + 1:>3}  {h.score:9.4f}  {h.path or h.id}" + (f"  ({h.id[:12]}…)" if h.path else ""))
+            print(f"  {h.rank + 1:>3}  {h.score:9.4f}  {printable(h.path or h.id)}" + (f"  ({h.id[:12]}…)" if h.path else ""))
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import IO, Iterable, Mapping, Sequence
 import numpy as np
 
 from featurebank.search.index import SimilarityIndex, _as_ids, _check_metric, as_vectors, build_index
+from featurebank.store.catalog import printable
 
 __all__ = ["find_duplicates", "find_index_duplicates", "write_duplicates", "DUPLICATE_FORMATS"]
 
@@ -161,7 +162,7 @@ def write_duplicates(
         {
             "group": gi,
             "id": key,
-            "path": paths.get(key),
+            "path": None if paths.get(key) is None else printable(paths[key]),  # text: \xNN for non-UTF-8 names
             "score": None if scores is None else round(float(scores[gi][mi]), 6),
         }
         for gi, group in enumerate(groups)

@@ -126,3 +126,33 @@ def test_cli_embeds_lists_and_exports_a_folder_with_a_latin1_name(tmp_path, tiny
     rep = json.loads(r.stdout)
     assert (rep["embedded"], rep["cached"], rep["skipped_failed"]) == (0, 3, 1)
     assert open_store(store).verify().ok
+
+
+def test_every_listing_writer_survives_a_latin1_name(tmp_path, tiny_model, photos):
+    """predict's CSV, dedup's CSV and search's listing read paths back from the store: they
+    print a name that is not UTF-8 escaped instead of failing the whole command."""
+    names = sorted(photos)
+    for c, cls in enumerate(("a", "b")):
+        d = tmp_path / "imgs" / cls
+        d.mkdir(parents=True)
+        for i in range(3):
+            name = LATIN1 if (c, i) == (0, 0) else f"{i}.jpg"
+            Image.fromarray(photos[names[3 * c + i]]).resize((80, 64)).save(os.path.join(str(d), name), quality=90)
+    src, store, latin = tmp_path / "imgs", tmp_path / "store", f"{tmp_path}/imgs/a/caf\\xe9.jpg"
+    r = _cli("train", str(src), "--model", str(tiny_model), "--store", str(store), "--classifier", "prototype",
+             "-o", str(tmp_path / "c.fbclf"))
+    assert r.returncode == 0, r.stderr
+    r = _cli("predict", str(src), "--model", str(tiny_model), "--store", str(store),
+             "--classifier", str(tmp_path / "c.fbclf"))
+    assert r.returncode == 0, r.stderr
+    assert f"\n{latin},a," in r.stdout and len(r.stdout.splitlines()) == 7
+    r = _cli("index", "build", "--store", str(store), "--index", str(tmp_path / "idx"))
+    assert r.returncode == 0, r.stderr
+    r = _cli("dedup", "--index", str(tmp_path / "idx"), "--threshold", "-1", "--format", "csv",
+             "-o", str(tmp_path / "d.csv"))
+    assert r.returncode == 0, r.stderr
+    assert f",{latin}," in (tmp_path / "d.csv").read_text()
+    r = _cli("search", os.path.join(str(src), "a", LATIN1), "--index", str(tmp_path / "idx"),
+             "--model", str(tiny_model), "-k", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"query {latin}\n") and "1.0000" in r.stdout
