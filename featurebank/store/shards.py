@@ -11,14 +11,16 @@ bytes in its custom metadata:
 
 * ``featurebank.sum2d`` (:func:`batch_sum2d`), checked the first time a reader touches the
   batch (:meth:`Block.verify`), so damaged vectors are never served. It runs at memory speed
-  (two numpy integer reductions, ~45 GB/s; zlib's CRC-32 manages ~6.5 GB/s and sha256 ~1.9,
-  which would make a verified load 1.4x and 2x slower, benchmarks/RESULTS.md);
+  (two numpy integer reductions, ~22 ms per 512 MB); zlib's CRC-32 (~6.5 GB/s) made a
+  verified load 1.4x slower and sha256 (~1.9 GB/s) would be ~2x (benchmarks/RESULTS.md);
 * ``featurebank.sha256``, the cryptographic digest, which ``store verify``
   (:func:`check_blocks`) recomputes as well.
 
 Shards written before ``featurebank.sum2d`` existed are verified on read with their sha256.
-Both are plain metadata entries: readers that do not know them ignore them. Plain pyarrow reads a shard with
-``pyarrow.feather.read_table(path)`` or ``pyarrow.ipc.open_file(path).read_all()``.
+Both are plain metadata entries: readers that do not know them ignore them.
+
+Plain pyarrow reads a shard with ``pyarrow.feather.read_table(path)`` or
+``pyarrow.ipc.open_file(path).read_all()``.
 
 Writes are atomic: the file is written under a dot-prefixed temporary name in the same
 directory, flushed, fsynced, renamed into place, and the directory is fsynced. Readers list
@@ -370,8 +372,8 @@ class Block:
 
     def verify(self) -> bool:
         """True if the batch's bytes match its checksum (:func:`batch_sum2d`, or sha256 for
-        shards written without one; a batch with neither is not intact). Computed once, then remembered:
-        the mapping is read-only, so the answer cannot change while this object lives."""
+        shards written without one; a batch with neither is not intact). Computed once, then
+        remembered: the mapping is read-only, so the answer cannot change while it lives."""
         if self.intact is None:
             if self.sum2d is not None:
                 self.intact = batch_sum2d(self.keys, self.vectors) == self.sum2d
@@ -465,9 +467,10 @@ if hasattr(os, "register_at_fork"):
 
 def verify_ahead(blocks: list[Block]) -> dict[int, Future]:
     """Start checking the not yet verified ``blocks`` on a small thread pool (numpy's
-    reductions release the GIL), in the given order; returns {id(block): future}. A reader that copies block
-    after block waits only for the block it is about to copy, so the checks of the next
-    blocks overlap its copying instead of adding to it. One block is checked inline."""
+    reductions release the GIL), in the given order; returns {id(block): future}. A reader
+    that copies block after block waits only for the block it is about to copy, so the
+    checks of the next blocks overlap its copying instead of adding to it. A single block is
+    left to the caller (checked inline)."""
     todo = [b for b in blocks if b.intact is None]
     if len(todo) < 2:
         return {}
