@@ -7,7 +7,7 @@ input (uint8 NHWC as is, or normalised float32 NCHW).
 
 Steps of :func:`decode_image`, in order:
 
-1. open the file (through :func:`~featurebank.embedder.files.open_image_file`, which refuses
+1. open the file (through :func:`~featurebank._files.open_image_file`, which refuses
    FIFOs, devices, virtual and oversized files) and read the header only, trying only the
    :data:`ACCEPTED_FORMATS`; refuse images with more than ``max_pixels`` pixels *before* any
    pixel is decoded (decompression bombs; Pillow's own ``DecompressionBombWarning`` is not
@@ -78,7 +78,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError, features
 
 from featurebank.artifact import DECODE_MODES, INPUT_FORMATS, ModelCard, Preprocessing
-from featurebank.embedder.files import open_image_file
+from featurebank._files import open_image_file
 from featurebank.errors import ImageDecodeError
 
 __all__ = [
@@ -220,7 +220,7 @@ def decode_image(
     ImageDecodeError
         with a one-line reason that never quotes the file's bytes: missing file, directory,
         permission denied, symlink loop, not a regular file (FIFO, device, ``/proc`` file),
-        empty or oversized file (see :func:`~featurebank.embedder.files.open_image_file`),
+        empty or oversized file (see :func:`~featurebank._files.open_image_file`),
         not an image or not in :data:`ACCEPTED_FORMATS`, too many pixels, truncated or
         corrupt data, unsupported mode, bad array shape or dtype. Paths and bytes are held
         to :data:`ACCEPTED_FORMATS`; a ``PIL.Image`` passed in is used whatever its format.

@@ -387,7 +387,7 @@ def _hash(store: Any, paths: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         return [k or "" for k in hashed.keys], {p: e for p, e in hashed.failed()}
     import hashlib
 
-    from featurebank.embedder.files import open_image_file
+    from featurebank._files import open_image_file
 
     keys, errors = [], {}
     for p in paths:

@@ -612,7 +612,7 @@ class ServiceEngine:
     def _make_thumbnail(self, path: str) -> bytes:
         from PIL import Image, ImageOps
 
-        from featurebank.embedder.files import open_image_file
+        from featurebank._files import open_image_file
 
         try:
             # the one checked opener: a FIFO or device put where the image was cannot hang a thread

@@ -1005,7 +1005,7 @@ def _size(p: Path) -> int:
 
 def _hash_one(path: str) -> tuple[str | None, tuple | None, str | None]:
     """(key, stat-cache row or None, error or None) for one file."""
-    from featurebank.embedder.files import open_image_file  # the one checked opener (stdlib only)
+    from featurebank._files import open_image_file  # the one checked opener (stdlib only)
     from featurebank.errors import ImageDecodeError
 
     hashed_at = time.time_ns()

@@ -81,7 +81,7 @@ def read_pixels(paths: Sequence[str], *, mode: str = "gray", size: int = 32) -> 
     if isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 256:
         raise ValueError(f"pixel_size must be an int in [4, 256]; got pixel_size={size!r}")
     rows = np.empty((len(paths), size * size * (3 if mode == "rgb" else 1)), np.float32)
-    from featurebank.embedder.files import open_image_file
+    from featurebank._files import open_image_file
 
     for i, path in enumerate(paths):
         with open_image_file(path) as fh, Image.open(fh) as im:
