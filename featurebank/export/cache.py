@@ -3,6 +3,10 @@
 Exported files live in ``$FEATUREBANK_CACHE`` (default ``~/.cache/featurebank``) under
 ``models/``, named by the backbone and a hash of the export options, so each distinct recipe
 is exported once. A cached file is used only if its model card still reads back.
+
+Finding a cached file imports neither torch nor timm: the key is computed and the file checked
+first, and the export machinery is imported only on a miss (a cached ``featurebank embed
+--backbone NAME`` starts in a fraction of a second).
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ def cached_export(backbone: str, **export_options: Any) -> Path:
     ``export_options`` are those of :func:`~featurebank.export.onnx_export.export_backbone`
     (layers, pool, normalize, precision, input_format, weights).
     """
-    from featurebank.export.onnx_export import export_backbone
-
     options = {k: v for k, v in export_options.items() if v is not None}
     if isinstance(options.get("layers"), str):
         options["layers"] = [options["layers"]]
@@ -50,5 +52,7 @@ def cached_export(backbone: str, **export_options: Any) -> Path:
             return path
         except (ModelCardError, NotOnnxModelError):
             path.unlink()  # a broken cache entry is rebuilt, not trusted
+    from featurebank.export.onnx_export import export_backbone  # torch: only on a miss
+
     export_backbone(backbone, path, **options)
     return path
