@@ -189,7 +189,23 @@ class Catalog:
                 [(to_db(p), k, None if lab is None else to_db(lab), now) for p, k, lab in rows],
             )
 
+    def items(self) -> list[tuple[str, str, str | None, float]]:
+        """Every (path, key, label, updated) row, oldest first."""
+        rows = self.query("SELECT path, key, label, updated FROM items ORDER BY updated, path")
+        return [(from_db(p), k, from_db(lab), t) for p, k, lab, t in rows]
+
     # ------------------------------------------------------------------ failures
+    def failures(self, space: str | None = None) -> list[tuple[str, str, str | None, str, float, int]]:
+        """(path, reason, key, space, time, attempts) of recorded failures (of one space, or all),
+        oldest first."""
+        sql = "SELECT path, reason, key, space, time, attempts FROM failures"
+        params: tuple = ()
+        if space is not None:
+            sql += " WHERE space = ?"
+            params = (space,)
+        rows = self.query(sql + " ORDER BY time, path", params)
+        return [(from_db(r[0]), *r[1:]) for r in rows]
+
     def record_failures(self, rows: Sequence[tuple[str, str, str | None, str]]) -> None:
         now = time.time()
         with self.write() as c:
@@ -215,3 +231,17 @@ class Catalog:
                 else:
                     n += c.execute(f"DELETE FROM failures WHERE space = ? AND path IN ({marks})", [space, *part]).rowcount
             return n
+
+    # ------------------------------------------------------------------ health
+    def counts(self) -> dict[str, int]:
+        """Rows per table: {"stat_cache", "items", "failures"}."""
+        return {t: self.query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("stat_cache", "items", "failures")}
+
+    def quick_check(self) -> list[str]:
+        """Problems SQLite's ``PRAGMA quick_check`` finds in the file (empty when it is sound);
+        a check that cannot run at all is reported as one problem."""
+        try:
+            res = [str(r[0]) for r in self.query("PRAGMA quick_check")]
+        except sqlite3.Error as exc:
+            return [str(exc)]
+        return [] if res == ["ok"] else res

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from featurebank.errors import StoreError
-from featurebank.store.catalog import Catalog, from_db, printable
+from featurebank.store.catalog import Catalog, printable
 from featurebank.store.index import KeyIndex
 from featurebank.store.shards import (
     KEY_LEN,
@@ -618,8 +618,7 @@ class EmbeddingStore:
 
     def items(self) -> list[Item]:
         """Every recorded (path, key, label), oldest first."""
-        rows = self.catalog.query("SELECT path, key, label, updated FROM items ORDER BY updated, path")
-        return [Item(from_db(p), k, from_db(lab), t) for p, k, lab, t in rows]
+        return [Item(*row) for row in self.catalog.items()]
 
     # ------------------------------------------------------------------ failures
     def record_failures(self, space_fp: str, records: Iterable[FailureRecord | Mapping[str, Any]]) -> int:
@@ -651,13 +650,8 @@ class EmbeddingStore:
 
     def failures(self, space_fp: str | None = None) -> list[FailureRecord]:
         """Recorded failures (of one space, or all), oldest first."""
-        sql = "SELECT path, reason, key, space, time, attempts FROM failures"
-        params: tuple = ()
-        if space_fp is not None:
-            sql += " WHERE space = ?"
-            params = (_check_fingerprint(space_fp),)
-        rows = self.catalog.query(sql + " ORDER BY time, path", params)
-        return [FailureRecord(from_db(r[0]), *r[1:]) for r in rows]
+        fp = None if space_fp is None else _check_fingerprint(space_fp)
+        return [FailureRecord(*row) for row in self.catalog.failures(fp)]
 
     def clear_failures(
         self, space_fp: str | None = None, paths: Sequence[str | os.PathLike[str]] | None = None
@@ -689,14 +683,14 @@ class EmbeddingStore:
                     "info": s.info,
                 }
             )
-        count = lambda t: self.catalog.query(f"SELECT COUNT(*) FROM {t}")[0][0]  # noqa: E731
+        counts = self.catalog.counts()
         return {
             "path": str(self.root),
             "format_version": self.format_version,
             "spaces": spaces,
-            "n_stat_cache": count("stat_cache"),
-            "n_items": count("items"),
-            "n_failures": count("failures"),
+            "n_stat_cache": counts["stat_cache"],
+            "n_items": counts["items"],
+            "n_failures": counts["failures"],
             "bytes": total + _size(self.catalog.path),
         }
 
@@ -709,12 +703,9 @@ class EmbeddingStore:
             of the damaged ones get embedded again on the next run (see :meth:`Space.quarantine`).
         """
         rep = VerifyReport(path=str(self.root))
-        try:
-            res = self.catalog.query("PRAGMA quick_check")
-            if [r[0] for r in res] != ["ok"]:
-                rep.problems.append(f"{self.catalog.path}: " + "; ".join(str(r[0]) for r in res[:5]))
-        except Exception as exc:  # noqa: BLE001 - any SQLite failure is a finding here
-            rep.problems.append(f"{self.catalog.path}: {exc}")
+        found = self.catalog.quick_check()
+        if found:
+            rep.problems.append(f"{self.catalog.path}: " + "; ".join(found[:5]))
         for fp in sorted(os.listdir(self.root / "spaces")):
             try:
                 meta = self._read_space_meta(fp)
