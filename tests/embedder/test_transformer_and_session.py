@@ -23,7 +23,9 @@ def test_image_embedder_in_a_pipeline_takes_paths_pil_and_arrays(texture_dir, ti
     y = [p.split("/")[-2] for p in paths]
     pipe = make_pipeline(ImageEmbedder(tiny_model), LinearProbe(cv=3))
     scores = cross_val_score(pipe, paths, y, cv=3)
-    assert scores.shape == (3,) and np.all(scores >= 0)
+    # measured 0.7, 0.7, 0.8 (ten images per fold, chance 1/3, the tiny random-weight model):
+    # the floor leaves one image per fold of margin
+    assert scores.shape == (3,) and scores.min() >= 0.6, scores
     emb = ImageEmbedder(tiny_model).fit()
     from_paths = emb.transform(paths[:3])
     pil = [Image.open(p) for p in paths[:3]]
