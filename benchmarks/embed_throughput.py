@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine_info  # noqa: E402
 
-from featurebank.embedder.decode import decode_image  # noqa: E402
+from featurebank.decoding import decode_image  # noqa: E402
 from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images  # noqa: E402
 from featurebank.embedder.session import open_model, physical_cores  # noqa: E402
 

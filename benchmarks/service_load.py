@@ -72,7 +72,7 @@ def real_jpegs(n: int) -> list[bytes]:
 
 def offline_throughput(model: str, images: list[bytes], total: int, batch: int, threads: int) -> tuple[float, float]:
     """(images/s, CPU ms per image) of decode (thread pool, one batch ahead) + ModelRunner.run on batches."""
-    from featurebank.embedder.decode import decode_image, to_model_input
+    from featurebank.decoding import decode_image, to_model_input
     from featurebank.embedder.session import open_model
 
     runner = open_model(model, device="cpu", threads=threads)

@@ -75,8 +75,8 @@ _EXPORTS: dict[str, str] = {
         )
     },
     # embedder: decoding and input listing
-    "decode_image": "featurebank.embedder.decode",
-    "to_model_input": "featurebank.embedder.decode",
+    "decode_image": "featurebank.decoding",
+    "to_model_input": "featurebank.decoding",
     "list_images": "featurebank.embedder.sources",
     "ImageList": "featurebank.embedder.sources",
     # embedder: sessions, the batch pipeline, the sklearn transformer

@@ -1,6 +1,6 @@
 """Opening image files safely: the one function every reader of an image file goes through.
 
-:func:`open_image_file` is used by the decoder (:func:`~featurebank.embedder.decode.decode_image`),
+:func:`open_image_file` is used by the decoder (:func:`~featurebank.decoding.decode_image`),
 by content hashing (the store's ``hash_files`` and the store-less embed path) and by any other
 code that reads the bytes of an image file, so that every path refuses the same files with the
 same one-line reason. It imports only the standard library, so the store can use it without

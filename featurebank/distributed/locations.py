@@ -2,7 +2,7 @@
 
 Local paths and ``file://`` URLs are turned into plain absolute paths and go through exactly
 the code of the local embedder (:func:`~featurebank.embedder.sources.list_images`, the
-store's stat-cached hashing, :func:`~featurebank.embedder.decode.decode_image` on the path),
+store's stat-cached hashing, :func:`~featurebank.decoding.decode_image` on the path),
 so their keys, item paths and failure messages are the same as a local run's.
 
 Other URLs (``s3://bucket/photos/``, ``gs://``, ``https://...``, chained URLs such as

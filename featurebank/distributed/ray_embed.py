@@ -423,7 +423,7 @@ def _decode_batch(batch: dict[str, np.ndarray], *, pre: Any, decode_mode: str) -
 
     Rows that fail keep zero pixels and carry the reason in ``error`` ("" when decoded).
     """
-    from featurebank.embedder.decode import decode_image
+    from featurebank.decoding import decode_image
 
     t0 = time.perf_counter()
     keys, paths = batch["key"], batch["path"]
@@ -487,7 +487,7 @@ class _EmbedActor:
         self.spaces = {name: _shard_space(store_dir, fp) for name, fp in space_fps.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from featurebank.embedder.decode import to_model_input
+        from featurebank.decoding import to_model_input
 
         keys = [str(k) for k in batch["key"]]
         errors = [str(e) for e in batch["error"]]

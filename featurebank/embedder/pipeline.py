@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurebank.artifact import DECODE_MODES, space_fingerprint
-from featurebank.embedder.decode import decode_image, to_model_input
+from featurebank.decoding import decode_image, to_model_input
 from featurebank.embedder.session import ModelRunner, open_model, physical_cores
 from featurebank.embedder.sources import ImageList, list_images
 from featurebank.errors import FeaturebankError

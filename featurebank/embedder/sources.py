@@ -6,7 +6,7 @@
   torchvision's ``ImageFolder`` (``root/cat/x.jpg`` has label ``"cat"``, and so has
   ``root/cat/more/y.jpg``); images directly in the root have label ``None``. Files are
   picked by extension (:data:`IMAGE_EXTENSIONS`: the endings of the formats the decoder
-  accepts, :data:`~featurebank.embedder.decode.ACCEPTED_FORMATS`; case-insensitive). Other
+  accepts, :data:`~featurebank.decoding.ACCEPTED_FORMATS`; case-insensitive). Other
   files are skipped and counted by extension in :attr:`ImageList.skipped` (``embed`` prints
   "skipped 3 files ...: .txt 2, .psd 1"), so no file disappears without a word. Names
   starting with a dot are skipped without being counted (``.DS_Store``, macOS ``._x.jpg``
@@ -34,7 +34,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
-from featurebank.embedder.decode import ACCEPTED_FORMATS, IMAGE_EXTENSIONS
+from featurebank.decoding import ACCEPTED_FORMATS, IMAGE_EXTENSIONS
 from featurebank.errors import ImageSourceError
 
 __all__ = ["IMAGE_EXTENSIONS", "LIST_FORMATS", "ImageList", "list_images"]
@@ -183,7 +183,7 @@ def _list_one(src: str, exts: tuple[str, ...], skipped: dict[str, int]) -> tuple
         raise ImageSourceError(
             f"unknown image list format {suffix or '(no extension)'!r} for {src!r}; "
             f"use a folder, an image file (ending in an accepted image extension, see "
-            f"featurebank.embedder.decode.IMAGE_EXTENSIONS), or a list ending in {', '.join(LIST_FORMATS)}"
+            f"featurebank.decoding.IMAGE_EXTENSIONS), or a list ending in {', '.join(LIST_FORMATS)}"
         )
     if not p:
         raise ImageSourceError(f"image list {src!r} lists no images")

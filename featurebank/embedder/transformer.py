@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from featurebank.embedder.decode import decode_image, to_model_input
+from featurebank.decoding import decode_image, to_model_input
 from featurebank.embedder.session import ModelRunner, open_model
 
 __all__ = ["ImageEmbedder"]

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields
 
 from featurebank.artifact import DECODE_MODES
-from featurebank.embedder.decode import DEFAULT_MAX_PIXELS
+from featurebank.decoding import DEFAULT_MAX_PIXELS
 
 __all__ = ["ServiceConfig", "API_KEY_ENV", "DEFAULT_MAX_REQUEST_PIXELS"]
 

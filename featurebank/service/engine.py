@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurebank.artifact import DECODE_MODES, OutputSpec, space_fingerprint
-from featurebank.embedder.decode import decode_image, to_model_input
+from featurebank.decoding import decode_image, to_model_input
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.errors import FingerprintMismatchError, ImageDecodeError, UnknownIdError
 from featurebank.service.batching import Batcher

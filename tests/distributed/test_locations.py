@@ -13,7 +13,7 @@ import pytest
 from featurebank.artifact import read_model_card
 from featurebank.distributed.locations import hash_urls, is_url, list_sources
 from featurebank.distributed.ray_embed import _decode_batch
-from featurebank.embedder.decode import decode_image
+from featurebank.decoding import decode_image
 from featurebank.embedder.sources import list_images
 from featurebank.errors import ImageSourceError
 

@@ -20,7 +20,7 @@ from PIL import Image, features
 
 from featurebank.artifact import Preprocessing
 from featurebank.distributed.locations import list_sources
-from featurebank.embedder.decode import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, decode_image
+from featurebank.decoding import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, decode_image
 from featurebank._files import MAX_FILE_BYTES, open_image_file
 from featurebank.embedder.pipeline import embed_images
 from featurebank.embedder.sources import ImageList, list_images

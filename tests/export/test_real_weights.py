@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featurebank.embedder.decode import decode_image, to_model_input
+from featurebank.decoding import decode_image, to_model_input
 from featurebank.embedder.session import open_model
 from featurebank.export.onnx_export import export_backbone
 from featurebank.export.registry import get_backbone

@@ -11,7 +11,7 @@ import pytest
 from live_server import metric_value
 from PIL import Image
 
-from featurebank.embedder.decode import decode_image, to_model_input
+from featurebank.decoding import decode_image, to_model_input
 from featurebank.embedder.session import open_model
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from featurebank.cli import main
-from featurebank.embedder.decode import decode_image
+from featurebank.decoding import decode_image
 from featurebank.errors import ClassifierFileError, FingerprintMismatchError, ImageSourceError
 from featurebank.workflow import evaluate_on_images, predict_images, train_classifier
 

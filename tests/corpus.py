@@ -1,7 +1,7 @@
 """A corpus of awkward and broken image files, built from real photos (scikit-image).
 
 ``build_corpus(folder)`` writes the files and returns ``{file name: Expected}``. Used by
-tests/embedder/test_decode.py (decode_image over every file) and by the end-to-end embed
+tests/decoding/test_decode.py (decode_image over every file) and by the end-to-end embed
 test (failures must be recorded per file, good files embedded). Keep the API stable:
 names may be added, existing names and Expected fields keep their meaning.
 

@@ -20,7 +20,7 @@ from corpus import build_corpus, run_as_nobody
 from PIL import Image, ImageFile, ImageOps
 
 from featurebank.artifact import ModelCard, OutputSpec, Preprocessing
-from featurebank.embedder.decode import DEFAULT_MAX_PIXELS, decode_image, to_model_input
+from featurebank.decoding import DEFAULT_MAX_PIXELS, decode_image, to_model_input
 from featurebank.errors import ImageDecodeError
 
 with warnings.catch_warnings():
@@ -418,3 +418,24 @@ def test_broken_headers_name_the_format_they_claim():
         decode_image(buf.getvalue()[:20], PRE)
     with pytest.raises(ImageDecodeError, match=r"^bytes: not an image: unrecognised content"):
         decode_image(b"RIFF\x00\x00\x00\x00WAVEfmt ", PRE)
+
+
+def test_name_replaces_bytes_array_and_image_in_messages(photo_dir, photos):
+    """What a URL or a request's file is called in its refusal; a path always names itself."""
+    url = "https://example.org/cat.jpg"
+    with pytest.raises(ImageDecodeError, match=r"^https://example\.org/cat\.jpg: empty \(0 bytes\), not an image$"):
+        decode_image(b"", PRE, name=url)
+    with pytest.raises(ImageDecodeError, match=r"^https://example\.org/cat\.jpg: not an image: unrecognised content"):
+        decode_image(b"GIF8 nonsense", PRE, name=url)
+    data = (photo_dir / "chelsea.jpg").read_bytes()
+    with pytest.raises(ImageDecodeError, match=r"^upload\.jpg: image has 135,300 pixels \(451x300\), over the limit"):
+        decode_image(data, PRE, max_pixels=100_000, name="upload.jpg")
+    with pytest.raises(ImageDecodeError, match=r"^row 3: dtype must be uint8; got float32"):
+        decode_image(photos["chelsea"].astype(np.float32), PRE, name="row 3")
+    with pytest.raises(ImageDecodeError, match=r"^frame: unsupported image mode 'La'"):
+        decode_image(Image.new("La", (8, 8)), PRE, name="frame")
+    with pytest.raises(ImageDecodeError, match=r"nothere\.jpg: no such file"):
+        decode_image(photo_dir / "nothere.jpg", PRE, name="ignored")
+    with pytest.raises(TypeError, match=r"name must be a str or None; got int"):
+        decode_image(data, PRE, name=3)
+    assert np.array_equal(decode_image(data, PRE, name=url), decode_image(data, PRE))

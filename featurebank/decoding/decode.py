@@ -38,25 +38,14 @@ keeps a 1 x 100000 image from allocating gigabytes.
 ``mode="fast"`` resamples only the cropped region, lets the JPEG decoder work at reduced
 scale and reduces by integer factors first (``reducing_gap``); it is several times faster
 on large JPEGs and differs from ``exact`` by about one grey level on average
-(``tests/embedder/test_decode.py`` measures it).
+(``tests/decoding/test_decode.py`` measures it).
 
 Truncated files fail loudly: featurebank never sets ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
 (a process-wide switch). If your program sets it, Pillow pads truncated images with grey
 and they decode without error; that is then your choice. Corruption inside JPEG entropy
 data that libjpeg recovers from is not detectable here.
 
-Accepted formats: :data:`ACCEPTED_FORMATS` (Pillow format names) and their file name
-endings :data:`IMAGE_EXTENSIONS` are the one list featurebank uses everywhere: folder walks
-pick files by these endings, and the decoder (files, and bytes sent to the service) opens
-only these formats, so what ``embed`` picks up and what the service accepts are the same.
-The list is the raster picture formats the *installed* Pillow decodes completely: JPEG (and
-MPO, multi-picture JPEG from cameras), PNG, WebP, AVIF, GIF, BMP/DIB, TIFF, JPEG 2000, ICO,
-PPM/PGM/PBM and TGA, each kept only when Pillow was built with its codec (``features.check``).
-Left out on purpose although Pillow registers them: layered documents (PSD: Pillow reads the
-merged image only, and not every bit depth), formats that need an outside program or have no decoder in Pillow
-(EPS, WMF, BUFR, GRIB, HDF5, MPEG), and specialised containers whose pixels are not photos
-(FITS, DDS, ICNS, CUR, fonts and brushes, ...). Reasons for refusals never quote the file's
-bytes.
+Accepted formats: :mod:`featurebank.decoding.formats` (:data:`ACCEPTED_FORMATS`, the one list).
 
 Everything here is thread-safe (no shared mutable state but one lock held while Pillow parses
 a header, about 20-40 us of a 1.4 ms decode, see :func:`_open_image`; each call opens its own
@@ -75,46 +64,15 @@ from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError, features
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from featurebank.artifact import DECODE_MODES, INPUT_FORMATS, ModelCard, Preprocessing
 from featurebank._files import open_image_file
+from featurebank.decoding.formats import ACCEPTED_FORMATS, OPENERS, claimed_format
 from featurebank.errors import ImageDecodeError
 
-__all__ = [
-    "ACCEPTED_FORMATS",
-    "DEFAULT_MAX_PIXELS",
-    "DECODE_MODES",
-    "IMAGE_EXTENSIONS",
-    "decode_image",
-    "to_model_input",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "decode_image", "to_model_input"]
 
-
-def _accepted_formats() -> tuple[str, ...]:
-    # Pillow format name -> the codec or module it needs (None: pure Python in Pillow)
-    wanted = {
-        "JPEG": "jpg", "MPO": "jpg", "PNG": "zlib", "WEBP": "webp", "AVIF": "avif", "GIF": None,
-        "BMP": None, "DIB": None, "TIFF": None, "JPEG2000": "jpg_2000", "ICO": None, "PPM": None, "TGA": None,
-    }
-    Image.init()
-    # MPO has no opener of its own: the JPEG plugin opens it
-    opens = set(Image.OPEN) | ({"MPO"} if "JPEG" in Image.OPEN else set())
-    return tuple(f for f, need in wanted.items() if f in opens and (need is None or features.check(need)))
-
-
-#: Pillow format names featurebank decodes (see the module docstring), computed at import
-#: from what the installed Pillow can decode.
-ACCEPTED_FORMATS: tuple[str, ...] = _accepted_formats()
-
-# what Image.open(formats=...) is given: the names that have an opener of their own
-_OPENERS = tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
-
-#: File name endings of :data:`ACCEPTED_FORMATS` (lower case, with the dot), as Pillow
-#: registers them; folder walks pick image files by these.
-IMAGE_EXTENSIONS: tuple[str, ...] = tuple(
-    sorted(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS)
-)
 
 #: Default pixel limit, the same as Pillow's own warning threshold (about 9459 x 9459).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -149,33 +107,6 @@ _MAX_INTERMEDIATE = 16
 # times larger than the target (Pillow's reducing_gap); 2.0 measured ~as good as 3.0 here.
 _REDUCING_GAP = 2.0
 
-# magic numbers, to tell "broken PNG" from "not an image at all" and to name formats that are
-# not accepted; Pillow format names. (offset, bytes, format)
-_SIGNATURES = (
-    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
-    (0, b"\xff\xd8\xff", "JPEG"),
-    (0, b"GIF87a", "GIF"),
-    (0, b"GIF89a", "GIF"),
-    (0, b"BM", "BMP"),
-    (0, b"II*\x00", "TIFF"),
-    (0, b"MM\x00*", "TIFF"),
-    (0, b"RIFF", "WEBP"),  # and "WEBP" at offset 8, checked below
-    (4, b"ftypavif", "AVIF"),
-    (4, b"ftypavis", "AVIF"),
-    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
-    (0, b"\xff\x4f\xff\x51", "JPEG2000"),
-    (0, b"\x00\x00\x01\x00", "ICO"),
-    *((0, b"P%d" % d, "PPM") for d in range(1, 7)),
-    # not accepted: named in the refusal so the user knows what the file is
-    (0, b"8BPS", "PSD"),
-    (0, b"%PDF", "PDF"),
-    (0, b"%!PS", "EPS"),
-    (4, b"ftypheic", "HEIC"),
-    (4, b"ftypheix", "HEIC"),
-    (4, b"ftypmif1", "HEIF"),
-    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
-    (0, b"\xff\x0a", "JPEG XL"),
-)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 # warnings.catch_warnings changes process-wide state: decode threads take turns inside it
@@ -194,6 +125,7 @@ def decode_image(
     mode: str = "exact",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     out: np.ndarray | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
     """Decode one image and preprocess it to the network's input size.
 
@@ -209,6 +141,8 @@ def decode_image(
     max_pixels : refuse images with more pixels than this, before decoding them.
     out : optional preallocated uint8 array of shape (H, W, C), e.g. one row of a batch
         buffer; the result is written there and returned.
+    name : what error messages call an image that is not a path (a URL, a request's file
+        name); default ``"bytes"``, ``"array"`` or ``"image"``. A path is always named by itself.
 
     Returns
     -------
@@ -244,15 +178,19 @@ def decode_image(
         got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
         raise ValueError(f"out must be a uint8 array of shape {(height, width, channels)}; got {got}")
 
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None; got {type(name).__name__}")
     if isinstance(src, np.ndarray):
-        return _process(_image_from_array(src), pre, mode, int(max_pixels), out, "array", owned=True)
+        where = name or "array"
+        return _process(_image_from_array(src, where), pre, mode, int(max_pixels), out, where, owned=True)
     if isinstance(src, Image.Image):
-        return _process(src, pre, mode, int(max_pixels), out, "image", owned=False)
+        return _process(src, pre, mode, int(max_pixels), out, name or "image", owned=False)
     if isinstance(src, (bytes, bytearray, memoryview)):
+        where = name or "bytes"
         if len(src) == 0:
-            raise ImageDecodeError("bytes: empty (0 bytes), not an image")
-        with _open_image(io.BytesIO(src), "bytes", max_pixels) as img:
-            return _process(img, pre, mode, int(max_pixels), out, "bytes", owned=True)
+            raise ImageDecodeError(f"{where}: empty (0 bytes), not an image")
+        with _open_image(io.BytesIO(src), where, max_pixels) as img:
+            return _process(img, pre, mode, int(max_pixels), out, where, owned=True)
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         with open_image_file(path) as fp, _open_image(fp, path, max_pixels) as img:
@@ -364,7 +302,7 @@ def _open_image(fp, where: str, max_pixels: int) -> Image.Image:
         # catch_warnings swaps the process's filter list: threads must not interleave inside it
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(fp, formats=_OPENERS)
+            return Image.open(fp, formats=OPENERS)
     except Image.DecompressionBombError as exc:
         # Pillow refuses on its own above 2 * PIL.Image.MAX_IMAGE_PIXELS, before we see the size
         m = _BOMB_PIXELS.search(str(exc))
@@ -375,7 +313,7 @@ def _open_image(fp, where: str, max_pixels: int) -> Image.Image:
             msg += f" and raise PIL.Image.MAX_IMAGE_PIXELS (Pillow itself refuses above {limit:,})"
         raise ImageDecodeError(msg) from None
     except UnidentifiedImageError:
-        kind = _claimed_format(_peek(fp))
+        kind = claimed_format(_peek(fp))
         if kind in ACCEPTED_FORMATS:
             raise ImageDecodeError(f"{where}: starts like a {kind} file but its header is corrupt or cut short") from None
         if kind:
@@ -387,20 +325,11 @@ def _open_image(fp, where: str, max_pixels: int) -> Image.Image:
             f"{', '.join(ACCEPTED_FORMATS)})"
         ) from None
     except Exception as exc:  # malformed headers raise SyntaxError, struct.error, ValueError ...
-        kind = _claimed_format(_peek(fp))
+        kind = claimed_format(_peek(fp))
         raise ImageDecodeError(
             f"{where}: starts like {f'a {kind}' if kind else 'an image'} file but its header is corrupt or cut "
             f"short ({_describe(exc)})"
         ) from None
-
-
-def _claimed_format(head: bytes) -> str | None:
-    for offset, sig, kind in _SIGNATURES:
-        if head[offset : offset + len(sig)] == sig:
-            if kind == "WEBP" and head[8:12] != b"WEBP":
-                return None
-            return kind
-    return None
 
 
 def _peek(fp) -> bytes:
@@ -422,14 +351,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _image_from_array(a: np.ndarray) -> Image.Image:
+def _image_from_array(a: np.ndarray, where: str) -> Image.Image:
     if a.dtype != np.uint8:
-        raise ImageDecodeError(f"array: dtype must be uint8; got {a.dtype} (scale to 0..255 and cast first)")
+        raise ImageDecodeError(f"{where}: dtype must be uint8; got {a.dtype} (scale to 0..255 and cast first)")
     if a.ndim == 2:
         return Image.fromarray(np.ascontiguousarray(a), "L")
     if a.ndim == 3 and a.shape[2] in (3, 4):
         return Image.fromarray(np.ascontiguousarray(a), "RGB" if a.shape[2] == 3 else "RGBA")
-    raise ImageDecodeError(f"array: shape must be (H, W), (H, W, 3) or (H, W, 4); got {a.shape}")
+    raise ImageDecodeError(f"{where}: shape must be (H, W), (H, W, 3) or (H, W, 4); got {a.shape}")
 
 
 def _orientation(img: Image.Image) -> int:
