@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from featurebank.errors import ModelCardError, NotOnnxModelError
+from featurebank.errors import FingerprintMismatchError, ModelCardError, NotOnnxModelError, StoreError
 
 __all__ = [
     "CARD_SCHEMA",
@@ -54,6 +54,9 @@ __all__ = [
     "fingerprint_of",
     "space_fingerprint",
     "DECODE_MODES",
+    "DEFAULT_DECODE_MODE",
+    "VectorSpace",
+    "resolve_space",
 ]
 
 #: Bumped whenever the meaning of a card field or of the preprocessing changes, so that
@@ -76,6 +79,8 @@ def fingerprint_of(payload: Mapping[str, Any]) -> str:
 #: How the embedder decodes images: ``exact`` reproduces the torch reference transform,
 #: ``fast`` decodes JPEGs at reduced scale first (slightly different vectors).
 DECODE_MODES = ("exact", "fast")
+#: The decode mode of every entry point (library, CLI, service) when none is asked for.
+DEFAULT_DECODE_MODE = "fast"
 
 
 def space_fingerprint(output_fingerprint: str, decode_mode: str) -> str:
@@ -384,6 +389,152 @@ class ModelCard:
 
     def to_json(self) -> str:
         return json.dumps(self._fields_dict(), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class VectorSpace:
+    """A vector space chosen by :func:`resolve_space`.
+
+    fingerprint : the store's key of the space (``space_fingerprint(output.fingerprint, decode_mode)``)
+    output : the model output that writes it; None when no model card was given
+    decode_mode : the decode mode that writes it; None when no model card was given
+    """
+
+    fingerprint: str
+    output: OutputSpec | None = None
+    decode_mode: str | None = None
+
+
+def resolve_space(
+    card: ModelCard | None = None,
+    *,
+    output: str | None = None,
+    decode_mode: str | None = None,
+    space: str | None = None,
+    recorded: Mapping[str, str | None] | None = None,
+    available: Mapping[str, int] | None = None,
+    model_name: str | None = None,
+    store_name: str = "the store",
+) -> VectorSpace:
+    """The one rule that turns (model output, decode mode) into a vector space.
+
+    Parameters
+    ----------
+    card : the model that will read or write the vectors; None to pick among the store's
+        spaces alone
+    output : the card's output (name or layer); None: the one fixed by ``recorded``, else
+        the card's only output
+    decode_mode : one of :data:`DECODE_MODES`; None: the one fixed by ``recorded`` or
+        ``available``, else :data:`DEFAULT_DECODE_MODE`
+    space : a space fingerprint the caller named (checked against ``card`` when given)
+    recorded : ``{what: fingerprint}`` of things built on vectors, e.g. ``{"classifier":
+        ..., "index": ...}``; a fingerprint may be a space's or an output's (decode mode
+        unknown); None values are skipped
+    available : ``{space fingerprint: n_vectors}`` of the store's spaces; None when no
+        store is involved
+    model_name, store_name : how messages call the model (default: its backbone) and store
+
+    Rules, in order: a named ``space`` without a card is taken as is; without a card the
+    store's only space is chosen. With a card, each ``recorded`` fingerprint must be one the
+    card produces (else :class:`FingerprintMismatchError`), and they must agree on output
+    and decode mode with each other and with ``decode_mode``. Among the store's spaces, the
+    one of the chosen output under the chosen (or the only present) decode mode is chosen;
+    none, or several decode modes with none asked for, raise :class:`StoreError` naming
+    what the store holds and how to choose.
+
+    >>> pre = Preprocessing(input_size=(3, 8, 8), interpolation="bilinear", crop_pct=1.0,
+    ...                     mean=(0.5,) * 3, std=(0.5,) * 3)
+    >>> out = OutputSpec.make(name="e", layer="l", pooling="avg", normalize=False, dim=3, backbone="b",
+    ...                       weights_sha256="0" * 64, weights_source="x", preprocessing=pre, precision="fp32")
+    >>> card = ModelCard(backbone="b", weights_source="x", weights_sha256="0" * 64, weights_license="mit",
+    ...                  outputs=(out,), preprocessing=pre)
+    >>> exact = space_fingerprint(out.fingerprint, "exact")
+    >>> resolve_space(card, available={exact: 10}).decode_mode
+    'exact'
+    >>> resolve_space(card, recorded={"classifier": exact}).fingerprint == exact
+    True
+    """
+    if decode_mode is not None:
+        _choice(decode_mode, DECODE_MODES, "decode_mode")
+    pins = {what: fp for what, fp in (recorded or {}).items() if fp}
+    if card is None:
+        if space:
+            return VectorSpace(space)
+        if available is None:
+            raise ValueError("resolve_space needs a model card, a space fingerprint or the store's spaces")
+        if len(available) == 1:
+            return VectorSpace(next(iter(available)))
+        if not available:
+            raise StoreError(f"{store_name} holds no vectors yet; embed images into it first "
+                             f"(`featurebank embed SOURCE --store {store_name}`)")
+        raise StoreError(f"{store_name} holds {len(available)} spaces; choose one with space= (--space) or "
+                         f"model= (--model): {_listing(available)}")
+
+    name = model_name or card.backbone
+    outputs = [card.output(output)] if output is not None else list(card.outputs)
+    offered = ", ".join(o.name for o in outputs)
+    produced: dict[str, tuple[OutputSpec, str | None]] = {}
+    for o in outputs:
+        produced[o.fingerprint] = (o, None)
+        for mode in DECODE_MODES:
+            produced[space_fingerprint(o.fingerprint, mode)] = (o, mode)
+    if space and space not in produced:
+        raise FingerprintMismatchError(
+            f"space {space} is not one that model {name!r} (output {offered}) produces under any decode mode; "
+            "leave the space out to use the model's, or use the model that wrote it"
+        )
+    chosen: dict[str, tuple[OutputSpec, str | None]] = {}
+    for what, fp in pins.items():
+        if fp not in produced:
+            raise FingerprintMismatchError(
+                f"the {what} was built on vectors of space {fp}, which model {name!r} (output {offered}) does not "
+                f"produce under any decode mode; use the model its vectors came from, or rebuild it from this "
+                "model's vectors"
+            )
+        chosen[what] = produced[fp]
+    if space:
+        chosen["space"] = produced[space]
+    if len({o.name for o, _ in chosen.values()}) > 1:
+        raise FingerprintMismatchError(
+            "the " + " and the ".join(f"{what} (output {o.name})" for what, (o, _) in chosen.items())
+            + " come from different outputs of the model; give them all from one output"
+        )
+    modes = {m for _, m in chosen.values() if m is not None}
+    if len(modes) > 1:
+        raise FingerprintMismatchError(
+            "the " + " and the ".join(f"{what} ({m})" for what, (_, m) in chosen.items() if m)
+            + " were built with different decode modes; rebuild one of them"
+        )
+    mode = next(iter(modes), None)
+    if decode_mode is not None and mode is not None and decode_mode != mode:
+        expecting = " and ".join(what for what, (_, m) in chosen.items() if m)
+        raise FingerprintMismatchError(
+            f"decode_mode={decode_mode!r} was asked for, but the {expecting} expect vectors decoded with {mode!r}; "
+            "leave decode_mode out"
+        )
+    out = next(iter(chosen.values()))[0] if chosen else card.output(output)
+    mode = mode or decode_mode
+    if mode is None and available is not None:
+        present = [m for m in DECODE_MODES if space_fingerprint(out.fingerprint, m) in available]
+        if len(present) > 1:
+            raise StoreError(
+                f"{store_name} holds vectors of model {name!r} (output {out.name}) under decode modes "
+                f"{', '.join(present)}; pick one with decode_mode= (--decode-mode)"
+            )
+        mode = present[0] if present else None
+    fingerprint = space_fingerprint(out.fingerprint, mode or DEFAULT_DECODE_MODE)
+    if available is not None and fingerprint not in available:
+        asked = f"decode mode {mode}" if mode else f"decode modes {', '.join(DECODE_MODES)}"
+        raise StoreError(
+            f"{store_name} holds no vectors of model {name!r} (output {out.name}, {asked}); it holds "
+            f"{_listing(available) if available else 'no vectors yet'}. Embed with that model first "
+            "(`featurebank embed`), or pick a space from `featurebank store info`"
+        )
+    return VectorSpace(fingerprint, out, mode or DEFAULT_DECODE_MODE)
+
+
+def _listing(available: Mapping[str, int]) -> str:
+    return "; ".join(f"{fp} ({n} vectors)" for fp, n in available.items())
 
 
 def _load_onnx(model: "str | os.PathLike[str] | Any"):
