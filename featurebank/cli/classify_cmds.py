@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="held-out or k-fold evaluation, confusion matrix PNG", formatter_class=formatter_class,
-                       description="Evaluate a classifier on labelled images: accuracy, balanced accuracy, per-class "
-                       "precision/recall, a confusion matrix PNG and a JSON report.")
+                       description="Evaluate a classifier on labelled images: prints accuracy, balanced accuracy and "
+                       "per-class precision/recall; with --out, also writes a JSON report and a confusion matrix PNG.")
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     p.add_argument("--store", required=True, metavar="DIR")
     add_model_options(p)
@@ -61,7 +61,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--cv", type=int, default=None, metavar="K", help="k-fold instead of one held-out split")
     p.add_argument("--test-size", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json and confusion_matrix.png")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write report.json and confusion_matrix.png into DIR (default: print the report only)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.set_defaults(func=_evaluate)
 
@@ -89,7 +90,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE
+    from featurebank.artifact import DEFAULT_DECODE_MODE
     from featurebank.workflow import train_classifier
 
     r = train_classifier(args.sources, open_runner(args), args.output, store=args.store, classifier=args.classifier,
@@ -102,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE
+    from featurebank.artifact import DEFAULT_DECODE_MODE
     from featurebank.workflow import evaluate_on_images
 
     r = evaluate_on_images(args.sources, open_runner(args), store=args.store, classifier=args.classifier,
@@ -114,7 +115,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     width = max(len(str(c)) for c in r["per_class"])
     for cls, m in r["per_class"].items():
         print(f"  {str(cls):{width}s}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  n={m['support']}")
-    print(f"wrote {args.out}/report.json and {args.out}/confusion_matrix.png")
+    if args.out is not None:
+        print(f"wrote {args.out}/report.json and {args.out}/confusion_matrix.png")
     return 0
 
 
