@@ -12,7 +12,6 @@ call it); it holds no image or model logic of its own.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -110,13 +109,13 @@ def evaluate_on_images(
     runner = _runner(model)
     X, y, _ = labelled_vectors(source, runner, store, output=output, decode_mode=decode_mode, progress=progress)
     report = evaluate_classifier(make_classifier(classifier, **dict(params or {})), X, y, cv=cv, test_size=test_size,
-                                 random_state=random_state, out_dir=out_dir)
+                                 random_state=random_state)
     report["model"] = {"backbone": runner.card.backbone, "layer": runner.card.output(output).layer,
                        "decode_mode": decode_mode, "fingerprint": runner.card.fingerprint}
     if out_dir is not None:
-        import json
+        from featurebank.classifiers.evaluation import save_evaluation
 
-        Path(out_dir, "report.json").write_text(json.dumps(report, indent=2, default=str))
+        save_evaluation(report, out_dir)  # once, with the model: report.json is written whole or not at all
     return report
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from featurebank._atomic import write_bytes_atomic
 
-__all__ = ["evaluate_classifier", "plot_confusion_matrix"]
+__all__ = ["evaluate_classifier", "plot_confusion_matrix", "save_evaluation"]
 
 
 def evaluate_classifier(
@@ -109,11 +109,19 @@ def evaluate_classifier(
         "estimator": repr(clf),
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out / "report.json", json.dumps(report, indent=2).encode("utf-8"))
-        plot_confusion_matrix(cm, [str(n) for n in names], out / "confusion_matrix.png")
+        save_evaluation(report, out_dir)
     return report
+
+
+def save_evaluation(report: dict[str, Any], out_dir: "str | os.PathLike[str]") -> Path:
+    """Write an :func:`evaluate_classifier` report (with anything a caller added to it) to
+    ``out_dir/report.json`` and its ``confusion_matrix.png``, each atomically; returns
+    ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / "report.json", json.dumps(report, indent=2, default=str).encode("utf-8"))
+    plot_confusion_matrix(report["confusion_matrix"], [str(n) for n in report["classes"]], out / "confusion_matrix.png")
+    return out
 
 
 def plot_confusion_matrix(cm: Any, class_names: list[str], path: "str | os.PathLike[str]") -> Path:

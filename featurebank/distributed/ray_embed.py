@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from featurebank import errors as fb_errors
+from featurebank._atomic import write_bytes_atomic
 from featurebank.artifact import DECODE_MODES, read_model_card
 from featurebank.distributed.locations import hash_urls, is_url, list_sources, read_url
 from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport, open_spaces, plan_work
@@ -464,12 +465,7 @@ def _local_model_file(data: bytes, sha: str) -> str:
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, sha + ".onnx")
     if not os.path.isfile(path):
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".onnx")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)
     return path
 
 

@@ -25,8 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,6 +32,9 @@ import faiss
 import numpy as np
 
 from featurebank import __version__
+from featurebank._atomic import atomic_directory
+from featurebank._faiss_errors import faiss_reason
+from featurebank._validation import check_finite_rows
 from featurebank.errors import FingerprintMismatchError, IndexFileError, UnknownIdError
 
 __all__ = ["SimilarityIndex", "build_index", "open_index", "resolve_factory", "default_nprobe", "METRICS", "AUTO_FLAT_MAX"]
@@ -88,13 +89,7 @@ def as_vectors(X, *, name: str = "X", dim: int | None = None, metric: str = "l2"
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{name} has {arr.shape[1]} features but the index holds {dim}-dimensional vectors")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ValueError(
-            f"{name} has {bad.size} row(s) with NaN or inf (first at row {bad[0]}); "
-            "drop or re-embed them before indexing or searching"
-        )
+    check_finite_rows(arr, name, fix="drop or re-embed them before indexing or searching")
     if metric == "cosine":
         norms = np.linalg.norm(arr, axis=1)
         zero = norms == 0
@@ -177,14 +172,8 @@ def _new_faiss_index(dim: int, factory: str, metric: str) -> faiss.Index:
     except RuntimeError as exc:
         raise ValueError(
             f"factory {factory!r} is not a FAISS factory string FAISS accepts for dim={dim} "
-            f"({_faiss_reason(exc)}); examples: 'Flat', 'IVF1024,Flat', 'IVF256,PQ32', 'HNSW32'"
+            f"({faiss_reason(exc)}); examples: 'Flat', 'IVF1024,Flat', 'IVF256,PQ32', 'HNSW32'"
         ) from None
-
-
-def _faiss_reason(exc: BaseException) -> str:
-    # FAISS messages are "Error in <C++ signature> at <file>:<line>: <reason>"; keep the reason.
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.rsplit(": ", 1)[-1] if " at " in text else text
 
 
 def _train(index: faiss.Index, X: np.ndarray, factory: str, random_state: int) -> None:
@@ -213,7 +202,7 @@ def _train(index: faiss.Index, X: np.ndarray, factory: str, random_state: int) -
                 f"factory {factory!r} needs at least {m.group(2)} training vectors but got n_samples={n}; "
                 "use factory='Flat' or a smaller quantizer"
             ) from None
-        raise ValueError(f"FAISS could not train factory {factory!r} on n_samples={n}: {_faiss_reason(exc)}") from None
+        raise ValueError(f"FAISS could not train factory {factory!r} on n_samples={n}: {faiss_reason(exc)}") from None
 
 
 # ---------------------------------------------------------------------------- the index
@@ -368,7 +357,7 @@ class SimilarityIndex:
             removed = int(self._index.remove_ids(labels))
         except RuntimeError as exc:
             raise ValueError(
-                f"factory {self.factory!r} does not support removal ({_faiss_reason(exc)}); "
+                f"factory {self.factory!r} does not support removal ({faiss_reason(exc)}); "
                 "rebuild the index without these ids"
             ) from None
         self._labels[labels] = b""
@@ -423,7 +412,7 @@ class SimilarityIndex:
         try:
             return np.ascontiguousarray(self._index.reconstruct_batch(labels), dtype=np.float32)
         except RuntimeError as exc:
-            raise ValueError(f"factory {self.factory!r} cannot return stored vectors ({_faiss_reason(exc)})") from None
+            raise ValueError(f"factory {self.factory!r} cannot return stored vectors ({faiss_reason(exc)})") from None
 
     def _clip_k(self, k: int, clip: bool) -> int:
         if self.count == 0:
@@ -465,7 +454,7 @@ class SimilarityIndex:
         try:
             lims, D, I = self._index.range_search(Qv, float(radius))
         except RuntimeError as exc:
-            raise ValueError(f"factory {self.factory!r} does not support range search ({_faiss_reason(exc)})") from None
+            raise ValueError(f"factory {self.factory!r} does not support range search ({faiss_reason(exc)})") from None
         lims = lims.astype(np.int64)  # FAISS hands back uint64
         keep = (D >= threshold) if ip else (D <= threshold)
         query_of = np.repeat(np.arange(Qv.shape[0]), np.diff(lims))
@@ -493,28 +482,13 @@ class SimilarityIndex:
             if any(path.iterdir()) and not (path / META_FILE).is_file():
                 raise ValueError(f"refusing to overwrite {path}: it is a non-empty directory without {META_FILE}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             with open(tmp / IDS_FILE, "wb") as fh:
                 np.save(fh, self._labels, allow_pickle=False)
             with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
                 json.dump(self.info(), fh, indent=2)
                 fh.write("\n")
-            for name in (INDEX_FILE, IDS_FILE, META_FILE):
-                with open(tmp / name, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.rename(path, old / "index")
-            os.rename(tmp, path)
-            _fsync_dir(path.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     def info(self) -> dict:
@@ -532,17 +506,6 @@ class SimilarityIndex:
             "featurebank_version": __version__,
             "faiss_version": faiss.__version__,
         }
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- public functions
@@ -631,7 +594,7 @@ def open_index(path: str | os.PathLike) -> SimilarityIndex:
     try:
         index = faiss.read_index(str(path / INDEX_FILE))
     except RuntimeError as exc:
-        raise IndexFileError(f"{path / INDEX_FILE} cannot be read by FAISS: {_faiss_reason(exc)}") from None
+        raise IndexFileError(f"{path / INDEX_FILE} cannot be read by FAISS: {faiss_reason(exc)}") from None
     try:
         labels = np.load(path / IDS_FILE, allow_pickle=False)
     except (OSError, ValueError) as exc:

@@ -22,18 +22,17 @@ Both are plain metadata entries: readers that do not know them ignore them.
 Plain pyarrow reads a shard with ``pyarrow.feather.read_table(path)`` or
 ``pyarrow.ipc.open_file(path).read_all()``.
 
-Writes are atomic: the file is written under a dot-prefixed temporary name in the same
-directory, flushed, fsynced, renamed into place, and the directory is fsynced. Readers list
-only names that do not start with a dot, so a writer killed mid-write leaves at most a
-temporary file that nobody reads; :func:`remove_stale_temps` deletes those whose writer is
-gone.
+Writes are atomic (:mod:`featurebank._atomic`): the file is written under a dot-prefixed
+temporary name in the same directory, flushed, fsynced, renamed into place, and the directory
+is fsynced. Readers list only names that do not start with a dot, so a writer killed mid-write
+leaves at most a temporary file that nobody reads;
+:func:`featurebank._atomic.remove_stale_temps` deletes those whose writer is gone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import threading
 import time
 import uuid
@@ -46,115 +45,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from featurebank._atomic import AtomicFile
 from featurebank.errors import StoreError
 
 SHARD_SUFFIX = ".arrow"
-TEMP_PREFIX = ".tmp-"
 KEY_LEN = 64
-#: A temporary file older than this is removed even if its writer's pid looks alive
-#: (pids get reused; a day is far longer than any single shard write).
-STALE_TEMP_AGE_S = 24 * 3600
-
-_HOST = socket.gethostname().replace("-", "_").replace(".", "_")[:32] or "host"
 _HEX_LUT = np.full(256, 255, dtype=np.uint8)
 _HEX_LUT[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
-# ----------------------------------------------------------------------------- file helpers
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename inside it survives a power cut."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_path(directory: Path, suffix: str = "") -> Path:
-    """A unique dot-prefixed temporary name in ``directory`` that records host and pid."""
-    return directory / f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}"
-
-
-def write_bytes_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename).
-
-    With ``exclusive=True`` the file is only created if absent (``os.link`` fails on an
-    existing name, so two racing processes cannot both win); returns False if it existed.
-    """
-    tmp = temp_path(path.parent, path.suffix)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-        return True
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def is_stale_temp(path: Path, now: float | None = None) -> bool:
-    """True for a leftover temporary file whose writer is dead (same host) or that is old."""
-    name = path.name
-    if not name.startswith(TEMP_PREFIX):
-        return False
-    now = time.time() if now is None else now
-    try:
-        age = now - path.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age > STALE_TEMP_AGE_S:
-        return True
-    parts = name[len(TEMP_PREFIX) :].split("-")
-    if len(parts) >= 3 and parts[0] == _HOST and parts[1].isdigit():
-        return not _pid_alive(int(parts[1]))
-    return False
-
-
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete leftover temporary files of dead writers in ``directory``; return them."""
-    removed = []
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return removed
-    now = time.time()
-    for e in entries:
-        p = Path(e.path)
-        if e.name.startswith(TEMP_PREFIX) and is_stale_temp(p, now):
-            try:
-                os.unlink(p)
-                removed.append(p)
-            except FileNotFoundError:
-                pass
-    return removed
-
-
+# ----------------------------------------------------------------------------- files
 def list_shards(directory: Path) -> list[str]:
     """Names of committed shard files in ``directory``, oldest first (names sort by time)."""
     try:
@@ -287,7 +187,9 @@ def make_batch(keys: np.ndarray, X: np.ndarray, schema: pa.Schema) -> tuple[pa.R
 
 
 class ShardWriter:
-    """Streams record batches into one shard, committed atomically by :meth:`commit`.
+    """Streams record batches into one shard, committed atomically by :meth:`commit`
+    (:class:`featurebank._atomic.AtomicFile`: the shard gets its name, which sorts by
+    commit time, when it is renamed into place).
 
     >>> w = ShardWriter(shard_dir, schema); w.write(keys, X); name = w.commit()
     """
@@ -295,9 +197,8 @@ class ShardWriter:
     def __init__(self, directory: Path, schema: pa.Schema) -> None:
         self.directory = directory
         self.schema = schema
-        self.tmp = temp_path(directory, SHARD_SUFFIX)
-        self._file = open(self.tmp, "wb")
-        self._writer = ipc.new_file(self._file, schema)
+        self._out = AtomicFile(directory, suffix=SHARD_SUFFIX)
+        self._writer = ipc.new_file(self._out.file, schema)
         self.n_rows = 0
 
     def write(self, keys: np.ndarray, X: np.ndarray) -> None:
@@ -308,13 +209,13 @@ class ShardWriter:
         self.n_rows += len(keys)
 
     def commit(self) -> str:
-        self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._writer.close()
+        except BaseException:
+            self._out.abort()
+            raise
         name = new_shard_name()
-        os.rename(self.tmp, self.directory / name)
-        fsync_dir(self.directory)
+        self._out.commit(self.directory / name)
         return name
 
     def abort(self) -> None:
@@ -322,11 +223,7 @@ class ShardWriter:
             self._writer.close()
         except Exception:  # noqa: BLE001 - already failing; the temp file is removed below
             pass
-        self._file.close()
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        self._out.abort()
 
 
 def write_shard(directory: Path, schema: pa.Schema, keys: np.ndarray, X: np.ndarray) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import stat as stat_mod
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,25 +14,28 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from featurebank._atomic import (
+    TEMP_PREFIX,
+    atomic_directory,
+    atomic_writer,
+    fsync_dir,
+    is_stale_temp,
+    remove_stale_temps,
+    write_bytes_atomic,
+)
 from featurebank.errors import StoreError
 from featurebank.store.catalog import Catalog, printable
 from featurebank.store.index import KeyIndex
 from featurebank.store.shards import (
     KEY_LEN,
-    TEMP_PREFIX,
     Block,
     ShardWriter,
     check_blocks,
-    fsync_dir,
-    is_stale_temp,
     keys_to_array,
     list_shards,
     read_blocks,
-    remove_stale_temps,
     shard_schema,
-    temp_path,
     verify_ahead,
-    write_bytes_atomic,
     write_shard,
     write_shard_blocks,
 )
@@ -524,7 +526,9 @@ class EmbeddingStore:
         (d / "shards").mkdir(parents=True, exist_ok=True)
         blob = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
         # exclusive: if another process created it first, theirs stands and is checked
-        if not write_bytes_atomic(d / "space.json", blob, exclusive=True):
+        try:
+            write_bytes_atomic(d / "space.json", blob, exclusive=True)
+        except FileExistsError:
             existing = self._read_space_meta(fp)
             assert existing is not None  # the link failed because it exists
             return existing
@@ -924,34 +928,25 @@ class EmbeddingStore:
             ],
             metadata={"featurebank.space": space.fingerprint, "featurebank.space_info": json.dumps(space.info)},
         )
-        tmp = temp_path(out.parent, ".parquet")
-        try:
-            with pq.ParquetWriter(str(tmp), schema) as w:
-                for s in range(0, max(len(keys), 1), chunk_size):
-                    k = keys[s : s + chunk_size]
-                    X, _ = space.get(k)
-                    vec = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), space.dim)
-                    # Parquet strings are UTF-8: a name that is not is written with \xNN escapes
-                    p = [printable(x) or None for x in paths[s : s + chunk_size]]
-                    lab = [None if x is None else printable(x) for x in labels[s : s + chunk_size]]
-                    w.write_table(
-                        pa.table([pa.array(k.tolist(), pa.string()), pa.array(p, pa.string()),
-                                  pa.array(lab, pa.string()), vec], schema=schema)
-                    )
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            if out.is_dir():
-                raise IsADirectoryError(f"{out} is a directory; give a file name for parquet output")
-            os.replace(tmp, out)
-            fsync_dir(out.parent)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        if out.is_dir():
+            raise IsADirectoryError(f"{out} is a directory; give a file name for parquet output")
+        with atomic_writer(out, "wb") as fh, pq.ParquetWriter(fh, schema) as w:
+            for s in range(0, max(len(keys), 1), chunk_size):
+                k = keys[s : s + chunk_size]
+                X, _ = space.get(k)
+                vec = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), space.dim)
+                # Parquet strings are UTF-8: a name that is not is written with \xNN escapes
+                p = [printable(x) or None for x in paths[s : s + chunk_size]]
+                lab = [None if x is None else printable(x) for x in labels[s : s + chunk_size]]
+                w.write_table(
+                    pa.table([pa.array(k.tolist(), pa.string()), pa.array(p, pa.string()),
+                              pa.array(lab, pa.string()), vec], schema=schema)
+                )
 
     def _export_npy(self, space, out, keys, paths, labels, chunk_size, overwrite) -> None:
-        tmp = temp_path(out.parent)
-        tmp.mkdir()
-        try:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"{out} is a file; npy output is a directory")
+        with atomic_directory(out) as tmp:
             V = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(len(keys), space.dim))
             for s in range(0, len(keys), chunk_size):
                 V[s : s + chunk_size] = space.get(keys[s : s + chunk_size])[0]
@@ -962,22 +957,6 @@ class EmbeddingStore:
             np.save(tmp / "labels.npy", np.asarray([lab or "" for lab in labels], dtype=str) if labels else np.empty(0, dtype="U1"))
             meta = {"fingerprint": space.fingerprint, "dim": space.dim, "dtype": space.dtype, "info": space.info}
             (tmp / "space.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if out.exists():
-                if not out.is_dir():
-                    raise NotADirectoryError(f"{out} is a file; npy output is a directory")
-                old = temp_path(out.parent)
-                os.rename(out, old)
-            os.rename(tmp, out)
-            fsync_dir(out.parent)
-            if old is not None:
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
 
 def _first_occurrence(keys: np.ndarray) -> np.ndarray:
@@ -1047,7 +1026,10 @@ def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Embeddin
                 "give a new or empty directory"
             )
         blob = json.dumps({"format": _FORMAT_NAME, "version": FORMAT_VERSION}, indent=2) + "\n"
-        write_bytes_atomic(marker, blob.encode(), exclusive=True)
+        try:
+            write_bytes_atomic(marker, blob.encode(), exclusive=True)
+        except FileExistsError:  # another process created the store first: theirs is read below
+            pass
     try:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError) as exc:

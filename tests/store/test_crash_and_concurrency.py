@@ -13,7 +13,7 @@ import pytest
 from store_helpers import FP_A, PYTHON, make_keys, make_vectors, subprocess_env
 
 from featurebank.store import open_store
-from featurebank.store.shards import TEMP_PREFIX
+from featurebank._atomic import TEMP_PREFIX
 
 CHILD = str(Path(__file__).with_name("writer_child.py"))
 N_BATCHES, BATCH, DIM = 24, 400, 256

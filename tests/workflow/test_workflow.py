@@ -38,7 +38,8 @@ def test_train_predict_evaluate_on_real_textures(tmp_path, texture_dir, lite0_mo
                              out_dir=tmp_path / "eval")
     # measured 1.0 (30 of 30); the floor allows three mistakes (chance is 1/3)
     assert rep["n_evaluated"] == 30 and rep["accuracy"] >= 0.9
-    assert json.loads((tmp_path / "eval" / "report.json").read_text())["accuracy"] == rep["accuracy"]
+    # the whole report, the model included, in report.json's one atomic write
+    assert json.loads((tmp_path / "eval" / "report.json").read_text()) == rep and rep["model"]["decode_mode"] == "fast"
     assert Image.open(tmp_path / "eval" / "confusion_matrix.png").size[0] > 200
 
 
