@@ -8,25 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _first(indices: np.ndarray, n: int = 5) -> str:
-    shown = ", ".join(str(int(i)) for i in indices[:n])
-    return shown + (", ..." if len(indices) > n else "")
+from featurebank._validation import check_finite_rows as _check_finite_rows
 
 
 def check_finite_rows(X: np.ndarray, what: str = "X") -> None:
-    """Refuse NaN or inf vectors, naming the rows that hold them.
-
-    A non-finite embedding means the image or the model failed upstream; silently dropping
-    or imputing it would hide that.
-    """
-    finite = np.isfinite(X).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ValueError(
-            f"{what} contains NaN or inf in {len(bad)} of {X.shape[0]} vectors (rows {_first(bad)}); "
-            "these embeddings are broken: re-embed those images or drop those rows before fitting"
-        )
+    """Refuse NaN or inf vectors, naming the rows that hold them (see featurebank._validation)."""
+    _check_finite_rows(X, what, fix="these embeddings are broken: re-embed those images or drop those rows before fitting")
 
 
 def check_classes(name: str, classes: np.ndarray, counts: np.ndarray, min_members: int = 1, why: str = "") -> None:

@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featurebank._faiss_errors import faiss_reason
 from featurebank.classifiers._validation import check_classes, check_finite_rows
 
 __all__ = ["KNNClassifier"]
@@ -117,7 +118,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         except RuntimeError as exc:
             raise ValueError(
                 f"index_factory={self.index_factory!r} is not a FAISS factory string FAISS can build for "
-                f"{X.shape[1]} features ({_faiss_reason(exc)}); see the FAISS wiki 'The index factory'"
+                f"{X.shape[1]} features ({faiss_reason(exc)}); see the FAISS wiki 'The index factory'"
             ) from None
         try:
             if not index.is_trained:
@@ -126,7 +127,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         except RuntimeError as exc:
             raise ValueError(
                 f"FAISS could not train/fill index {self.index_factory!r} with n_samples={n_samples} vectors of "
-                f"{X.shape[1]} features: {_faiss_reason(exc)}. Use a smaller index (fewer IVF lists, e.g. "
+                f"{X.shape[1]} features: {faiss_reason(exc)}. Use a smaller index (fewer IVF lists, e.g. "
                 f"'IVF{max(1, n_samples // 39)},Flat', or 'Flat') or more samples"
             ) from None
         self.classes_ = classes
@@ -155,7 +156,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             except RuntimeError as exc:
                 raise ValueError(
                     f"search_params={self.search_params!r} do not apply to index {self.index_factory!r}: "
-                    f"{_faiss_reason(exc)}"
+                    f"{faiss_reason(exc)}"
                 ) from None
         scores, indices = self.index_.search(X, int(self.n_neighbors))
         if self.metric == "cosine":
@@ -207,12 +208,3 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         if isinstance(state.get("index_"), np.ndarray):
             state["index_"] = faiss.deserialize_index(state["index_"])
         super().__setstate__(state)
-
-
-def _faiss_reason(exc: RuntimeError) -> str:
-    # FAISS messages start with the C++ function and source location; keep the sentence.
-    text = " ".join(str(exc).split())
-    for marker in ("failed: ", "Error: "):
-        if marker in text:
-            return text.split(marker, 1)[1].strip().strip("'\"")
-    return text or type(exc).__name__

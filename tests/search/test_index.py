@@ -250,12 +250,13 @@ def test_non_finite_vectors_are_refused(data, bad_value):
     X, Q, ids = data
     Xb = X[:20].copy()
     Xb[3, 5] = bad_value
-    with pytest.raises(ValueError, match=r"X has 1 row\(s\) with NaN or inf \(first at row 3\)"):
+    with pytest.raises(ValueError, match=r"^X has NaN or inf in 1 of 20 rows \(rows 3\); drop or re-embed them "
+                                         "before indexing or searching$"):
         build_index(Xb, ids[:20])
     index = build_index(X[:20], ids[:20])
-    with pytest.raises(ValueError, match=r"X has 1 row\(s\) with NaN or inf"):
+    with pytest.raises(ValueError, match=r"^X has NaN or inf in 1 of 20 rows \(rows 3\)"):
         index.add(Xb, hex_ids(20, "new"))
-    with pytest.raises(ValueError, match=r"Q has 1 row\(s\) with NaN or inf \(first at row 3\)"):
+    with pytest.raises(ValueError, match=r"^Q has NaN or inf in 1 of 20 rows \(rows 3\)"):
         index.search(Xb, k=1)
 
 
@@ -305,7 +306,8 @@ def test_too_few_vectors_to_train(data):
 
 def test_bad_factory_metric_and_nprobe(data):
     X, _, ids = data
-    with pytest.raises(ValueError, match="factory 'IVFx,Flat' is not a FAISS factory string"):
+    with pytest.raises(ValueError, match=rf"^factory 'IVFx,Flat' is not a FAISS factory string FAISS accepts for "
+                                         rf"dim={X.shape[1]} \(could not parse index string IVFx,Flat\); examples: "):
         build_index(X[:10], ids[:10], factory="IVFx,Flat")
     with pytest.raises(ValueError, match="must not contain IDMap.*pass 'Flat'"):
         build_index(X[:10], ids[:10], factory="IDMap2,Flat")
