@@ -29,8 +29,19 @@ COMMAND_MODULES = (
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; an option's help ends with ``(default: X)`` taken
+    from the parser itself, unless the help already says what the default is (in words, for
+    options whose default is "not given")."""
+
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=100)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS and "default" not in help.lower()):
+            help += " (default: %(default)s)"
+        return help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,49 +43,56 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                        description="Train a classifier on labelled images (class subfolders or a label column). "
                        "Images not yet in the store are embedded first.",
                        epilog="example:\n  featurebank train photos/textures --store store/ --classifier probe -o textures.fbclf")
-    p.add_argument("sources", nargs="+", metavar="SOURCE")
-    p.add_argument("--store", required=True, metavar="DIR")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="labelled images: a folder with class subfolders, or a list file with a label column")
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="store directory: images not in it yet are embedded into it first (created if missing)")
     add_model_options(p)
     _classifier_options(p)
-    p.add_argument("-o", "--output", required=True, metavar="CLF.fbclf")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("-o", "--output", required=True, metavar="CLF.fbclf", help="the classifier file to write")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: one on stderr when it is a terminal)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="held-out or k-fold evaluation, confusion matrix PNG", formatter_class=formatter_class,
                        description="Evaluate a classifier on labelled images: prints accuracy, balanced accuracy and "
                        "per-class precision/recall; with --out, also writes a JSON report and a confusion matrix PNG.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE")
-    p.add_argument("--store", required=True, metavar="DIR")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="labelled images: a folder with class subfolders, or a list file with a label column")
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="store directory: images not in it yet are embedded into it first (created if missing)")
     add_model_options(p)
     _classifier_options(p)
     p.add_argument("--cv", type=int, default=None, metavar="K", help="k-fold instead of one held-out split")
-    p.add_argument("--test-size", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-size", type=float, default=0.25, help="without --cv: the fraction of images held out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split or the folds")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write report.json and confusion_matrix.png into DIR (default: print the report only)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: one on stderr when it is a terminal)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="labels and probabilities for images", formatter_class=formatter_class,
                        description="Predict labels for images with a saved classifier; CSV or JSON.")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or lists")
-    p.add_argument("--classifier", required=True, metavar="CLF.fbclf")
+    p.add_argument("--classifier", required=True, metavar="CLF.fbclf", help="a classifier file from `featurebank train`")
     _max_classifier_bytes_option(p)
     add_model_options(p)
     p.add_argument("--store", default=None, metavar="DIR", help="reuse / fill this store (optional)")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--top-k", type=int, default=3, help="labels listed per image, most probable first")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format")
     p.add_argument("-o", "--output", default=None, help="write here instead of stdout")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: one on stderr when it is a terminal)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("fuse", help="backbone + classifier as one ONNX graph", formatter_class=formatter_class,
                        description="Join a backbone ONNX model and a saved classifier into one ONNX graph: pixels in, "
                        "label and probabilities out, checked equal to the two-step path.")
-    p.add_argument("--model", required=True, metavar="MODEL.onnx")
-    p.add_argument("--classifier", required=True, metavar="CLF.fbclf")
+    p.add_argument("--model", required=True, metavar="MODEL.onnx", help="the backbone model the classifier was trained on")
+    p.add_argument("--classifier", required=True, metavar="CLF.fbclf", help="a classifier file from `featurebank train`")
     _max_classifier_bytes_option(p)
-    p.add_argument("-o", "--output", required=True, metavar="END2END.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="END2END.onnx", help="the fused ONNX file to write")
     p.set_defaults(func=_fuse)
 
 

@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         epilog="examples:\n  featurebank embed photos/ --store store/\n"
         "  featurebank embed train.csv val.csv --model lite0.onnx --store store/ --decode-mode exact",
     )
-    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a folder of images, a .txt/.csv/.parquet list of paths, or several")
     p.add_argument("--store", required=True, metavar="DIR", help="store directory (created if missing)")
     add_model_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per batch and per store shard (GPU: 64-256)")
@@ -64,7 +65,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     p.add_argument("--store-dtype", choices=("float32", "float16"), default=None,
                    help="on-disk precision of a new space (float16: half the disk; loads as float32)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: one on stderr when it is a terminal)")
     p.add_argument("--json", action="store_true", help="print the run's report as JSON")
     from featurebank.distributed.cli import register_ray_options
 
@@ -74,7 +76,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p = sub.add_parser("doctor", help="check onnxruntime providers and tell what to fix", formatter_class=formatter_class,
                        description="Report the installed onnxruntime, its execution providers, run a tiny inference "
                        "on each, and say what to fix.")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_doctor)
 
 

@@ -34,14 +34,14 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--factory", default="auto", metavar="STR",
                    help="'auto' (Flat below 50k vectors, else IVF with ~4*sqrt(n) lists), 'Flat', or a FAISS "
                    "factory string such as 'IVF1024,Flat' or 'IVF256,PQ32' (default: auto)")
-    p.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
+    p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity the index ranks by")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default: nlist/64, at least 8)")
     p.add_argument("--rebuild", action="store_true", help="rebuild from scratch even if INDEX exists")
     p.set_defaults(func=_build)
 
     p = ii.add_parser("info", help="show an index's factory, metric, dim, count and space", formatter_class=formatter_class,
                       description="Show what a saved index holds.")
-    p.add_argument("index_dir", metavar="INDEX")
+    p.add_argument("index_dir", metavar="INDEX", help="an index directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
 
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         "  featurebank search --index cache.idx --vector-file q.npy -k 10 --json",
     )
     p.add_argument("queries", nargs="*", metavar="QUERY", help="query image files (embedded with --model/--backbone)")
-    p.add_argument("--index", dest="index_dir", required=True, metavar="DIR")
+    p.add_argument("--index", dest="index_dir", required=True, metavar="DIR",
+                   help="an index directory from `featurebank index build`")
     add_model_options(p)
     which = p.add_mutually_exclusive_group(required=False)
     which.add_argument("--id", dest="ids", action="append", metavar="KEY", help="an indexed id (content key)")
@@ -78,7 +79,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--space", metavar="FP", default=None, help="space fingerprint (with --store)")
     p.add_argument("--threshold", type=float, default=0.95, help="link threshold (default: 0.95 cosine similarity)")
     p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="with --store (an index has its own)")
-    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--format", choices=("json", "csv"), default="json", help="output format")
     p.add_argument("-o", "--output", default=None, metavar="OUT", help="file to write (default: stdout)")
     p.set_defaults(func=_dedup)
 

@@ -18,14 +18,14 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
 
     p = ss.add_parser("info", help="spaces, vector counts and sizes", formatter_class=formatter_class,
                       description="Show the store's format version and, per space, dim, dtype, vectors, shards and bytes.")
-    p.add_argument("store", metavar="DIR")
+    p.add_argument("store", metavar="DIR", help="the store directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
 
     p = ss.add_parser("verify", help="check every shard (parse, dims, NaN, checksums)", formatter_class=formatter_class,
                       description="Check every shard parses, matches its space's dim and dtype, holds finite vectors "
                       "and valid keys, and matches its checksums. Exit status 1 if anything is wrong.")
-    p.add_argument("store", metavar="DIR")
+    p.add_argument("store", metavar="DIR", help="the store directory")
     p.add_argument("--quarantine", action="store_true",
                    help="move broken shards to DIR/quarantine/ (their images are embedded again on the next run)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         epilog="examples:\n  featurebank store export cache --space 3f9a...e1 -o vectors.parquet\n"
         "  featurebank store export cache --model lite0-b5.onnx -o out_dir --format npy",
     )
-    p.add_argument("store", metavar="DIR")
+    p.add_argument("store", metavar="DIR", help="the store directory")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--space", metavar="FP", help="space fingerprint (see `featurebank store info DIR`)")
     which.add_argument("--model", metavar="MODEL.onnx", help="the space of this model's output")
@@ -46,15 +46,16 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="with --model: which graph output (name or layer) when the model has several")
     p.add_argument("--decode-mode", default=None, choices=("exact", "fast"),
                    help="with --model: the decode mode the vectors were embedded with (default: the one in the store)")
-    p.add_argument("-o", "--out", dest="out_path", required=True, metavar="OUT")
-    p.add_argument("--format", choices=("parquet", "npy"), default="parquet")
+    p.add_argument("-o", "--out", dest="out_path", required=True, metavar="OUT",
+                   help="the Parquet file, or with --format npy the directory, to write")
+    p.add_argument("--format", choices=("parquet", "npy"), default="parquet", help="output format")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_export)
 
     p = ss.add_parser("failures", help="list images that could not be embedded", formatter_class=formatter_class,
                       description="List recorded failures (path, space, reason, attempts, time). They are cleared "
                       "when the images are embedded successfully on a later run.")
-    p.add_argument("store", metavar="DIR")
+    p.add_argument("store", metavar="DIR", help="the store directory")
     p.add_argument("--space", metavar="FP", default=None, help="only this space")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_failures)
@@ -62,7 +63,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p = ss.add_parser("compact", help="merge small shards and drop duplicate rows", formatter_class=formatter_class,
                       description="Merge small shard files into large ones and drop duplicate rows. Safe while "
                       "other processes read or write the store.")
-    p.add_argument("store", metavar="DIR")
+    p.add_argument("store", metavar="DIR", help="the store directory")
     p.add_argument("--space", metavar="FP", default=None, help="only this space")
     p.set_defaults(func=_compact)
 
