@@ -55,6 +55,14 @@ _HEX_LUT[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.
 
 
 # ----------------------------------------------------------------------------- files
+def file_size(path: Path) -> int:
+    """Size in bytes of ``path``; 0 if it vanished (a concurrent compaction removed it)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def list_shards(directory: Path) -> list[str]:
     """Names of committed shard files in ``directory``, oldest first (names sort by time)."""
     try:

@@ -1,44 +1,36 @@
-"""EmbeddingStore and Space: the content-addressed vector cache (layout: see the package docstring)."""
+"""EmbeddingStore: a directory of embedding spaces plus a catalog, and :func:`open_store`
+(layout: see the package docstring). Each concern lives in its own module: spaces and their
+shards (:mod:`.space`, :mod:`.shards`), the SQLite catalog (:mod:`.catalog`), content keys
+(:mod:`.hashing`), checking (:mod:`.verify`), compaction (:mod:`.compact`), export
+(:mod:`.export`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import stat as stat_mod
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from featurebank._atomic import (
-    TEMP_PREFIX,
-    atomic_directory,
-    atomic_writer,
-    fsync_dir,
-    is_stale_temp,
-    remove_stale_temps,
-    write_bytes_atomic,
-)
+from featurebank._atomic import TEMP_PREFIX, remove_stale_temps, write_bytes_atomic
 from featurebank.errors import StoreError
-from featurebank.store.catalog import Catalog, printable
-from featurebank.store.index import KeyIndex
-from featurebank.store.shards import (
-    KEY_LEN,
-    Block,
-    ShardWriter,
-    check_blocks,
-    keys_to_array,
-    list_shards,
-    read_blocks,
-    shard_schema,
-    verify_ahead,
-    write_shard,
-    write_shard_blocks,
+from featurebank.store.catalog import Catalog
+from featurebank.store.compact import COMPACT_TARGET_BYTES, compact_space
+from featurebank.store.export import export_space
+from featurebank.store.hashing import hash_files
+from featurebank.store.records import (
+    DTYPES,
+    FORMAT_VERSION,
+    FailureRecord,
+    HashedFiles,
+    Item,
+    VerifyReport,
+    check_fingerprint,
 )
+from featurebank.store.shards import KEY_LEN, file_size, keys_to_array
+from featurebank.store.space import Space, create_space_meta, read_space_meta
+from featurebank.store.verify import verify_store
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,362 +45,10 @@ __all__ = [
     "VerifyReport",
 ]
 
-#: On-disk layout version written to the marker file; bump on any incompatible change.
-FORMAT_VERSION = 1
 MARKER_NAME = "featurebank-store.json"
 _FORMAT_NAME = "featurebank-store"
-DTYPES = ("float32", "float16")
-#: A file modified this close to the moment it was hashed may change again within the same
-#: mtime tick without its stat changing (git's "racily clean" problem); such cache entries
-#: are re-hashed once more before they are trusted.
-RACY_NS = 2_000_000_000
-_READ_CHUNK = 1 << 20
-_COMPACT_TARGET_BYTES = 256 << 20
-_COMPACT_BATCH_BYTES = 32 << 20
-_FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def _check_fingerprint(fp: Any, what: str = "space fingerprint") -> str:
-    if not isinstance(fp, str):
-        raise ValueError(f"{what} must be a 64-character hex string; got {type(fp).__name__}")
-    try:
-        keys_to_array([fp], what=what)
-    except ValueError:
-        raise ValueError(f"{what} must be 64 lowercase hex characters (a sha256 digest); got {fp!r}") from None
-    return fp
-
-
-def _describe_os_error(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
-# ============================================================================= records
-@dataclass(frozen=True)
-class HashedFiles:
-    """Result of :meth:`EmbeddingStore.hash_files`, aligned with the input paths.
-
-    paths : absolute paths, as given (not resolved through symlinks)
-    keys : sha256 hex of each file's bytes, ``None`` where the file could not be read
-    errors : ``None``, or why the file could not be read ("No such file or directory", ...)
-    n_cached : how many keys came from the stat cache without reading the file
-    n_hashed : how many files were read and hashed
-    """
-
-    paths: list[str]
-    keys: list[str | None]
-    errors: list[str | None]
-    n_cached: int
-    n_hashed: int
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @property
-    def ok(self) -> np.ndarray:
-        """ndarray of shape (n,), bool: True where a key was computed."""
-        return np.array([k is not None for k in self.keys], dtype=bool)
-
-    def failed(self) -> list[tuple[str, str]]:
-        """(path, error) of each file that could not be read."""
-        return [(p, e) for p, e in zip(self.paths, self.errors) if e is not None]
-
-
-@dataclass(frozen=True)
-class FailureRecord:
-    """An image that could not be embedded into ``space``. ``time`` is a Unix timestamp."""
-
-    path: str
-    reason: str
-    key: str | None = None
-    space: str | None = None
-    time: float | None = None
-    attempts: int = 1
-
-
-@dataclass(frozen=True)
-class Item:
-    """A file that was embedded: its path, content key and optional label.
-
-    ``path`` is the str Python uses for the file name: bytes that are not UTF-8 appear as
-    surrogate escapes (``os.fsdecode``), so ``open(path)`` works; show it with
-    :func:`featurebank.store.printable`.
-    """
-
-    path: str
-    key: str
-    label: str | None
-    updated: float
-
-
-@dataclass
-class VerifyReport:
-    """Result of :meth:`EmbeddingStore.verify`. ``ok`` is False when ``problems`` is not empty."""
-
-    path: str
-    n_spaces: int = 0
-    n_shards: int = 0
-    n_rows: int = 0
-    n_vectors: int = 0
-    problems: list[str] = field(default_factory=list)
-    quarantined: list[str] = field(default_factory=list)
-    stale_temps: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
-
-
-# ============================================================================= space
-class Space:
-    """The vectors of one embedding space (one model output + decode mode) in a store.
-
-    Obtain with :meth:`EmbeddingStore.space`. Not thread-safe; processes may share a store.
-
-    Attributes
-    ----------
-    fingerprint : str, 64 hex chars, the space id
-    dim : int, vector length
-    dtype : ``"float32"`` or ``"float16"``, the on-disk precision (loads are always float32)
-    info : dict, the JSON metadata saved when the space was created
-    path : Path, the space's directory
-    """
-
-    def __init__(self, store: "EmbeddingStore", fingerprint: str, meta: Mapping[str, Any]) -> None:
-        self.store = store
-        self.fingerprint = fingerprint
-        self.dim = int(meta["dim"])
-        self.dtype = str(meta["dtype"])
-        self.info = dict(meta.get("info") or {})
-        self.path = store.root / "spaces" / fingerprint
-        self.shard_dir = self.path / "shards"
-        self._schema = shard_schema(fingerprint, self.dtype, self.dim, FORMAT_VERSION)
-        self._names: list[str] | None = None
-        self._blocks: dict[str, list[Block]] = {}
-        self._index: KeyIndex | None = None
-
-    def __repr__(self) -> str:
-        return f"Space({self.fingerprint[:12]}…, dim={self.dim}, dtype={self.dtype})"
-
-    # ------------------------------------------------------------------ reading
-    def _refresh(self) -> KeyIndex:
-        """Bring the key map up to date with the shard files on disk (other writers, compaction)."""
-        names = list_shards(self.shard_dir)
-        if self._index is not None and names == self._names:
-            return self._index
-        for _ in range(10):
-            opened: dict[str, list[Block]] = {}
-            try:
-                for name in names:
-                    blocks = self._blocks.get(name)
-                    if blocks is None:
-                        blocks = read_blocks(self.shard_dir / name, self.dim, self.dtype)
-                    opened[name] = blocks
-            except FileNotFoundError:
-                # a concurrent compaction removed it after committing its merged shard, so
-                # listing again finds every row
-                names = list_shards(self.shard_dir)
-                continue
-            except StoreError as exc:
-                raise StoreError(
-                    f"{exc}; run `featurebank store verify {self.store.root} --quarantine` to move broken "
-                    "shards aside (their images are then embedded again)"
-                ) from exc
-            break
-        else:  # pragma: no cover - needs ten compactions racing one read
-            raise StoreError(f"{self.shard_dir}: shards keep disappearing while reading; is a compaction looping?")
-        self._blocks = opened
-        self._names = names
-        self._index = KeyIndex([b for n in names for b in opened[n]])
-        return self._index
-
-    def __len__(self) -> int:
-        return len(self._refresh())
-
-    def keys(self) -> np.ndarray:
-        """Every key in the space, deduplicated: ndarray of shape (n,), dtype ``<U64``, sorted."""
-        return self._refresh().keys.astype(f"U{KEY_LEN}")
-
-    def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
-        """ndarray of shape (n,), bool: which of ``keys`` have a vector in this space."""
-        q = keys_to_array(keys)
-        return self._refresh().lookup(q) >= 0
-
-    def get(self, keys: Iterable[str] | np.ndarray, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Load vectors by key.
-
-        Every record batch a row comes from is checked against its checksum the first time
-        this Space reads it (``featurebank.sum2d``, at memory speed; remembered while the shard
-        stays open).
-
-        verify : False skips that check (for benchmarks; ``store verify`` checks everything)
-
-        Returns
-        -------
-        X : ndarray of shape (n, dim), float32, row i for keys[i]; rows not found are NaN
-            (so that using them by mistake fails loudly downstream)
-        found : ndarray of shape (n,), bool
-
-        Raises StoreError naming the shard if a row's batch fails its checksum: damaged
-        vectors are never returned, and never silently reported as not found.
-        """
-        q = keys_to_array(keys)
-        index = self._refresh()
-        pos = index.lookup(q)
-        found = pos >= 0
-        X = np.empty((len(q), self.dim), dtype=np.float32)
-        if not found.all():
-            X[~found] = np.nan
-        rows = np.flatnonzero(found)
-        if not verify:
-            index.gather(pos[rows], X, rows)
-            return X, found
-        ahead = verify_ahead(index.blocks_of(pos[rows]))
-
-        def check(block: Block) -> None:
-            f = ahead.get(id(block))
-            if f is not None:
-                f.result()
-            self._check_block(block)
-
-        try:
-            index.gather(pos[rows], X, rows, check=check)
-        finally:
-            for f in ahead.values():
-                f.cancel()
-        return X, found
-
-    def _check_block(self, block: Block) -> None:
-        if not block.verify():
-            raise StoreError(
-                f"{self.shard_dir / block.shard} (record batch {block.batch}): vectors do not match their "
-                f"checksum (the file was modified or damaged on disk); run `featurebank store verify "
-                f"{self.store.root} --quarantine` to move it aside (its images are then embedded again)"
-            )
-
-    def damaged_shards(self, keys: Iterable[str] | np.ndarray | None = None) -> list[str]:
-        """Names of the shards holding a record batch that fails its checksum, among the
-        batches that serve ``keys`` (every batch in use when None). Each batch is read once."""
-        index = self._refresh()
-        if keys is None:
-            blocks = index.blocks_of(np.arange(len(index)))
-        else:
-            pos = index.lookup(keys_to_array(keys))
-            blocks = index.blocks_of(pos[pos >= 0])
-        for f in verify_ahead(blocks).values():
-            f.result()
-        return sorted({b.shard for b in blocks if not b.verify()})
-
-    def quarantine(self, names: Sequence[str]) -> list[Path]:
-        """Move shards aside to ``<store>/quarantine/<space>/`` after copying their intact
-        record batches into a new shard; the rows of damaged batches are then missing (and
-        embedded again by the next run). Safe with concurrent readers (they keep their
-        mapping) and with another process quarantining the same shard. Returns the new
-        paths of the shards this call moved."""
-        moved = []
-        for name in names:
-            path = self.shard_dir / name
-            try:
-                blocks = self._blocks.get(name) or read_blocks(path, self.dim, self.dtype)
-            except FileNotFoundError:  # another process moved or compacted it already
-                continue
-            except StoreError:  # unreadable as a whole: nothing to keep
-                blocks = []
-            intact = [b for b in blocks if not check_blocks([b], str(path))]
-            if intact:
-                write_shard_blocks(self.shard_dir, self._schema, intact)
-            qdir = self.store.root / "quarantine" / self.fingerprint
-            qdir.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(path, qdir / name)
-            except FileNotFoundError:
-                continue
-            fsync_dir(self.shard_dir)
-            self._blocks.pop(name, None)
-            self._index = None
-            moved.append(qdir / name)
-        return moved
-
-    def shards(self) -> list[Path]:
-        """Paths of the committed shard files, oldest first."""
-        return [self.shard_dir / n for n in list_shards(self.shard_dir)]
-
-    # ------------------------------------------------------------------ writing
-    def add(
-        self,
-        keys: Iterable[str] | np.ndarray,
-        X: np.ndarray,
-        *,
-        paths: Sequence[str | os.PathLike[str]] | None = None,
-        labels: Sequence[str | None] | None = None,
-    ) -> int:
-        """Commit vectors as one new shard file (atomic: all rows or none survive a crash).
-
-        Parameters
-        ----------
-        keys : sequence of n sha256 hex strings (see :meth:`EmbeddingStore.hash_files`)
-        X : array-like of shape (n, dim), floating; must be finite
-        paths, labels : optional, length n: the files these vectors came from and their labels,
-            remembered for export; a successful add also clears these paths' failures here
-
-        Returns the number of rows written (repeated keys within the call are written once;
-        keys already in the space are not checked here: call :meth:`contains` first, and
-        readers and :meth:`EmbeddingStore.compact` drop duplicates).
-        """
-        q = keys_to_array(keys)
-        X = np.asarray(X)
-        n = len(q)
-        if X.ndim != 2 or X.shape[0] != n or X.shape[1] != self.dim:
-            raise ValueError(
-                f"X has shape {X.shape}; expected (n_keys, dim) = ({n}, {self.dim}) for space {self.fingerprint[:12]}…"
-            )
-        if X.dtype.kind not in "fiu":
-            raise ValueError(f"X must hold real numbers; got dtype {X.dtype}")
-        X32 = X.astype(np.float32, copy=False)
-        bad = ~np.isfinite(X32).all(axis=1)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"X has NaN or inf in {int(bad.sum())} of {n} rows (first: row {i}, key {q[i].decode()}); "
-                "refusing to store them: the model produced broken vectors for these images"
-            )
-        if self.dtype == "float16":
-            peak = float(np.abs(X32).max()) if X32.size else 0.0
-            if peak > _FP16_MAX:
-                raise ValueError(
-                    f"X has values up to {peak:.6g}, beyond float16's range ({_FP16_MAX:.0f}); "
-                    "this space stores float16: create the space with dtype='float32'"
-                )
-        path_list = label_list = None
-        if paths is not None:
-            path_list = [os.path.abspath(os.fspath(p)) for p in paths]
-            if len(path_list) != n:
-                raise ValueError(f"paths has {len(path_list)} entries; expected one per key ({n})")
-        if labels is not None:
-            if paths is None:
-                raise ValueError("labels need paths: a label belongs to a file")
-            label_list = [None if lab is None else str(lab) for lab in labels]
-            if len(label_list) != n:
-                raise ValueError(f"labels has {len(label_list)} entries; expected one per key ({n})")
-        if n:
-            _, first = np.unique(q, return_index=True)
-            first.sort()
-            data = np.ascontiguousarray(X32[first].astype(self.dtype, copy=False))
-            self.shard_dir.mkdir(parents=True, exist_ok=True)
-            write_shard(self.shard_dir, self._schema, np.ascontiguousarray(q[first]), data)
-            written = len(first)
-        else:
-            written = 0
-        if path_list is not None:
-            keys_str = [k.decode("ascii") for k in q]
-            self.store.record_items(path_list, keys_str, label_list)
-            self.store.clear_failures(self.fingerprint, path_list)
-        return written
-
-
-# ============================================================================= store
 class EmbeddingStore:
     """A directory of embedding spaces plus a catalog (stat cache, items, failures).
 
@@ -416,12 +56,13 @@ class EmbeddingStore:
     may read and write the same directory at once.
     """
 
-    def __init__(self, root: Path, marker: Mapping[str, Any]) -> None:
+    def __init__(self, root: Path, marker: Mapping[str, Any], *, catalog: bool = True) -> None:
         self.root = root
         self.format_version = int(marker["version"])
         (root / "spaces").mkdir(exist_ok=True)
         (root / "locks").mkdir(exist_ok=True)
-        self.catalog = Catalog(root)
+        #: the SQLite catalog; None when opened with ``catalog=False`` (vectors only)
+        self.catalog: Catalog | None = Catalog(root) if catalog else None
         self._spaces: dict[str, Space] = {}
 
     def __repr__(self) -> str:
@@ -434,21 +75,18 @@ class EmbeddingStore:
         self.close()
 
     def close(self) -> None:
-        self.catalog.close()
+        if self.catalog is not None:
+            self.catalog.close()
+
+    def _require_catalog(self, what: str) -> Catalog:
+        if self.catalog is None:
+            raise StoreError(
+                f"the store {self.root} was opened with catalog=False (vectors only), so it cannot {what}; "
+                "open it with catalog=True on the host that keeps its catalog"
+            )
+        return self.catalog
 
     # ------------------------------------------------------------------ spaces
-    def _read_space_meta(self, fp: str) -> dict[str, Any] | None:
-        p = self.root / "spaces" / fp / "space.json"
-        try:
-            meta = json.loads(p.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{p}: unreadable space description: {exc}") from exc
-        if meta.get("fingerprint") != fp or meta.get("dtype") not in DTYPES or not isinstance(meta.get("dim"), int):
-            raise StoreError(f"{p}: space description is corrupt (fingerprint/dim/dtype)")
-        return meta
-
     def spaces(self) -> list[Space]:
         """Every space in the store, sorted by fingerprint."""
         out = []
@@ -477,7 +115,7 @@ class EmbeddingStore:
 
         Raises StoreError if the space exists with another dim or dtype.
         """
-        fp = _check_fingerprint(fingerprint)
+        fp = check_fingerprint(fingerprint)
         if dtype is not None:
             try:
                 dtype = np.dtype(dtype).name
@@ -488,14 +126,14 @@ class EmbeddingStore:
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
             raise ValueError(f"dim must be a positive integer; got {dim!r}")
         cached = self._spaces.get(fp)
-        meta = self._read_space_meta(fp) if cached is None else {"dim": cached.dim, "dtype": cached.dtype}
+        meta = read_space_meta(self.root, fp) if cached is None else {"dim": cached.dim, "dtype": cached.dtype}
         if meta is None:
             if dim is None:
                 raise StoreError(
                     f"space {fp} does not exist in {self.root}; pass dim= (and dtype=) to create it "
                     f"(spaces here: {', '.join(s.fingerprint[:12] + '…' for s in self.spaces()) or 'none'})"
                 )
-            meta = self._create_space(fp, int(dim), dtype or "float32", info)
+            meta = create_space_meta(self.root, fp, int(dim), dtype or "float32", info)
         if dim is not None and int(dim) != int(meta["dim"]):
             raise StoreError(f"space {fp[:12]}… in {self.root} holds dim={meta['dim']} vectors; asked for dim={dim}")
         if dtype is not None and dtype != meta["dtype"]:
@@ -504,35 +142,9 @@ class EmbeddingStore:
                 "(one space has one precision; leave dtype out to use the stored one)"
             )
         if cached is None:
-            cached = self._spaces[fp] = Space(self, fp, self._read_space_meta(fp) or meta)
+            cached = self._spaces[fp] = Space(self, fp, read_space_meta(self.root, fp) or meta)
         return cached
 
-    def _create_space(self, fp: str, dim: int, dtype: str, info: Mapping[str, Any] | None) -> dict[str, Any]:
-        try:
-            info_json = json.loads(json.dumps(dict(info or {}), sort_keys=True))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"info must be a JSON-serialisable dict: {exc}") from exc
-        from featurebank import __version__
-
-        meta = {
-            "fingerprint": fp,
-            "dim": dim,
-            "dtype": dtype,
-            "info": info_json,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "featurebank_version": __version__,
-        }
-        d = self.root / "spaces" / fp
-        (d / "shards").mkdir(parents=True, exist_ok=True)
-        blob = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-        # exclusive: if another process created it first, theirs stands and is checked
-        try:
-            write_bytes_atomic(d / "space.json", blob, exclusive=True)
-        except FileExistsError:
-            existing = self._read_space_meta(fp)
-            assert existing is not None  # the link failed because it exists
-            return existing
-        return meta
 
     # ------------------------------------------------------------------ stat cache
     def hash_files(
@@ -548,60 +160,7 @@ class EmbeddingStore:
         A file that cannot be read gets ``key=None`` and a reason in ``errors``; the batch goes
         on. ``n_jobs`` threads read uncached files (default: up to 4).
         """
-        abs_paths = [os.path.abspath(os.fspath(p)) for p in paths]
-        n = len(abs_paths)
-        keys: list[str | None] = [None] * n
-        errors: list[str | None] = [None] * n
-        stats: list[os.stat_result | None] = [None] * n
-        for i, p in enumerate(abs_paths):
-            try:
-                st = os.stat(p)
-            except OSError as exc:
-                errors[i] = _describe_os_error(exc)
-                continue
-            if stat_mod.S_ISDIR(st.st_mode):
-                errors[i] = "is a directory, not a file"
-            elif not stat_mod.S_ISREG(st.st_mode):
-                errors[i] = "is not a regular file"
-            else:
-                stats[i] = st
-        cache = self.catalog.stat_lookup(list({p for p, st in zip(abs_paths, stats) if st is not None}))
-        todo: dict[str, list[int]] = {}
-        n_cached = 0
-        for i, (p, st) in enumerate(zip(abs_paths, stats)):
-            if st is None:
-                continue
-            c = cache.get(p)
-            if (
-                c is not None
-                and c[:5] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                and st.st_mtime_ns + RACY_NS <= c[6]
-            ):
-                keys[i] = c[5]
-                n_cached += 1
-            else:
-                todo.setdefault(p, []).append(i)
-        new_rows = []
-        if todo:
-            jobs = n_jobs or min(4, os.cpu_count() or 1)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(todo), desc="hashing", unit="file")
-            todo_paths = list(todo)
-            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                for p, (key, row, err) in zip(todo_paths, pool.map(_hash_one, todo_paths)):
-                    for i in todo[p]:
-                        keys[i], errors[i] = key, err
-                    if row is not None:
-                        new_rows.append(row)
-                    if bar is not None:
-                        bar.update(1)
-            if bar is not None:
-                bar.close()
-            self.catalog.stat_store(new_rows)
-        return HashedFiles(abs_paths, keys, errors, n_cached=n_cached, n_hashed=len(todo))
+        return hash_files(self._require_catalog("hash files"), paths, n_jobs=n_jobs, progress=progress)
 
     # ------------------------------------------------------------------ items
     def record_items(
@@ -618,11 +177,11 @@ class EmbeddingStore:
         lab = [None] * len(p) if labels is None else [None if x is None else str(x) for x in labels]
         if len(lab) != len(p):
             raise ValueError(f"labels has {len(lab)} entries; expected one per path ({len(p)})")
-        self.catalog.record_items(list(zip(p, k, lab)))
+        self._require_catalog("record items").record_items(list(zip(p, k, lab)))
 
     def items(self) -> list[Item]:
         """Every recorded (path, key, label), oldest first."""
-        return [Item(*row) for row in self.catalog.items()]
+        return [Item(*row) for row in self._require_catalog("list items").items()]
 
     # ------------------------------------------------------------------ failures
     def record_failures(self, space_fp: str, records: Iterable[FailureRecord | Mapping[str, Any]]) -> int:
@@ -632,7 +191,7 @@ class EmbeddingStore:
         A path that fails again has its reason updated and ``attempts`` incremented.
         Returns the number recorded.
         """
-        fp = _check_fingerprint(space_fp)
+        fp = check_fingerprint(space_fp)
         rows = []
         for i, r in enumerate(records):
             if isinstance(r, FailureRecord):
@@ -649,21 +208,21 @@ class EmbeddingStore:
                 key = keys_to_array([key], what=f"records[{i}].key")[0].decode("ascii")
             rows.append((os.path.abspath(os.fspath(path)), fp, key, str(reason)))
         if rows:
-            self.catalog.record_failures(rows)
+            self._require_catalog("record failures").record_failures(rows)
         return len(rows)
 
     def failures(self, space_fp: str | None = None) -> list[FailureRecord]:
         """Recorded failures (of one space, or all), oldest first."""
-        fp = None if space_fp is None else _check_fingerprint(space_fp)
-        return [FailureRecord(*row) for row in self.catalog.failures(fp)]
+        fp = None if space_fp is None else check_fingerprint(space_fp)
+        return [FailureRecord(*row) for row in self._require_catalog("list failures").failures(fp)]
 
     def clear_failures(
         self, space_fp: str | None = None, paths: Sequence[str | os.PathLike[str]] | None = None
     ) -> int:
         """Forget failures (call when the images are retried). Returns how many were removed."""
-        fp = None if space_fp is None else _check_fingerprint(space_fp)
+        fp = None if space_fp is None else check_fingerprint(space_fp)
         plist = None if paths is None else [os.path.abspath(os.fspath(p)) for p in paths]
-        return self.catalog.clear_failures(fp, plist)
+        return self._require_catalog("clear failures").clear_failures(fp, plist)
 
     # ------------------------------------------------------------------ reports
     def info(self) -> dict[str, Any]:
@@ -672,7 +231,7 @@ class EmbeddingStore:
         total = 0
         for s in self.spaces():
             files = s.shards()
-            size = sum(_size(p) for p in files)
+            size = sum(file_size(p) for p in files)
             total += size
             index = s._refresh()
             spaces.append(
@@ -687,7 +246,7 @@ class EmbeddingStore:
                     "info": s.info,
                 }
             )
-        counts = self.catalog.counts()
+        counts = self._require_catalog("count its catalog rows").counts()
         return {
             "path": str(self.root),
             "format_version": self.format_version,
@@ -695,7 +254,7 @@ class EmbeddingStore:
             "n_stat_cache": counts["stat_cache"],
             "n_items": counts["items"],
             "n_failures": counts["failures"],
-            "bytes": total + _size(self.catalog.path),
+            "bytes": total + file_size(self._require_catalog("count its catalog rows").path),
         }
 
     def verify(self, *, quarantine: bool = False) -> VerifyReport:
@@ -706,49 +265,10 @@ class EmbeddingStore:
             again; their intact record batches are first copied to a new shard, and the images
             of the damaged ones get embedded again on the next run (see :meth:`Space.quarantine`).
         """
-        rep = VerifyReport(path=str(self.root))
-        found = self.catalog.quick_check()
-        if found:
-            rep.problems.append(f"{self.catalog.path}: " + "; ".join(found[:5]))
-        for fp in sorted(os.listdir(self.root / "spaces")):
-            try:
-                meta = self._read_space_meta(fp)
-            except StoreError as exc:
-                rep.problems.append(str(exc))
-                continue
-            if meta is None:
-                continue
-            rep.n_spaces += 1
-            space = self.space(fp)
-            for t in sorted(space.shard_dir.glob(TEMP_PREFIX + "*")):
-                if is_stale_temp(t):
-                    rep.stale_temps.append(str(t))
-            keys_seen: set[bytes] = set()
-            for name in list_shards(space.shard_dir):
-                path = space.shard_dir / name
-                try:
-                    blocks = read_blocks(path, space.dim, space.dtype)
-                except FileNotFoundError:  # compacted away meanwhile
-                    continue
-                except StoreError as exc:
-                    problems = [str(exc)]
-                else:
-                    rep.n_shards += 1
-                    problems = check_blocks(blocks, str(path))
-                    if not problems:
-                        for b in blocks:
-                            rep.n_rows += len(b.keys)
-                            keys_seen.update(b.keys.tolist())
-                    del blocks
-                if problems:
-                    rep.problems.extend(problems)
-                    if quarantine:
-                        rep.quarantined.extend(str(p) for p in space.quarantine([name]))
-            rep.n_vectors += len(keys_seen)
-        return rep
+        return verify_store(self, quarantine=quarantine)
 
     # ------------------------------------------------------------------ compaction
-    def compact(self, space_fp: str | None = None, *, target_bytes: int = _COMPACT_TARGET_BYTES) -> dict[str, Any]:
+    def compact(self, space_fp: str | None = None, *, target_bytes: int = COMPACT_TARGET_BYTES) -> dict[str, Any]:
         """Merge small shards into few large ones and drop duplicate rows.
 
         Safe with concurrent readers and writers: merged shards are committed before the
@@ -766,107 +286,9 @@ class EmbeddingStore:
         """
         if target_bytes < 1:
             raise ValueError(f"target_bytes must be positive; got {target_bytes}")
-        spaces = self.spaces() if space_fp is None else [self.space(_check_fingerprint(space_fp))]
-        return {"spaces": [self._compact_space(s, int(target_bytes)) for s in spaces]}
+        spaces = self.spaces() if space_fp is None else [self.space(check_fingerprint(space_fp))]
+        return {"spaces": [compact_space(s, int(target_bytes)) for s in spaces]}
 
-    def _compact_space(self, space: Space, target_bytes: int) -> dict[str, Any]:
-        import fcntl
-
-        lock_path = self.root / "locks" / f"compact-{space.fingerprint}.lock"
-        with open(lock_path, "a+b") as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(
-                    f"another process is compacting space {space.fingerprint[:12]}… of {self.root}; wait for it to finish"
-                ) from None
-            remove_stale_temps(space.shard_dir)
-            names = list_shards(space.shard_dir)
-            sizes = {n: _size(space.shard_dir / n) for n in names}
-            small = [n for n in names if sizes[n] < target_bytes // 2]
-            keep = [n for n in names if n not in small]
-            report = {"fingerprint": space.fingerprint, "shards_before": len(names), "shards_merged": 0,
-                      "shards_written": 0, "shards_after": len(names), "shards_added_meanwhile": 0, "rows_dropped": 0}
-            seen: set[bytes] = set()
-            for n in keep:
-                for b in read_blocks(space.shard_dir / n, space.dim, space.dtype):
-                    seen.update(b.keys.tolist())
-            n_small_rows = 0
-            has_dup = False
-            small_blocks: list[list[Block]] = []
-            for n in small:
-                blocks = read_blocks(space.shard_dir / n, space.dim, space.dtype)
-                small_blocks.append(blocks)
-                for b in blocks:
-                    n_small_rows += len(b.keys)
-            if len(small) < 2:
-                for blocks in small_blocks:
-                    for b in blocks:
-                        has_dup = has_dup or any(k in seen for k in b.keys.tolist())
-                if not has_dup:
-                    return report
-            for blocks in small_blocks:
-                for b in blocks:
-                    space._check_block(b)
-            row_bytes = space.dim * np.dtype(space.dtype).itemsize + KEY_LEN
-            written: list[str] = []
-            writer: ShardWriter | None = None
-            pend_k: list[np.ndarray] = []
-            pend_x: list[np.ndarray] = []
-            pend_rows = 0
-
-            def flush() -> None:
-                nonlocal pend_rows, writer
-                if not pend_rows:
-                    return
-                if writer is None:
-                    writer = ShardWriter(space.shard_dir, space._schema)
-                writer.write(np.concatenate(pend_k), np.concatenate(pend_x))
-                pend_k.clear()
-                pend_x.clear()
-                pend_rows = 0
-                if writer.n_rows * row_bytes >= target_bytes:
-                    written.append(writer.commit())
-                    writer = None
-
-            try:
-                for blocks in small_blocks:
-                    for b in blocks:
-                        klist = b.keys.tolist()
-                        mask = np.fromiter((k not in seen for k in klist), dtype=bool, count=len(klist))
-                        # a key repeated inside this block: keep the first
-                        for k, m in zip(klist, mask):
-                            if m:
-                                seen.add(k)
-                        if len(set(klist)) != len(klist):
-                            mask &= _first_occurrence(b.keys)
-                        report["rows_dropped"] += int(len(klist) - mask.sum())
-                        if mask.any():
-                            pend_k.append(np.ascontiguousarray(b.keys[mask]))
-                            pend_x.append(np.ascontiguousarray(b.vectors[mask]))
-                            pend_rows += int(mask.sum())
-                            if pend_rows * row_bytes >= min(_COMPACT_BATCH_BYTES, target_bytes):
-                                flush()
-                flush()
-                if writer is not None:
-                    written.append(writer.commit())
-                    writer = None
-            except BaseException:
-                if writer is not None:
-                    writer.abort()
-                raise
-            del small_blocks
-            # merged rows are durable now; only then remove the inputs
-            for n in small:
-                try:
-                    os.unlink(space.shard_dir / n)
-                except FileNotFoundError:
-                    pass
-            fsync_dir(space.shard_dir)
-            report["shards_merged"], report["shards_written"] = len(small), len(written)
-            report["shards_after"] = len(names) - len(small) + len(written)
-            report["shards_added_meanwhile"] = len(set(list_shards(space.shard_dir)) - set(names) - set(written))
-            return report
 
     # ------------------------------------------------------------------ export
     def export(
@@ -892,116 +314,17 @@ class EmbeddingStore:
         Rows are sorted by key. Written to a temporary name and renamed into place. Returns
         {"path", "format", "n_vectors", "dim"}.
         """
-        if format not in ("parquet", "npy"):
-            raise ValueError(f"format must be 'parquet' or 'npy'; got {format!r}")
-        space = self.space(_check_fingerprint(space_fp))
-        out = Path(out_path).expanduser().absolute()
-        if out.exists() and not overwrite:
-            raise FileExistsError(
-                f"{out} exists; choose another output path, remove it, or pass --overwrite (overwrite=True in Python)"
-            )
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"{out.parent} is not a directory; create it first")
-        keys = space._refresh().keys.astype(f"U{KEY_LEN}")
-        latest: dict[str, tuple[str, str | None]] = {}
-        for it in self.items():
-            latest[it.key] = (it.path, it.label)
-        paths = [latest.get(k, ("", None))[0] for k in keys]
-        labels = [latest.get(k, ("", None))[1] for k in keys]
-        n = len(keys)
-        if format == "parquet":
-            self._export_parquet(space, out, keys, paths, labels, chunk_size, overwrite)
-        else:
-            self._export_npy(space, out, keys, paths, labels, chunk_size, overwrite)
-        return {"path": str(out), "format": format, "n_vectors": n, "dim": space.dim}
-
-    def _export_parquet(self, space, out, keys, paths, labels, chunk_size, overwrite) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = pa.schema(
-            [
-                pa.field("key", pa.string(), nullable=False),
-                pa.field("path", pa.string()),
-                pa.field("label", pa.string()),
-                pa.field("vector", pa.list_(pa.float32(), space.dim), nullable=False),
-            ],
-            metadata={"featurebank.space": space.fingerprint, "featurebank.space_info": json.dumps(space.info)},
-        )
-        if out.is_dir():
-            raise IsADirectoryError(f"{out} is a directory; give a file name for parquet output")
-        with atomic_writer(out, "wb") as fh, pq.ParquetWriter(fh, schema) as w:
-            for s in range(0, max(len(keys), 1), chunk_size):
-                k = keys[s : s + chunk_size]
-                X, _ = space.get(k)
-                vec = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), space.dim)
-                # Parquet strings are UTF-8: a name that is not is written with \xNN escapes
-                p = [printable(x) or None for x in paths[s : s + chunk_size]]
-                lab = [None if x is None else printable(x) for x in labels[s : s + chunk_size]]
-                w.write_table(
-                    pa.table([pa.array(k.tolist(), pa.string()), pa.array(p, pa.string()),
-                              pa.array(lab, pa.string()), vec], schema=schema)
-                )
-
-    def _export_npy(self, space, out, keys, paths, labels, chunk_size, overwrite) -> None:
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"{out} is a file; npy output is a directory")
-        with atomic_directory(out) as tmp:
-            V = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(len(keys), space.dim))
-            for s in range(0, len(keys), chunk_size):
-                V[s : s + chunk_size] = space.get(keys[s : s + chunk_size])[0]
-            V.flush()
-            del V
-            np.save(tmp / "keys.npy", np.asarray(keys, dtype=f"U{KEY_LEN}"))
-            np.save(tmp / "paths.npy", np.asarray(paths, dtype=str) if paths else np.empty(0, dtype="U1"))
-            np.save(tmp / "labels.npy", np.asarray([lab or "" for lab in labels], dtype=str) if labels else np.empty(0, dtype="U1"))
-            meta = {"fingerprint": space.fingerprint, "dim": space.dim, "dtype": space.dtype, "info": space.info}
-            (tmp / "space.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return export_space(self, space_fp, out_path, format=format, overwrite=overwrite, chunk_size=chunk_size)
 
 
-def _first_occurrence(keys: np.ndarray) -> np.ndarray:
-    _, first = np.unique(keys, return_index=True)
-    mask = np.zeros(len(keys), dtype=bool)
-    mask[first] = True
-    return mask
-
-
-def _size(p: Path) -> int:
-    try:
-        return p.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _hash_one(path: str) -> tuple[str | None, tuple | None, str | None]:
-    """(key, stat-cache row or None, error or None) for one file."""
-    from featurebank._files import open_image_file  # the one checked opener (stdlib only)
-    from featurebank.errors import ImageDecodeError
-
-    hashed_at = time.time_ns()
-    try:
-        # never a bare open(): a FIFO swapped in after hash_files' stat would block it forever
-        with open_image_file(path) as f:
-            st0 = os.fstat(f.fileno())
-            h = hashlib.sha256()
-            while chunk := f.read(_READ_CHUNK):
-                h.update(chunk)
-            st1 = os.fstat(f.fileno())
-    except ImageDecodeError as exc:
-        return None, None, str(exc)
-    except OSError as exc:
-        return None, None, _describe_os_error(exc)
-    key = h.hexdigest()
-    same = (st0.st_size, st0.st_mtime_ns, st0.st_ctime_ns) == (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns)
-    # a file that changed while being read is not cached: its key may mix two versions
-    row = (path, st0.st_size, st0.st_mtime_ns, st0.st_ctime_ns, st0.st_ino, st0.st_dev, key, hashed_at) if same else None
-    return key, row, None
-
-
-# ============================================================================= opening
-def open_store(path: str | os.PathLike[str], *, create: bool = True) -> EmbeddingStore:
+def open_store(path: str | os.PathLike[str], *, create: bool = True, catalog: bool = True) -> EmbeddingStore:
     """Open the embedding store in directory ``path``, creating it if ``create`` and it is
     missing or empty.
+
+    catalog : False opens the vectors only: spaces can be listed, read and added to (without
+        ``paths``), and ``catalog.sqlite`` is never opened; every catalog method raises
+        StoreError. For workers on other hosts: SQLite in WAL mode must not be shared over a
+        network file system, so one host (a Ray driver) keeps the catalog for all of them.
 
     Raises StoreError if the directory is not a store (non-empty without the marker file),
     has an unknown format version, or does not exist and ``create`` is False.
@@ -1042,7 +365,7 @@ def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Embeddin
             f"{root}: store format version {meta['version']} is not supported by this featurebank "
             f"(it reads version {FORMAT_VERSION}); {hint}"
         )
-    store = EmbeddingStore(root, meta)
+    store = EmbeddingStore(root, meta, catalog=catalog)
     spaces_dir = root / "spaces"
     for fp in os.listdir(spaces_dir):
         remove_stale_temps(spaces_dir / fp / "shards")

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from featurebank.store import open_store
-from featurebank.store.store import RACY_NS
+from featurebank.store.hashing import RACY_NS
 
 
 def _age(path, seconds=10.0):

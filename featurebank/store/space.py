@@ -1,0 +1,324 @@
+"""Space: the vectors of one embedding space in a store (reading, verified loads, adding
+shards, quarantine), and its ``space.json`` description."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from featurebank._atomic import fsync_dir, write_bytes_atomic
+from featurebank.errors import StoreError
+from featurebank.store.index import KeyIndex
+from featurebank.store.records import DTYPES, FORMAT_VERSION
+from featurebank.store.shards import (
+    KEY_LEN,
+    Block,
+    check_blocks,
+    keys_to_array,
+    list_shards,
+    read_blocks,
+    shard_schema,
+    verify_ahead,
+    write_shard,
+    write_shard_blocks,
+)
+
+if TYPE_CHECKING:
+    from featurebank.store.store import EmbeddingStore
+
+__all__ = ["Space", "read_space_meta", "create_space_meta"]
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+class Space:
+    """The vectors of one embedding space (one model output + decode mode) in a store.
+
+    Obtain with :meth:`EmbeddingStore.space`. Not thread-safe; processes may share a store.
+
+    Attributes
+    ----------
+    fingerprint : str, 64 hex chars, the space id
+    dim : int, vector length
+    dtype : ``"float32"`` or ``"float16"``, the on-disk precision (loads are always float32)
+    info : dict, the JSON metadata saved when the space was created
+    path : Path, the space's directory
+    """
+
+    def __init__(self, store: "EmbeddingStore", fingerprint: str, meta: Mapping[str, Any]) -> None:
+        self.store = store
+        self.fingerprint = fingerprint
+        self.dim = int(meta["dim"])
+        self.dtype = str(meta["dtype"])
+        self.info = dict(meta.get("info") or {})
+        self.path = store.root / "spaces" / fingerprint
+        self.shard_dir = self.path / "shards"
+        self._schema = shard_schema(fingerprint, self.dtype, self.dim, FORMAT_VERSION)
+        self._names: list[str] | None = None
+        self._blocks: dict[str, list[Block]] = {}
+        self._index: KeyIndex | None = None
+
+    def __repr__(self) -> str:
+        return f"Space({self.fingerprint[:12]}…, dim={self.dim}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ reading
+    def _refresh(self) -> KeyIndex:
+        """Bring the key map up to date with the shard files on disk (other writers, compaction)."""
+        names = list_shards(self.shard_dir)
+        if self._index is not None and names == self._names:
+            return self._index
+        for _ in range(10):
+            opened: dict[str, list[Block]] = {}
+            try:
+                for name in names:
+                    blocks = self._blocks.get(name)
+                    if blocks is None:
+                        blocks = read_blocks(self.shard_dir / name, self.dim, self.dtype)
+                    opened[name] = blocks
+            except FileNotFoundError:
+                # a concurrent compaction removed it after committing its merged shard, so
+                # listing again finds every row
+                names = list_shards(self.shard_dir)
+                continue
+            except StoreError as exc:
+                raise StoreError(
+                    f"{exc}; run `featurebank store verify {self.store.root} --quarantine` to move broken "
+                    "shards aside (their images are then embedded again)"
+                ) from exc
+            break
+        else:  # pragma: no cover - needs ten compactions racing one read
+            raise StoreError(f"{self.shard_dir}: shards keep disappearing while reading; is a compaction looping?")
+        self._blocks = opened
+        self._names = names
+        self._index = KeyIndex([b for n in names for b in opened[n]])
+        return self._index
+
+    def __len__(self) -> int:
+        return len(self._refresh())
+
+    def keys(self) -> np.ndarray:
+        """Every key in the space, deduplicated: ndarray of shape (n,), dtype ``<U64``, sorted."""
+        return self._refresh().keys.astype(f"U{KEY_LEN}")
+
+    def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
+        """ndarray of shape (n,), bool: which of ``keys`` have a vector in this space."""
+        q = keys_to_array(keys)
+        return self._refresh().lookup(q) >= 0
+
+    def get(self, keys: Iterable[str] | np.ndarray, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Load vectors by key.
+
+        Every record batch a row comes from is checked against its checksum the first time
+        this Space reads it (``featurebank.sum2d``, at memory speed; remembered while the shard
+        stays open).
+
+        verify : False skips that check (for benchmarks; ``store verify`` checks everything)
+
+        Returns
+        -------
+        X : ndarray of shape (n, dim), float32, row i for keys[i]; rows not found are NaN
+            (so that using them by mistake fails loudly downstream)
+        found : ndarray of shape (n,), bool
+
+        Raises StoreError naming the shard if a row's batch fails its checksum: damaged
+        vectors are never returned, and never silently reported as not found.
+        """
+        q = keys_to_array(keys)
+        index = self._refresh()
+        pos = index.lookup(q)
+        found = pos >= 0
+        X = np.empty((len(q), self.dim), dtype=np.float32)
+        if not found.all():
+            X[~found] = np.nan
+        rows = np.flatnonzero(found)
+        if not verify:
+            index.gather(pos[rows], X, rows)
+            return X, found
+        ahead = verify_ahead(index.blocks_of(pos[rows]))
+
+        def check(block: Block) -> None:
+            f = ahead.get(id(block))
+            if f is not None:
+                f.result()
+            self._check_block(block)
+
+        try:
+            index.gather(pos[rows], X, rows, check=check)
+        finally:
+            for f in ahead.values():
+                f.cancel()
+        return X, found
+
+    def _check_block(self, block: Block) -> None:
+        if not block.verify():
+            raise StoreError(
+                f"{self.shard_dir / block.shard} (record batch {block.batch}): vectors do not match their "
+                f"checksum (the file was modified or damaged on disk); run `featurebank store verify "
+                f"{self.store.root} --quarantine` to move it aside (its images are then embedded again)"
+            )
+
+    def damaged_shards(self, keys: Iterable[str] | np.ndarray | None = None) -> list[str]:
+        """Names of the shards holding a record batch that fails its checksum, among the
+        batches that serve ``keys`` (every batch in use when None). Each batch is read once."""
+        index = self._refresh()
+        if keys is None:
+            blocks = index.blocks_of(np.arange(len(index)))
+        else:
+            pos = index.lookup(keys_to_array(keys))
+            blocks = index.blocks_of(pos[pos >= 0])
+        for f in verify_ahead(blocks).values():
+            f.result()
+        return sorted({b.shard for b in blocks if not b.verify()})
+
+    def quarantine(self, names: Sequence[str]) -> list[Path]:
+        """Move shards aside to ``<store>/quarantine/<space>/`` after copying their intact
+        record batches into a new shard; the rows of damaged batches are then missing (and
+        embedded again by the next run). Safe with concurrent readers (they keep their
+        mapping) and with another process quarantining the same shard. Returns the new
+        paths of the shards this call moved."""
+        moved = []
+        for name in names:
+            path = self.shard_dir / name
+            try:
+                blocks = self._blocks.get(name) or read_blocks(path, self.dim, self.dtype)
+            except FileNotFoundError:  # another process moved or compacted it already
+                continue
+            except StoreError:  # unreadable as a whole: nothing to keep
+                blocks = []
+            intact = [b for b in blocks if not check_blocks([b], str(path))]
+            if intact:
+                write_shard_blocks(self.shard_dir, self._schema, intact)
+            qdir = self.store.root / "quarantine" / self.fingerprint
+            qdir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(path, qdir / name)
+            except FileNotFoundError:
+                continue
+            fsync_dir(self.shard_dir)
+            self._blocks.pop(name, None)
+            self._index = None
+            moved.append(qdir / name)
+        return moved
+
+    def shards(self) -> list[Path]:
+        """Paths of the committed shard files, oldest first."""
+        return [self.shard_dir / n for n in list_shards(self.shard_dir)]
+
+    # ------------------------------------------------------------------ writing
+    def add(
+        self,
+        keys: Iterable[str] | np.ndarray,
+        X: np.ndarray,
+        *,
+        paths: Sequence[str | os.PathLike[str]] | None = None,
+        labels: Sequence[str | None] | None = None,
+    ) -> int:
+        """Commit vectors as one new shard file (atomic: all rows or none survive a crash).
+
+        Parameters
+        ----------
+        keys : sequence of n sha256 hex strings (see :meth:`EmbeddingStore.hash_files`)
+        X : array-like of shape (n, dim), floating; must be finite
+        paths, labels : optional, length n: the files these vectors came from and their labels,
+            remembered for export; a successful add also clears these paths' failures here
+
+        Returns the number of rows written (repeated keys within the call are written once;
+        keys already in the space are not checked here: call :meth:`contains` first, and
+        readers and :meth:`EmbeddingStore.compact` drop duplicates).
+        """
+        q = keys_to_array(keys)
+        X = np.asarray(X)
+        n = len(q)
+        if X.ndim != 2 or X.shape[0] != n or X.shape[1] != self.dim:
+            raise ValueError(
+                f"X has shape {X.shape}; expected (n_keys, dim) = ({n}, {self.dim}) for space {self.fingerprint[:12]}…"
+            )
+        if X.dtype.kind not in "fiu":
+            raise ValueError(f"X must hold real numbers; got dtype {X.dtype}")
+        X32 = X.astype(np.float32, copy=False)
+        bad = ~np.isfinite(X32).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"X has NaN or inf in {int(bad.sum())} of {n} rows (first: row {i}, key {q[i].decode()}); "
+                "refusing to store them: the model produced broken vectors for these images"
+            )
+        if self.dtype == "float16":
+            peak = float(np.abs(X32).max()) if X32.size else 0.0
+            if peak > _FP16_MAX:
+                raise ValueError(
+                    f"X has values up to {peak:.6g}, beyond float16's range ({_FP16_MAX:.0f}); "
+                    "this space stores float16: create the space with dtype='float32'"
+                )
+        path_list = label_list = None
+        if paths is not None:
+            self.store._require_catalog("record items")  # before any vector is written
+            path_list = [os.path.abspath(os.fspath(p)) for p in paths]
+            if len(path_list) != n:
+                raise ValueError(f"paths has {len(path_list)} entries; expected one per key ({n})")
+        if labels is not None:
+            if paths is None:
+                raise ValueError("labels need paths: a label belongs to a file")
+            label_list = [None if lab is None else str(lab) for lab in labels]
+            if len(label_list) != n:
+                raise ValueError(f"labels has {len(label_list)} entries; expected one per key ({n})")
+        if n:
+            _, first = np.unique(q, return_index=True)
+            first.sort()
+            data = np.ascontiguousarray(X32[first].astype(self.dtype, copy=False))
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            write_shard(self.shard_dir, self._schema, np.ascontiguousarray(q[first]), data)
+            written = len(first)
+        else:
+            written = 0
+        if path_list is not None:
+            keys_str = [k.decode("ascii") for k in q]
+            self.store.record_items(path_list, keys_str, label_list)
+            self.store.clear_failures(self.fingerprint, path_list)
+        return written
+
+
+def read_space_meta(root: Path, fp: str) -> dict[str, Any] | None:
+    p = root / "spaces" / fp / "space.json"
+    try:
+        meta = json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{p}: unreadable space description: {exc}") from exc
+    if meta.get("fingerprint") != fp or meta.get("dtype") not in DTYPES or not isinstance(meta.get("dim"), int):
+        raise StoreError(f"{p}: space description is corrupt (fingerprint/dim/dtype)")
+    return meta
+
+
+def create_space_meta(root: Path, fp: str, dim: int, dtype: str, info: Mapping[str, Any] | None) -> dict[str, Any]:
+    try:
+        info_json = json.loads(json.dumps(dict(info or {}), sort_keys=True))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"info must be a JSON-serialisable dict: {exc}") from exc
+    from featurebank import __version__
+
+    meta = {
+        "fingerprint": fp,
+        "dim": dim,
+        "dtype": dtype,
+        "info": info_json,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "featurebank_version": __version__,
+    }
+    d = root / "spaces" / fp
+    (d / "shards").mkdir(parents=True, exist_ok=True)
+    blob = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    # exclusive: if another process created it first, theirs stands and is checked
+    try:
+        write_bytes_atomic(d / "space.json", blob, exclusive=True)
+    except FileExistsError:
+        existing = read_space_meta(root, fp)
+        assert existing is not None  # the link failed because it exists
+        return existing
+    return meta
