@@ -16,15 +16,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from featurebank.artifact import DEFAULT_DECODE_MODE
+from featurebank.artifact import resolve_space as _resolve
 from featurebank.classifiers import evaluate_classifier, load_classifier, make_classifier, save_classifier
-from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images, load_embeddings, space_of
+from featurebank.embedder.pipeline import embed_images, load_embeddings, space_of
+from featurebank.embedder.devices import DEFAULT_DEVICE
 from featurebank.embedder.session import ModelRunner, open_model
-from featurebank.errors import FingerprintMismatchError, ImageSourceError
+from featurebank.errors import ImageSourceError
 
 __all__ = ["train_classifier", "evaluate_on_images", "predict_images", "labelled_vectors", "resolve_space", "search_images"]
 
 
-def _runner(model: str | os.PathLike[str] | ModelRunner, device: str = "auto") -> ModelRunner:
+def _runner(model: str | os.PathLike[str] | ModelRunner, device: str = DEFAULT_DEVICE) -> ModelRunner:
     return model if isinstance(model, ModelRunner) else open_model(model, device=device)
 
 
@@ -141,20 +144,13 @@ def predict_images(
     runner = _runner(model)
     saved = load_classifier(classifier_path, max_bytes=max_classifier_bytes)
     meta = dict(saved.meta)
-    decode_mode = meta.get("decode_mode", DEFAULT_DECODE_MODE)
-    out_name = meta.get("output")
-    try:
-        out = runner.card.output(out_name)
-    except Exception:
-        raise FingerprintMismatchError(
-            f"the classifier reads output {out_name!r} of {meta.get('backbone')}, which this model "
-            f"({runner.card.backbone}) does not have; use the model it was trained with"
-        ) from None
-    expected = space_of(runner, out.name, decode_mode)
-    if saved.fingerprint != expected:
-        # raises FingerprintMismatchError, with its message
-        load_classifier(classifier_path, fingerprint=expected, max_bytes=max_classifier_bytes)
-    emb = embed_images(images, runner, store=store, decode_mode=decode_mode, progress=progress)
+    trained = ", ".join(f"{word} {meta[k]}" for k, word in (("backbone", "backbone"), ("layer", "layer"),
+                                                             ("decode_mode", "decode mode")) if meta.get(k))
+    what = f"classifier {str(classifier_path)!r}" + (f" (trained on {trained})" if trained else "")
+    # its fingerprint picks the output and, for a space fingerprint, the decode mode
+    chosen = _resolve(runner.card, decode_mode=meta.get("decode_mode"), recorded={what: saved.fingerprint})
+    out = chosen.output
+    emb = embed_images(images, runner, store=store, decode_mode=chosen.decode_mode, progress=progress)
     X = emb.vectors[out.name]
     rows: list[dict[str, Any]] = []
     failures = dict(emb.report.failures)
@@ -174,25 +170,28 @@ def predict_images(
 
 
 def resolve_space(store: Any, *, space: str | None = None, model: Any = None, output: str | None = None,
-                  decode_mode: str = DEFAULT_DECODE_MODE) -> str:
-    """The store space to work on: ``space`` as given, the one ``model`` (+ decode mode)
-    writes, or the store's only space. Raises StoreError listing the spaces when ambiguous."""
-    from featurebank.errors import StoreError
+                  decode_mode: str | None = None) -> str:
+    """The fingerprint of the store space to work on: ``space`` as given (checked against
+    ``model`` when both are given), the one ``model``'s ``output`` writes under
+    ``decode_mode`` (None: the one the store holds), or the store's only space.
+
+    The rule is :func:`featurebank.artifact.resolve_space`; this joins it to the store.
+    Raises StoreError naming the store's spaces when none or several fit, and
+    FingerprintMismatchError when ``space`` is not one ``model`` writes.
+    """
+    if space and model is None:
+        return space
     from featurebank.store import open_store
 
-    if space:
-        return space
-    if model is not None:
-        runner = _runner(model)
-        return space_of(runner, runner.card.output(output).name, decode_mode)
-    st = store if hasattr(store, "spaces") else open_store(store, create=False)
-    spaces = st.spaces()
-    if len(spaces) == 1:
-        return spaces[0].fingerprint
-    if not spaces:
-        raise StoreError(f"the store {store} holds no vectors yet; run `featurebank embed SOURCE --store {store}` first")
-    listing = "; ".join(f"{s.fingerprint} ({len(s)} vectors)" for s in spaces)
-    raise StoreError(f"the store holds {len(spaces)} spaces; choose one with --space or --model: {listing}")
+    card = _runner(model).card if model is not None else None
+    if hasattr(store, "spaces"):
+        available = {s.fingerprint: len(s) for s in store.spaces()}
+    else:
+        with open_store(store, create=False) as st:
+            available = {s.fingerprint: len(s) for s in st.spaces()}
+    return _resolve(card, output=output, decode_mode=decode_mode, space=space, available=available,
+                    model_name=str(model) if isinstance(model, (str, os.PathLike)) else None,
+                    store_name=str(getattr(store, "root", store))).fingerprint
 
 
 def search_images(
@@ -217,14 +216,9 @@ def search_images(
 
     idx = index if hasattr(index, "search") else open_index(index)
     runner = _runner(model)
-    out = runner.card.output(output)
-    modes = [m for m in ("fast", "exact") if space_of(runner, out.name, m) == idx.space]
-    if idx.space and not modes:
-        raise FingerprintMismatchError(
-            f"the index holds vectors of space {idx.space[:16]}..., which model {runner.card.backbone} "
-            f"({out.layer}) does not produce in any decode mode; query with the model the index was built from"
-        )
-    emb = embed_images(images, runner, decode_mode=modes[0] if modes else DEFAULT_DECODE_MODE, progress=False)
+    chosen = _resolve(runner.card, output=output, recorded={"index": idx.space})
+    out = chosen.output
+    emb = embed_images(images, runner, decode_mode=chosen.decode_mode, progress=False)
     reasons = dict(emb.report.failures)
     failures = [(p, reasons.get(p, "no vector")) for p, ok in zip(emb.paths, emb.ok) if not ok]
     if not emb.ok.any():

@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from featurebank.artifact import DECODE_MODES, POOLINGS, PRECISIONS
+from featurebank.embedder.devices import DEFAULT_DEVICE, DEVICES
+
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model / --backbone (+ export options): shared by every command that embeds."""
@@ -14,13 +17,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", metavar="NAME",
                    help="export NAME on first use into the model cache, reuse it after (default: efficientnet_lite0)")
     g.add_argument("--layer", dest="layers", action="append", metavar="NAME", help="with --backbone: layer(s) to cut at")
-    g.add_argument("--pool", choices=("avg", "max", "gem", "token", "none"), help="with --backbone: pooling head")
+    g.add_argument("--pool", choices=POOLINGS, help="with --backbone: pooling head")
     g.add_argument("--normalize", action="store_true", default=None, help="with --backbone: L2-normalise in the graph")
-    g.add_argument("--precision", choices=("fp32", "fp16"), help="with --backbone")
+    g.add_argument("--precision", choices=PRECISIONS, help="with --backbone")
     g.add_argument("--weights", metavar="PATH|hub|random", help="with --backbone: weights source")
-    p.add_argument("--decode-mode", choices=("fast", "exact"), default=None,
+    p.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
                    help="fast: reduced-size JPEG decoding (default; see README); exact: the torch reference preprocessing")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE,
                    help="auto: CUDA if it runs, else CPU (said on stderr); cuda: fail if CUDA does not run")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-POOLS = ("avg", "max", "gem", "token", "none")
+from featurebank.artifact import INPUT_FORMATS, POOLINGS, PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
@@ -32,10 +32,10 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="registry, timm or torchvision/<name> backbone (default: efficientnet_lite0)")
     p.add_argument("--layer", dest="layers", action="append", metavar="NAME",
                    help="layer to cut at (repeat for one output per layer; default: the backbone's default layer)")
-    p.add_argument("--pool", choices=POOLS, default=None, help="pooling head (default: avg, token for ViTs, none for logits)")
+    p.add_argument("--pool", choices=POOLINGS, default=None, help="pooling head (default: avg, token for ViTs, none for logits)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors inside the graph")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--input", dest="input_format", choices=("float", "uint8"), default="float",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--input", dest="input_format", choices=INPUT_FORMATS, default="float",
                    help="float: NCHW normalised float32; uint8: NHWC uint8 pixels, the graph normalises")
     p.add_argument("--weights", default=None, metavar="PATH|hub|random",
                    help="weights file (.pth/.safetensors), 'hub' to download, 'random' (default: the registry's source)")
@@ -52,10 +52,10 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--list", action="store_true", help="list candidate tensors with shapes and exit")
     p.add_argument("--at", action="append", metavar="TENSOR", help="tensor to cut at (repeat for several outputs)")
-    p.add_argument("--pool", choices=POOLS, default="avg")
+    p.add_argument("--pool", choices=POOLINGS, default="avg")
     p.add_argument("--normalize", action="store_true")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--input", dest="input_format", choices=("float", "uint8"), default="float")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--input", dest="input_format", choices=INPUT_FORMATS, default="float")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="model input height and width (default: read from the graph)")
     p.add_argument("--interpolation", default="bilinear")

@@ -85,6 +85,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from featurebank.artifact import DEFAULT_DECODE_MODE
     from featurebank.search import index_store
     from featurebank.workflow import resolve_space
 
@@ -94,10 +95,13 @@ def _build(args: argparse.Namespace) -> int:
     if args.sources:
         from featurebank.embedder.pipeline import embed_images
 
-        report = embed_images(args.sources, runner, store=args.store, decode_mode=args.decode_mode or "fast",
+        decode_mode = args.decode_mode or DEFAULT_DECODE_MODE  # what the store now holds for sure
+        report = embed_images(args.sources, runner, store=args.store, decode_mode=decode_mode,
                               return_vectors=False).report
         print(report.summary(), file=sys.stderr)
-    space = resolve_space(args.store, space=args.space, model=runner, decode_mode=args.decode_mode or "fast")
+    else:
+        decode_mode = args.decode_mode  # None: the one the store holds
+    space = resolve_space(args.store, space=args.space, model=runner, decode_mode=decode_mode)
     index, n_added = index_store(args.store, space, args.index_dir, factory=args.factory, metric=args.metric,
                                  nprobe=args.nprobe, rebuild=args.rebuild, progress=sys.stderr.isatty())
     print(f"{args.index_dir}: {index.factory} ({index.metric}), {index.count} vectors of dim {index.dim}, "

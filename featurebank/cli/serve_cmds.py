@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 
+from featurebank.artifact import DECODE_MODES
+from featurebank.embedder.devices import DEFAULT_DEVICE, DEVICES
+
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at each record (not the stream of the moment it was
@@ -67,9 +70,9 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    "then get 503 + Retry-After, as do later ones (default: --timeout-s)")
     m = p.add_argument_group("model")
     m.add_argument("--output", default=None, metavar="NAME", help="model output to serve (default: the only one)")
-    m.add_argument("--decode-mode", choices=("fast", "exact"), default=None,
+    m.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
                    help="default: the mode the classifier/index were built with, else fast")
-    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    m.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE)
     m.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     m.add_argument("--decode-workers", type=int, default=None, help="decode threads (default: all cores)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 
+from featurebank.artifact import DECODE_MODES
 from featurebank.store.catalog import printable as _p  # file names that are not UTF-8 print as \xNN
 
 
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     which.add_argument("--model", metavar="MODEL.onnx", help="the space of this model's output")
     p.add_argument("--output-name", default=None, metavar="NAME",
                    help="with --model: which graph output (name or layer) when the model has several")
-    p.add_argument("--decode-mode", default=None, choices=("exact", "fast"),
+    p.add_argument("--decode-mode", default=None, choices=DECODE_MODES,
                    help="with --model: the decode mode the vectors were embedded with (default: the one in the store)")
     p.add_argument("-o", "--out", dest="out_path", required=True, metavar="OUT",
                    help="the Parquet file, or with --format npy the directory, to write")
@@ -118,20 +119,11 @@ def _resolve_space(store, args: argparse.Namespace) -> str:
     """The space fingerprint for --space, or for --model (+ --output-name, --decode-mode)."""
     if args.space:
         return args.space
-    from featurebank.artifact import DECODE_MODES, read_model_card, space_fingerprint
-    from featurebank.errors import StoreError
+    from featurebank.artifact import read_model_card, resolve_space
 
-    out_fp = read_model_card(args.model).output(args.output_name).fingerprint
-    modes = [args.decode_mode] if args.decode_mode else list(DECODE_MODES)
-    present = {fp.fingerprint for fp in store.spaces()}
-    hits = [(m, space_fingerprint(out_fp, m)) for m in modes if space_fingerprint(out_fp, m) in present]
-    if len(hits) == 1:
-        return hits[0][1]
-    if not hits:
-        raise StoreError(f"{store.root} holds no vectors of {args.model} (decode mode {', '.join(modes)}); "
-                         "embed with it first, or list the spaces with `featurebank store info`")
-    raise StoreError(f"{store.root} holds {args.model} vectors under decode modes "
-                     f"{', '.join(m for m, _ in hits)}; pick one with --decode-mode")
+    available = {s.fingerprint: len(s) for s in store.spaces()}
+    return resolve_space(read_model_card(args.model), output=args.output_name, decode_mode=args.decode_mode,
+                         available=available, model_name=args.model, store_name=str(store.root)).fingerprint
 
 
 def _export(args: argparse.Namespace) -> int:

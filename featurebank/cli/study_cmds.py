@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from featurebank.artifact import DECODE_MODES
+from featurebank.embedder.devices import DEFAULT_DEVICE, DEVICES
+
 
 def _csv(value: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
@@ -38,8 +41,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="the probe's own C selection inside each training fold: k folds or a validation fraction (default: 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="DIR", help="write sweep.json and sweep.png there")
-    p.add_argument("--decode-mode", choices=("fast", "exact"), default=None)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--decode-mode", choices=DECODE_MODES, default=None)
+    p.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_sweep)

@@ -18,13 +18,12 @@ import numpy as np
 import onnxruntime as ort
 
 from featurebank.artifact import ModelCard
+from featurebank.embedder.devices import DEVICES
 from featurebank.errors import NotOnnxModelError, ProviderError
 
 __all__ = ["ModelRunner", "open_model", "physical_cores", "cuda_status"]
 
 log = logging.getLogger("featurebank")
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def physical_cores() -> int:

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from featurebank.artifact import POOLINGS
 from featurebank.errors import UnknownTensorError
 from featurebank.export.parity import GEM_EPS, NORM_EPS
 
@@ -53,7 +54,6 @@ INPUT_NAME = "pixels"
 HEAD_NODE_PREFIX = "featurebank_head/"
 INPUT_NODE_PREFIX = "featurebank_input/"
 
-_POOLINGS = ("avg", "max", "gem", "token", "none")
 _LAYOUTS = ("NCHW", "NLC")
 _INPUT_FORMATS = ("float", "uint8")
 _BATCH = "batch"
@@ -92,8 +92,8 @@ class HeadSpec:
             raise ValueError(f"tensor must be a non-empty tensor name; got tensor={self.tensor!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty output name; got name={self.name!r}")
-        if self.pooling not in _POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(_POOLINGS)}; got pooling={self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got pooling={self.pooling!r}")
         if self.layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(_LAYOUTS)}; got layout={self.layout!r}")
         if not isinstance(self.normalize, (bool, np.bool_)):

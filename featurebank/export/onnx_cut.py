@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from featurebank.artifact import ModelCard, OutputSpec, Preprocessing, write_model_card
+from featurebank.artifact import POOLINGS, ModelCard, OutputSpec, Preprocessing, write_model_card
 from featurebank.errors import ExportParityError, NotOnnxModelError
 from featurebank.export.heads import (
     INPUT_NAME,
@@ -46,7 +46,6 @@ __all__ = [
     "onnx_weights_sha256",
 ]
 
-_POOLINGS = ("avg", "max", "gem", "token", "none")
 _FLOAT_TYPES = (TensorProto.FLOAT,)
 
 
@@ -352,8 +351,8 @@ def cut_onnx(
         raise ValueError(f"at names a tensor twice; got at={tensors!r}")
     pools = _as_list(pool, len(tensors), "pool")
     for p in pools:
-        if p not in _POOLINGS:
-            raise ValueError(f"pool must be one of {', '.join(_POOLINGS)}; got pool={p!r}")
+        if p not in POOLINGS:
+            raise ValueError(f"pool must be one of {', '.join(POOLINGS)}; got pool={p!r}")
     if not isinstance(normalize, (bool, np.bool_)):
         raise ValueError(f"normalize must be a bool; got normalize={normalize!r}")
     if precision not in ("fp32", "fp16"):

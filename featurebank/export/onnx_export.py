@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from featurebank._atomic import write_bytes_atomic
-from featurebank.artifact import ModelCard, OutputSpec, write_model_card
+from featurebank.artifact import POOLINGS, ModelCard, OutputSpec, write_model_card
 from featurebank.errors import ExportParityError, UnknownLayerError
 from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
 from featurebank.export.layers import LayerInfo, list_layers, resolve_layers, truncate
@@ -112,8 +112,8 @@ def export_backbone(
         raise ValueError(f"precision must be 'fp32' or 'fp16'; got precision={precision!r}")
     if input_format not in ("float", "uint8"):
         raise ValueError(f"input_format must be 'float' or 'uint8'; got input_format={input_format!r}")
-    if pool is not None and pool not in ("avg", "max", "gem", "token", "none"):
-        raise ValueError(f"pool must be one of avg, max, gem, token, none; got pool={pool!r}")
+    if pool is not None and pool not in POOLINGS:
+        raise ValueError(f"pool must be one of {', '.join(POOLINGS)}; got pool={pool!r}")
     out_path = _check_output_path(output)
     spec = get_backbone(backbone)
     requested = [layers] if isinstance(layers, str) else list(layers or [spec.default_layer])

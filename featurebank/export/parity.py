@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from featurebank.artifact import POOLINGS
 from featurebank.errors import ExportParityError
 
 __all__ = [
@@ -48,7 +49,6 @@ GEM_EPS = 1e-6
 #: L2 normalisation divides by max(||x||, NORM_EPS), as ``torch.nn.functional.normalize``.
 NORM_EPS = 1e-12
 
-_POOLINGS = ("avg", "max", "gem", "token", "none")
 _LAYOUTS = ("NCHW", "NLC")
 
 
@@ -77,8 +77,8 @@ def pool_reference(
     -------
     ndarray of shape (N, C) float32 when pooled, else ``x.shape`` float32.
     """
-    if pooling not in _POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(_POOLINGS)}; got pooling={pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got pooling={pooling!r}")
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(_LAYOUTS)}; got layout={layout!r}")
     if not gem_p > 0:

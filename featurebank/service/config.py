@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, fields
 
 from featurebank.artifact import DECODE_MODES
+from featurebank.embedder.devices import DEFAULT_DEVICE, DEVICES
 from featurebank.decoding import DEFAULT_MAX_PIXELS
 
 __all__ = ["ServiceConfig", "API_KEY_ENV", "DEFAULT_MAX_REQUEST_PIXELS"]
@@ -76,7 +77,7 @@ class ServiceConfig:
     cache_size: int = 1024
     decode_workers: int | None = None
     threads: int | None = None
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     top_k: int = 12
     max_k: int = 100
 
@@ -111,8 +112,8 @@ class ServiceConfig:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)} or None; got {self.decode_mode!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be one of auto, cpu, cuda; got device={self.device!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got device={self.device!r}")
         if self.top_k > self.max_k:
             raise ValueError(f"top_k ({self.top_k}) must not exceed max_k ({self.max_k})")
 

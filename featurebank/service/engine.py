@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from featurebank.artifact import DECODE_MODES, OutputSpec, space_fingerprint
+from featurebank.artifact import OutputSpec, resolve_space, space_fingerprint
 from featurebank.decoding import decode_image, to_model_input
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.errors import FingerprintMismatchError, ImageDecodeError, UnknownIdError
@@ -40,7 +40,6 @@ log = logging.getLogger("featurebank.service")
 
 #: Longest side of the thumbnails served for indexed images, in pixels.
 THUMBNAIL_SIZE = 256
-_DEFAULT_DECODE_MODE = "fast"  # the embedder's default (featurebank.embedder.pipeline)
 
 
 class RequestRejected(Exception):
@@ -152,21 +151,6 @@ class _PixelBudget:
             future.set_result(None)
 
 
-def _candidate_spaces(card, output: str | None) -> dict[str, tuple[OutputSpec, str | None]]:
-    """fingerprint -> (output, decode mode) for every space this model can produce.
-
-    A classifier or index may record the bare output fingerprint (decode mode unknown) or
-    the store's space fingerprint (output + decode mode).
-    """
-    outputs = [card.output(output)] if output is not None else list(card.outputs)
-    spaces: dict[str, tuple[OutputSpec, str | None]] = {}
-    for o in outputs:
-        spaces[o.fingerprint] = (o, None)
-        for mode in DECODE_MODES:
-            spaces[space_fingerprint(o.fingerprint, mode)] = (o, mode)
-    return spaces
-
-
 class ServiceEngine:
     """Embedding, classification and search for the service, shared by all requests.
 
@@ -238,44 +222,12 @@ class ServiceEngine:
         return index if isinstance(index, SimilarityIndex) else open_index(index)
 
     def _resolve_space(self) -> tuple[OutputSpec, str]:
-        card, config = self.runner.card, self.config
-        candidates = _candidate_spaces(card, config.output)
-        chosen: dict[str, tuple[OutputSpec, str | None]] = {}
-        recorded = {}
-        if self.classifier is not None:
-            recorded["classifier"] = self.classifier.fingerprint
-        if self.index is not None and self.index.space is not None:
-            recorded["index"] = self.index.space
-        for what, fp in recorded.items():
-            if fp not in candidates:
-                offered = ", ".join(o.name for o in ([card.output(config.output)] if config.output else card.outputs))
-                raise FingerprintMismatchError(
-                    f"the {what} was built on vectors of space {fp}, which model {card.backbone!r} "
-                    f"(output {offered}) does not produce under any decode mode; serve it with the model its "
-                    f"vectors came from, or rebuild the {what} from this model's vectors"
-                )
-            chosen[what] = candidates[fp]
-        outputs = {o.name for o, _ in chosen.values()}
-        if len(outputs) > 1:
-            raise FingerprintMismatchError(
-                "the classifier and the index come from different outputs of the model "
-                f"({', '.join(f'{w}: {o.name}' for w, (o, _) in chosen.items())}); give both from one output"
-            )
-        modes = {m for _, m in chosen.values() if m is not None}
-        if len(modes) > 1:
-            raise FingerprintMismatchError(
-                f"the classifier and the index were built with different decode modes ({', '.join(sorted(modes))}); "
-                "rebuild one of them"
-            )
-        mode = next(iter(modes), None)
-        if config.decode_mode is not None and mode is not None and config.decode_mode != mode:
-            raise FingerprintMismatchError(
-                f"decode_mode={config.decode_mode!r} was asked for, but the "
-                f"{' and '.join(w for w, (_, m) in chosen.items() if m)} expect vectors decoded with {mode!r}; "
-                "leave decode_mode out"
-            )
-        output = next(iter(chosen.values()))[0] if chosen else card.output(config.output)
-        return output, mode or config.decode_mode or _DEFAULT_DECODE_MODE
+        # the classifier and the index may record an output's or a space's fingerprint
+        recorded = {"classifier": self.classifier.fingerprint if self.classifier is not None else None,
+                    "index": self.index.space if self.index is not None else None}
+        chosen = resolve_space(self.runner.card, output=self.config.output, decode_mode=self.config.decode_mode,
+                               recorded=recorded)
+        return chosen.output, chosen.decode_mode
 
     def _index_paths(self) -> dict[str, str]:
         if self.index is None:

@@ -18,11 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from featurebank.artifact import POOLINGS
 from featurebank.studies.protocol import check_labels, make_folds, score_folds
 
 __all__ = ["sweep_layers", "SweepResult", "stage_layers"]
 
-POOLS = ("avg", "max", "gem", "token")
+POOLS = tuple(p for p in POOLINGS if p != "none")  # a sweep scores pooled vectors, not feature maps
 
 
 def stage_layers(backbone: str) -> list[str]:

@@ -112,7 +112,9 @@ def test_classifier_refuses_another_model_and_corrupt_files(capsys, tmp_path, te
     other = tmp_path / "other.onnx"
     export_backbone("test_resnet", other, weights="random", input_format="uint8")
     train_classifier(texture_dir, tiny_model, tmp_path / "clf.fbclf", store=tmp_path / "s", classifier="prototype")
-    with pytest.raises(FingerprintMismatchError):
+    with pytest.raises(FingerprintMismatchError, match=r"the classifier '.*clf\.fbclf' \(trained on backbone "
+                       r"test_efficientnet, layer .+, decode mode fast\) was built on vectors of space [0-9a-f]{64}, "
+                       r"which model 'test_resnet' \(output embedding\) does not produce under any decode mode"):
         predict_images(texture_dir / "grass", tmp_path / "clf.fbclf", other)
     code, _, err = cli(capsys, "predict", texture_dir / "grass", "--classifier", tmp_path / "clf.fbclf", "--model", other)
     errors = [line for line in err.splitlines() if line.startswith("featurebank: error:")]
@@ -143,7 +145,9 @@ def test_search_by_image_and_index_build_from_source(capsys, tmp_path, photo_dir
     from featurebank.export.onnx_export import export_backbone
 
     export_backbone("test_resnet", tmp_path / "other.onnx", weights="random", input_format="uint8")
-    with pytest.raises(FingerprintMismatchError, match="query with the model the index was built from"):
+    with pytest.raises(FingerprintMismatchError, match=r"the index was built on vectors of space [0-9a-f]{64}, which "
+                       r"model 'test_resnet' \(output embedding\) does not produce under any decode mode; use the "
+                       "model its vectors came from"):
         search_images([photo_dir / "coffee.jpg"], tmp_path / "idx", tmp_path / "other.onnx")
 
 
