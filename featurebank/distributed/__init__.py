@@ -9,7 +9,7 @@ Each node needs:
 * featurebank installed with the ``ray`` extra (``pip install 'featurebank[ray]'``), the same
   versions as the driver;
 * the store directory on a filesystem every node mounts at the same path (NFS, Lustre, a
-  cluster filesystem); the actors append shards to it and record items in its catalog;
+  cluster filesystem); the actors append shards to it (the driver alone writes its catalog);
 * the inputs at the same paths (shared filesystem), or given as fsspec URLs
   (``s3://bucket/photos/``) with the fsspec backend (``s3fs``, ``gcsfs`` ...) and its
   credentials installed on every node.
@@ -19,6 +19,6 @@ and each node keeps one copy in its temp directory. Ray itself is imported lazil
 only: featurebank imports and runs without it.
 """
 
-from featurebank.distributed.ray_embed import CRASH_MARKER_ENV, embed_images_ray
+from featurebank.distributed.ray_embed import embed_images_ray
 
-__all__ = ["embed_images_ray", "CRASH_MARKER_ENV"]
+__all__ = ["embed_images_ray"]

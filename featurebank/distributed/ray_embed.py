@@ -46,13 +46,7 @@ from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport, open
 from featurebank.embedder.sources import ImageList
 from featurebank.errors import ClusterError, FeaturebankError
 
-__all__ = ["CRASH_MARKER_ENV", "embed_images_ray"]
-
-#: Fault injection for resilience tests: when this environment variable names a file path
-#: that does not exist yet, the first embedding actor to commit a batch creates the file and
-#: kills its own process (``os._exit``), once per path. Ray then restarts the actor and
-#: retries the batch. Pass it with ``ray_remote_args={"runtime_env": {"env_vars": {...}}}``.
-CRASH_MARKER_ENV = "FEATUREBANK_RAY_CRASH_MARKER"
+__all__ = ["embed_images_ray"]
 
 _DECODE_MEMORY = 256 * 2**20
 # map_batches takes these by name; other Ray options go through its (deprecated) **kwargs
@@ -480,7 +474,7 @@ class _EmbedActor:
 
         self.runner = open_model(_local_model_file(ray.get(model_ref[0]), model_sha), device=device, threads=threads)
         self.card = self.runner.card
-        self.spaces = {name: _shard_space(store_dir, fp) for name, fp in space_fps.items()}
+        self.spaces = _node_spaces(store_dir, space_fps)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from featurebank.decoding import to_model_input
@@ -506,7 +500,6 @@ class _EmbedActor:
                     if sel.any():  # vectors only: the driver catalogues the items
                         sp.add([keys[i] for i in idx[sel]], outs[name].reshape(len(idx), -1)[sel])
                 write_s = time.perf_counter() - t
-        _maybe_crash()
         z = np.zeros(n, np.float64)
         timing = {s: z.copy() for s in ("decode_s", "infer_s", "write_s")}
         if n:
@@ -517,47 +510,18 @@ class _EmbedActor:
                 **timing}
 
 
-class _ShardOnlyStore:
-    """What a :class:`~featurebank.store.store.Space` needs of its store to check keys and
-    append shards: the root. No catalog: SQLite in WAL mode must not be opened from several
-    hosts over a network filesystem, and ``add`` without ``paths`` never touches it."""
+def _node_spaces(store_dir: str, space_fps: Mapping[str, str]) -> dict[str, Any]:
+    """The spaces ``space_fps`` ({output name: fingerprint}) of the store at ``store_dir``,
+    opened on this node for shard reads and writes only: the driver's host keeps the catalog
+    (SQLite in WAL mode must not be opened from several hosts over a network filesystem)."""
+    from featurebank.errors import StoreError
+    from featurebank.store import open_store
 
-    def __init__(self, root: str) -> None:
-        from pathlib import Path
-
-        self.root = Path(root)
-
-    def record_items(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - a bug if reached
-        raise RuntimeError("embedding actors write shards only; the driver records items")
-
-
-def _shard_space(store_dir: str, fp: str):
-    """The space ``fp`` of the store at ``store_dir``, for shard reads and writes only."""
-    import json
-
-    from featurebank.store.store import Space
-
-    meta_path = os.path.join(store_dir, "spaces", fp, "space.json")
     try:
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as exc:
+        st = open_store(store_dir, create=False, catalog=False)
+        return {name: st.space(fp) for name, fp in space_fps.items()}
+    except StoreError as exc:
         raise ClusterError(
-            f"node {os.uname().nodename} cannot use the store at {store_dir} ({meta_path}: "
-            f"{getattr(exc, 'strerror', None) or exc}); the store must be on a filesystem that every node mounts at "
-            "the same path (NFS, a cluster filesystem, ...)"
+            f"node {os.uname().nodename} cannot use the store at {store_dir} ({exc}); the store must be on a "
+            "filesystem that every node mounts at the same path (NFS, a cluster filesystem, ...)"
         ) from None
-    return Space(_ShardOnlyStore(store_dir), fp, meta)
-
-
-def _maybe_crash() -> None:
-    marker = os.environ.get(CRASH_MARKER_ENV)
-    if not marker:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, f"{os.getpid()}\n".encode())
-    os.close(fd)
-    os._exit(1)  # a dying worker, as an OOM kill or a lost node would look to Ray

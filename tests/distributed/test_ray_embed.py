@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurebank.distributed import CRASH_MARKER_ENV, embed_images_ray
+from featurebank.distributed import embed_images_ray
 from featurebank.embedder.pipeline import embed_images
 from featurebank.store import open_store
 
@@ -72,14 +72,50 @@ def test_same_vectors_keys_items_and_failures_as_local(ray_cluster, tiny_model, 
     assert open_store(tmp_path / "ray").failures()[0].attempts == 2
 
 
+# The fault is injected from here, not from the package: this driver's Ray job runs a setup
+# hook in each of its workers that wraps Space.add so that the first commit on the node (of
+# one space's shard, of a model with two outputs) is followed by the worker's death, before
+# its batch returns -- as an OOM kill or a lost node would look to Ray. Ray restarts the
+# actor and retries the batch, which then finds one space already holding its keys.
+_CRASHING_DRIVER = """
+import json, sys, ray
+
+def die_after_the_first_commit():
+    import os
+    from featurebank.store import Space
+
+    add = Space.add
+
+    def add_then_die(self, *args, **kwargs):
+        n = add(self, *args, **kwargs)
+        try:
+            fd = os.open(os.environ["FB_TEST_CRASH_MARKER"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return n
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+    Space.add = add_then_die
+
+ray.init(address=sys.argv[1], logging_level="WARNING",
+         runtime_env={"worker_process_setup_hook": die_after_the_first_commit,
+                      "env_vars": {"FB_TEST_CRASH_MARKER": sys.argv[2]}})
+from featurebank.distributed import embed_images_ray
+r = embed_images_ray(sys.argv[3], sys.argv[4], store=sys.argv[5], batch_size=4, num_actors=1, progress=False)
+print(json.dumps({"embedded": r.embedded, "failed": r.failed, "driver": __import__("os").getpid()}))
+"""
+
+
 def test_a_worker_dying_after_its_write_is_restarted_without_duplicates(ray_cluster, tiny_model, texture_dir, tmp_path):
     marker = tmp_path / "crashed"
-    report = embed_images_ray(
-        texture_dir, tiny_model, store=tmp_path / "ray", batch_size=4, num_actors=1, progress=False,
-        ray_remote_args={"runtime_env": {"env_vars": {CRASH_MARKER_ENV: str(marker)}}},
-    )
+    proc = subprocess.run([sys.executable, "-c", _CRASHING_DRIVER, ray_cluster, str(marker), str(texture_dir), tiny_model,
+                           str(tmp_path / "ray")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert marker.exists(), "no actor died: the fault was not injected"
-    assert (report.embedded, report.failed) == (30, 0)
+    assert int(marker.read_text()) != report["driver"]  # a worker died, the driver did not
+    assert (report["embedded"], report["failed"]) == (30, 0)
     embed_images(texture_dir, tiny_model, store=tmp_path / "local", progress=False, return_vectors=False)
     assert assert_same_store(tmp_path / "ray", tmp_path / "local") == 30
 
