@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ["check_finite_rows"]
 
 
-def check_finite_rows(X: np.ndarray, name: str = "X", *, fix: str, keys: Sequence[str] | None = None) -> None:
+def check_finite_rows(X: np.ndarray, name: str = "X", *, fix: str, keys: Sequence[str | bytes] | None = None) -> None:
     """Refuse NaN or inf in ``X``, naming how many rows hold them and the first ones.
 
     Parameters
@@ -19,7 +19,7 @@ def check_finite_rows(X: np.ndarray, name: str = "X", *, fix: str, keys: Sequenc
     X : ndarray of shape (n_samples, n_features)
     name : what the caller calls ``X`` in its own signature
     fix : how to fix it, in the caller's terms
-    keys : one name per row (e.g. content keys); the first bad row's is quoted
+    keys : one name per row (e.g. content keys, str or ASCII bytes); the first bad row's is quoted
 
     A non-finite vector means an image or the model failed upstream; dropping or imputing it
     silently would hide that.
@@ -34,5 +34,9 @@ def check_finite_rows(X: np.ndarray, name: str = "X", *, fix: str, keys: Sequenc
         return
     bad = np.flatnonzero(~finite)
     rows = ", ".join(str(int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-    first_key = f"; first key {keys[int(bad[0])]}" if keys is not None else ""
+    if keys is not None:
+        key = keys[int(bad[0])]
+        first_key = f"; first key {key.decode() if isinstance(key, bytes) else key}"
+    else:
+        first_key = ""
     raise ValueError(f"{name} has NaN or inf in {len(bad)} of {X.shape[0]} rows (rows {rows}{first_key}); {fix}")

@@ -25,3 +25,5 @@ def test_the_first_bad_rows_key_is_quoted():
     X[2, 1] = np.nan
     with pytest.raises(ValueError, match=r"^X has NaN or inf in 1 of 3 rows \(rows 2; first key c\); re-embed$"):
         check_finite_rows(X, fix="re-embed", keys=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"\(rows 2; first key c\)"):  # the store's keys are ASCII bytes
+        check_finite_rows(X, fix="re-embed", keys=np.array([b"a", b"b", b"c"]))

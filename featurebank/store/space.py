@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from featurebank._atomic import fsync_dir, write_bytes_atomic
+from featurebank._validation import check_finite_rows
 from featurebank.errors import StoreError
 from featurebank.store.index import KeyIndex
 from featurebank.store.records import DTYPES, FORMAT_VERSION
@@ -241,13 +242,8 @@ class Space:
         if X.dtype.kind not in "fiu":
             raise ValueError(f"X must hold real numbers; got dtype {X.dtype}")
         X32 = X.astype(np.float32, copy=False)
-        bad = ~np.isfinite(X32).all(axis=1)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"X has NaN or inf in {int(bad.sum())} of {n} rows (first: row {i}, key {q[i].decode()}); "
-                "refusing to store them: the model produced broken vectors for these images"
-            )
+        check_finite_rows(X32, fix="refusing to store them: the model produced broken vectors for these images",
+                          keys=q)
         if self.dtype == "float16":
             peak = float(np.abs(X32).max()) if X32.size else 0.0
             if peak > _FP16_MAX:

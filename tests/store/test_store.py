@@ -152,7 +152,8 @@ def test_add_refuses_bad_vectors_and_keys(store):
         space.add(keys, np.zeros((2, 4), np.float32))
     X = make_vectors(3, 4)
     X[1, 2] = np.nan
-    with pytest.raises(ValueError, match=f"NaN or inf in 1 of 3 rows \\(first: row 1, key {keys[1]}\\)"):
+    with pytest.raises(ValueError, match=f"^X has NaN or inf in 1 of 3 rows \\(rows 1; first key {keys[1]}\\); "
+                                         "refusing to store them: the model produced broken vectors for these images$"):
         space.add(keys, X)
     with pytest.raises(ValueError, match=r"keys\[1\] = 'ABC' is not a sha256 hex digest"):
         space.add([keys[0], "ABC", keys[2]], make_vectors(3, 4))
