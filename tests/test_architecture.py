@@ -237,13 +237,7 @@ def room_cycles(imports: list[Import]) -> list[str]:
 #: Violations other engineers are removing in issue 12, by the part of the message that stays
 #: true while lines move ("path: rule"). Delete each one as it goes; the last test below passes
 #: (and its xfail can go) when this set is empty.
-KNOWN: set[str] = {
-    # the Ray CLI glue moves from distributed/cli.py into featurebank/cli/ (argparse in the CLI only)
-    "featurebank/distributed/cli.py: distributed must never import argparse",
-    "featurebank/distributed/cli.py: distributed must not import cli (featurebank.cli.embed_cmds): distributed may "
-    "import only artifact, decoding, embedder, joins, leaf, store",
-    "import cycle between rooms cli, distributed",
-}
+KNOWN: set[str] = set()
 
 
 def _key(violation: str) -> str:
@@ -329,7 +323,6 @@ def test_no_room_imports_against_the_table():
     assert new == [], "imports against STYLE.md's room table:\n" + "\n".join(new)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12: violations other engineers are removing (KNOWN)")
 def test_known_violations_are_gone():
     left = [v for v in _found() if _key(v) in KNOWN]
     assert left == [] and KNOWN == set()

@@ -7,6 +7,7 @@ import json
 import sys
 
 from featurebank.artifact import DECODE_MODES, POOLINGS, PRECISIONS
+from featurebank.cli.ray_options import embed_on_ray, register_ray_options, uses_ray
 from featurebank.embedder.devices import DEFAULT_DEVICE, DEVICES
 
 
@@ -71,8 +72,6 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar (default: one on stderr when it is a terminal)")
     p.add_argument("--json", action="store_true", help="print the run's report as JSON")
-    from featurebank.distributed.cli import register_ray_options
-
     register_ray_options(p)
     p.set_defaults(func=_embed)
 
@@ -86,14 +85,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
 def _embed(args: argparse.Namespace) -> int:
     from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images
 
-    from featurebank.distributed.cli import embed_on_ray, uses_ray
-
     if uses_ray(args):  # the same run on a Ray cluster, into the same store
         from featurebank.distributed.locations import list_sources
 
         images = args.sources = list_sources(args.sources)  # listed once, here, to report what was skipped
         _say_skipped(images)
-        r = embed_on_ray(args)
+        r = embed_on_ray(args, resolve_model(args))
     else:
         from featurebank.embedder.sources import list_images
 
