@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from featurebank.artifact import POOLINGS
 from featurebank.errors import UnknownTensorError
-from featurebank.export.parity import GEM_EPS, NORM_EPS
+from featurebank.export.parity import GEM_EPS, NORM_EPS, PATCH_POOLINGS
 
 if TYPE_CHECKING:
     from featurebank.artifact import Preprocessing
@@ -334,7 +334,7 @@ def _add_one_head(b: _Builder, spec: HeadSpec, rank: int | None) -> None:
             y = b.op("Identity", [x], out=final)
         feature_axis = 1
     else:
-        if spec.skip_tokens and p in ("avg", "max", "gem"):
+        if spec.skip_tokens and p in PATCH_POOLINGS:
             x = b.op("Slice", [x, b.const("skip_start", np.asarray([spec.skip_tokens], np.int64)),
                                b.const("skip_end", np.asarray([np.iinfo(np.int64).max], np.int64)),
                                b.const("skip_axis", np.asarray([1], np.int64))])

@@ -31,7 +31,7 @@ from featurebank.artifact import POOLINGS, ModelCard, OutputSpec, write_model_ca
 from featurebank.errors import ExportParityError, UnknownLayerError
 from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
 from featurebank.export.layers import LayerInfo, list_layers, resolve_layers, truncate
-from featurebank.export.parity import compare_outputs, normalise_pixels, pool_reference, seeded_pixels
+from featurebank.export.parity import PATCH_POOLINGS, compare_outputs, normalise_pixels, pool_reference, seeded_pixels
 from featurebank.export.registry import DEFAULT_BACKBONE, get_backbone
 from featurebank.export.weights import build_backbone
 
@@ -145,7 +145,7 @@ def export_backbone(
         heads = [
             HeadSpec(tensor=raw_names[i], name=names[i], pooling=pools[i], normalize=normalize,
                      layout=info.layout if info.layout != "NC" else "NCHW",
-                     skip_tokens=prefix if info.layout == "NLC" and pools[i] in ("avg", "max", "gem") else 0)
+                     skip_tokens=prefix if info.layout == "NLC" and pools[i] in PATCH_POOLINGS else 0)
             for i, info in enumerate(chosen)
         ]
         model = add_heads(raw, heads, input_format=input_format, preprocessing=spec.preprocessing)

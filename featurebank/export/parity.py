@@ -32,6 +32,7 @@ __all__ = [
     "TOLERANCES",
     "GEM_EPS",
     "NORM_EPS",
+    "PATCH_POOLINGS",
     "pool_reference",
     "compare_outputs",
     "seeded_pixels",
@@ -48,6 +49,9 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 GEM_EPS = 1e-6
 #: L2 normalisation divides by max(||x||, NORM_EPS), as ``torch.nn.functional.normalize``.
 NORM_EPS = 1e-12
+#: Poolings over positions: on tokens (NLC) they skip a ViT's prefix (class, register)
+#: tokens first, as timm's ``global_pool="avg"`` does.
+PATCH_POOLINGS = ("avg", "max", "gem")
 
 _LAYOUTS = ("NCHW", "NLC")
 
@@ -89,7 +93,7 @@ def pool_reference(
         if x.ndim != want:
             raise ValueError(f"layout={layout!r} needs a {want}-D array; got shape {x.shape}")
     spatial: tuple[int, ...] = (2, 3) if layout == "NCHW" else (1,)
-    if skip_tokens and layout == "NLC" and pooling in ("avg", "max", "gem"):
+    if skip_tokens and layout == "NLC" and pooling in PATCH_POOLINGS:
         x = x[:, skip_tokens:, :]
     if pooling == "avg":
         y = x.mean(axis=spatial)
