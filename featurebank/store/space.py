@@ -103,8 +103,19 @@ class Space:
         return len(self._refresh())
 
     def keys(self) -> np.ndarray:
-        """Every key in the space, deduplicated: ndarray of shape (n,), dtype ``<U64``, sorted."""
-        return self._refresh().keys.astype(f"U{KEY_LEN}")
+        """Every key in the space, deduplicated: ndarray of shape (n,), dtype ``<U64``, sorted.
+
+        Raises StoreError naming the shard if a key's bytes were damaged on disk."""
+        index = self._refresh()
+        try:
+            return index.keys.astype(f"U{KEY_LEN}")
+        except UnicodeDecodeError:  # bytes that are not even ASCII: find the batch that holds them
+            damaged = self.damaged_shards() or ["?"]
+            raise StoreError(
+                f"{self.shard_dir / damaged[0]}: keys do not match their checksum (the file was modified or "
+                f"damaged on disk); run `featurebank store verify {self.store.root} --quarantine` to move it "
+                "aside (its images are then embedded again)"
+            ) from None
 
     def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
         """ndarray of shape (n,), bool: which of ``keys`` have a vector in this space."""

@@ -1,4 +1,4 @@
-"""Spaces, vectors, dedupe, fp16, bad inputs, opening rules, compaction, export."""
+"""Spaces, vectors, dedupe, fp16, bad inputs, opening rules, items and failures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pyarrow.feather as feather
-import pyarrow.parquet as pq
 import pytest
 from store_helpers import FP_A, FP_B, make_keys, make_vectors
 
@@ -40,23 +39,6 @@ def test_reopened_store_serves_the_same_vectors(tmp_path):
         Y, found = space.get(keys)
     assert found.all()
     np.testing.assert_array_equal(Y, X)
-
-
-def test_same_key_added_twice_is_one_vector_and_compaction_drops_the_copy(store):
-    space = store.space(FP_A, dim=4)
-    keys, X = make_keys(10), make_vectors(10, 4)
-    space.add(keys[:6], X[:6])
-    space.add(keys[4:], X[4:])  # keys 4, 5 again
-    space.add(keys[:2] + keys[:2], np.vstack([X[:2], X[:2]]))  # repeated inside one call
-    assert len(space) == 10
-    info = store.info()["spaces"][0]
-    assert info["n_vectors"] == 10 and info["n_duplicate_rows"] == 4
-    report = store.compact()["spaces"][0]
-    assert report["shards_before"] == 3 and report["shards_after"] == 1 and report["rows_dropped"] == 4
-    Y, found = space.get(keys)
-    assert found.all()
-    np.testing.assert_array_equal(Y, X)
-    assert store.info()["spaces"][0]["n_duplicate_rows"] == 0
 
 
 def test_spaces_are_isolated(store):
@@ -194,85 +176,6 @@ def test_empty_directory_becomes_a_store(tmp_path):
     with open_store(d) as s:
         assert s.info()["spaces"] == []
     assert json.loads((d / MARKER_NAME).read_text()) == {"format": "featurebank-store", "version": FORMAT_VERSION}
-
-
-def test_compaction_keeps_serving_a_reader_that_mapped_the_old_shards(store):
-    space = store.space(FP_A, dim=8)
-    keys, X = make_keys(200), make_vectors(200, 8)
-    for s in range(0, 200, 20):
-        space.add(keys[s : s + 20], X[s : s + 20])
-    reader = open_store(store.root).space(FP_A)
-    assert len(reader) == 200  # the reader has mapped the 10 small shards
-    old = set(space.shards())
-    report = store.compact()["spaces"][0]
-    assert (report["shards_before"], report["shards_after"]) == (10, 1)
-    assert not (old & set(space.shards()))  # the inputs are gone from disk
-    Y, found = reader.get(keys[::-1])  # refreshes onto the merged shard
-    assert found.all()
-    np.testing.assert_array_equal(Y, X[::-1])
-    reader.store.close()
-
-
-def test_compaction_is_one_at_a_time(store):
-    import fcntl
-
-    space = store.space(FP_A, dim=4)
-    for i in range(3):
-        space.add(make_keys(2, start=2 * i), make_vectors(2, 4, seed=i))
-    with open(store.root / "locks" / f"compact-{FP_A}.lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        with pytest.raises(StoreError, match="another process is compacting space"):
-            store.compact()
-    assert store.compact()["spaces"][0]["shards_after"] == 1
-
-
-def test_compaction_respects_target_size_and_leaves_big_shards(store):
-    space = store.space(FP_A, dim=64)
-    keys, X = make_keys(400), make_vectors(400, 64)
-    for s in range(0, 400, 50):
-        space.add(keys[s : s + 50], X[s : s + 50])
-    row = 64 * 4 + 64
-    report = store.compact(target_bytes=120 * row)["spaces"][0]
-    assert report["shards_before"] == 8 and 3 <= report["shards_after"] <= 4
-    np.testing.assert_array_equal(space.get(keys)[0], X)
-    again = store.compact(target_bytes=120 * row)["spaces"][0]
-    assert again["rows_dropped"] == 0 and again["shards_after"] <= again["shards_before"]
-
-
-def test_export_parquet_and_npy_readable_without_featurebank(store, tmp_path):
-    space = store.space(FP_A, dim=5, dtype="float16", info={"decode_mode": "fast"})
-    keys, X = make_keys(30), make_vectors(30, 5)
-    paths = [str(tmp_path / f"img{i}.jpg") for i in range(30)]
-    labels = ["cat" if i % 2 else "dog" for i in range(30)]
-    space.add(keys[:20], X[:20], paths=paths[:20], labels=labels[:20])
-    space.add(keys[20:], X[20:])  # no paths known for these
-    expected = X.astype(np.float16).astype(np.float32)
-    order = np.argsort(keys)
-
-    res = store.export(FP_A, tmp_path / "v.parquet")
-    assert res == {"path": str(tmp_path / "v.parquet"), "format": "parquet", "n_vectors": 30, "dim": 5}
-    t = pq.read_table(tmp_path / "v.parquet")
-    assert t.column_names == ["key", "path", "label", "vector"]
-    assert t["key"].to_pylist() == [keys[i] for i in order]
-    np.testing.assert_array_equal(np.stack(t["vector"].to_numpy(zero_copy_only=False)), expected[order])
-    by_key = dict(zip(t["key"].to_pylist(), zip(t["path"].to_pylist(), t["label"].to_pylist())))
-    assert by_key[keys[3]] == (paths[3], "cat") and by_key[keys[25]] == (None, None)
-
-    store.export(FP_A, tmp_path / "npy", format="npy")
-    V = np.load(tmp_path / "npy" / "vectors.npy", allow_pickle=False)
-    K = np.load(tmp_path / "npy" / "keys.npy", allow_pickle=False)
-    L = np.load(tmp_path / "npy" / "labels.npy", allow_pickle=False)
-    assert V.dtype == np.float32 and V.shape == (30, 5)
-    assert K.tolist() == [keys[i] for i in order]
-    np.testing.assert_array_equal(V, expected[order])
-    assert L[K.tolist().index(keys[4])] == "dog"
-    assert json.loads((tmp_path / "npy" / "space.json").read_text())["info"] == {"decode_mode": "fast"}
-
-    with pytest.raises(FileExistsError, match=r"exists; choose another output path, remove it, or pass --overwrite \(overwrite=True in Python\)"):
-        store.export(FP_A, tmp_path / "v.parquet")
-    with pytest.raises(ValueError, match="format must be 'parquet' or 'npy'; got 'csv'"):
-        store.export(FP_A, tmp_path / "v.csv", format="csv")
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_labels_need_paths(store):

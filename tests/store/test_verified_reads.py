@@ -226,3 +226,15 @@ def test_a_forked_child_checks_batches_without_the_parents_threads(store):
     ok, raw = q.get(timeout=5)
     assert ok and child.exitcode == 0
     np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(30, DIM), X)
+
+
+def test_a_damaged_key_byte_is_a_store_error_naming_the_shard(store):
+    space = store.space(FP_A, dim=4)
+    keys = make_keys(10)
+    space.add(keys, make_vectors(10, 4))
+    (shard,) = space.shards()
+    data = bytearray(shard.read_bytes())
+    data[bytes(data).index(keys[3].encode()) + 5] = 0x9D  # not ASCII: the key can no longer be text
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=rf"{shard.name}: keys do not match their checksum .*store verify .* --quarantine"):
+        open_store(store.root).space(FP_A).keys()
