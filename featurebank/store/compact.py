@@ -20,6 +20,8 @@ COMPACT_BATCH_BYTES = 32 << 20
 
 
 def compact_space(space: Space, target_bytes: int = COMPACT_TARGET_BYTES) -> dict[str, Any]:
+    """Compact one space under its lock file; returns its report (see
+    :meth:`EmbeddingStore.compact <featurebank.store.EmbeddingStore.compact>`)."""
     import fcntl
 
     lock_path = space.store.root / "locks" / f"compact-{space.fingerprint}.lock"

@@ -291,6 +291,8 @@ class Space:
 
 
 def read_space_meta(root: Path, fp: str) -> dict[str, Any] | None:
+    """The ``space.json`` of space ``fp`` in the store at ``root``; None if there is none.
+    Raises StoreError if it is unreadable or does not describe ``fp``."""
     p = root / "spaces" / fp / "space.json"
     try:
         meta = json.loads(p.read_text())
@@ -304,6 +306,8 @@ def read_space_meta(root: Path, fp: str) -> dict[str, Any] | None:
 
 
 def create_space_meta(root: Path, fp: str, dim: int, dtype: str, info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Create space ``fp``'s folder and ``space.json`` (exclusively: when another process
+    created it first, its description is returned and stands)."""
     try:
         info_json = json.loads(json.dumps(dict(info or {}), sort_keys=True))
     except (TypeError, ValueError) as exc:
