@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from featurebank.artifact import OutputSpec, resolve_space, space_fingerprint
+from featurebank.artifact import VectorSpace, resolve_space
 from featurebank.decoding import decode_image, to_model_input
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.errors import FingerprintMismatchError, ImageDecodeError, UnknownIdError
@@ -177,8 +177,8 @@ class ServiceEngine:
             raise ValueError(f"the model has {len(card.outputs)} outputs ({names}); choose one with output=NAME (--output)")
         self.classifier = self._load_classifier(classifier)
         self.index = self._load_index(index)
-        self.output, self.decode_mode = self._resolve_space()
-        self.space = space_fingerprint(self.output.fingerprint, self.decode_mode)
+        chosen = self._resolve_space()
+        self.output, self.decode_mode, self.space = chosen.output, chosen.decode_mode, chosen.fingerprint
         for what, dim in (("classifier", getattr(self.classifier and self.classifier.estimator, "n_features_in_", None)),
                           ("index", self.index.dim if self.index is not None else None)):
             if dim is not None and int(dim) != self.output.dim:
@@ -221,13 +221,12 @@ class ServiceEngine:
 
         return index if isinstance(index, SimilarityIndex) else open_index(index)
 
-    def _resolve_space(self) -> tuple[OutputSpec, str]:
+    def _resolve_space(self) -> VectorSpace:
         # the classifier and the index may record an output's or a space's fingerprint
         recorded = {"classifier": self.classifier.fingerprint if self.classifier is not None else None,
                     "index": self.index.space if self.index is not None else None}
-        chosen = resolve_space(self.runner.card, output=self.config.output, decode_mode=self.config.decode_mode,
-                               recorded=recorded)
-        return chosen.output, chosen.decode_mode
+        return resolve_space(self.runner.card, output=self.config.output, decode_mode=self.config.decode_mode,
+                             recorded=recorded)
 
     def _index_paths(self) -> dict[str, str]:
         if self.index is None:
