@@ -26,7 +26,7 @@ from _machine import machine_info  # noqa: E402
 from embed_throughput import decode_ceiling, make_photos  # noqa: E402
 
 from featurebank.classifiers import LinearProbe  # noqa: E402
-from featurebank.embedder.pipeline import embed_images  # noqa: E402
+from featurebank.embed_into_store import embed_images  # noqa: E402
 from featurebank.embedder.session import open_model, physical_cores  # noqa: E402
 
 

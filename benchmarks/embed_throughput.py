@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine_info  # noqa: E402
 
 from featurebank.decoding import decode_image  # noqa: E402
-from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images  # noqa: E402
+from featurebank.artifact import DEFAULT_DECODE_MODE  # noqa: E402
+from featurebank.embed_into_store import embed_images  # noqa: E402
 from featurebank.embedder.session import open_model, physical_cores  # noqa: E402
 
 
@@ -136,7 +137,7 @@ def peer_torch(paths, batch=32) -> float:
 # ru_maxrss across fork+exec, so a child would report the parent's peak (torch, exports).
 MEMORY_CHILD = r"""
 import sys
-from featurebank.embedder.pipeline import embed_images
+from featurebank.embed_into_store import embed_images
 emb = embed_images(sys.argv[1], sys.argv[2], store=sys.argv[3], progress=False, return_vectors=False)
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(emb.report.total, emb.report.embedded + emb.report.duplicates, hwm)

@@ -32,7 +32,8 @@ from _machine import machine_info  # noqa: E402
 from embed_throughput import make_photos  # noqa: E402
 
 from featurebank.distributed import embed_images_ray  # noqa: E402
-from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images  # noqa: E402
+from featurebank.artifact import DEFAULT_DECODE_MODE  # noqa: E402
+from featurebank.embed_into_store import embed_images  # noqa: E402
 from featurebank.export.cache import cached_export  # noqa: E402
 
 

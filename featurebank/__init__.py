@@ -74,19 +74,20 @@ _EXPORTS: dict[str, str] = {
             "fuse_classifier",
         )
     },
-    # embedder: decoding and input listing
+    # decoding; input listing
     "decode_image": "featurebank.decoding",
     "to_model_input": "featurebank.decoding",
     "list_images": "featurebank.embedder.sources",
     "ImageList": "featurebank.embedder.sources",
-    # embedder: sessions, the batch pipeline, the sklearn transformer
+    # embedder: sessions
     "open_model": "featurebank.embedder.session",
     "ModelRunner": "featurebank.embedder.session",
-    "embed_images": "featurebank.embedder.pipeline",
-    "load_embeddings": "featurebank.embedder.pipeline",
-    "Embeddings": "featurebank.embedder.pipeline",
-    "ImageEmbedder": "featurebank.embedder.transformer",
     "run_doctor": "featurebank.embedder.doctor",
+    # embedding into a store, and the sklearn transformer (which can read and fill one)
+    "embed_images": "featurebank.embed_into_store",
+    "load_embeddings": "featurebank.embed_into_store",
+    "Embeddings": "featurebank.embed_into_store",
+    "ImageEmbedder": "featurebank.image_embedder",
     # workflows joining embedder, store, classifiers and search
     "train_classifier": "featurebank.workflow",
     "evaluate_on_images": "featurebank.workflow",

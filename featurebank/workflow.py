@@ -19,7 +19,7 @@ import numpy as np
 from featurebank.artifact import DEFAULT_DECODE_MODE
 from featurebank.artifact import resolve_space as _resolve
 from featurebank.classifiers import evaluate_classifier, load_classifier, make_classifier, save_classifier
-from featurebank.embedder.pipeline import embed_images, load_embeddings, space_of
+from featurebank.embed_into_store import embed_images, load_embeddings, space_of
 from featurebank.embedder.devices import DEFAULT_DEVICE
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.errors import ImageSourceError

@@ -32,8 +32,8 @@ def test_embedder_store_classifiers_search_work_without_torch(tiny_model, textur
     code = f'''
 import numpy as np
 import featurebank
-from featurebank.embedder.pipeline import embed_images
-from featurebank.embedder.transformer import ImageEmbedder
+from featurebank.embed_into_store import embed_images
+from featurebank.image_embedder import ImageEmbedder
 from featurebank.classifiers import LinearProbe, KNNClassifier, PrototypeClassifier
 import featurebank.search
 from featurebank.store import open_store

@@ -83,7 +83,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, embed_images
+    from featurebank.artifact import DEFAULT_DECODE_MODE
+    from featurebank.embed_into_store import embed_images
 
     if uses_ray(args):  # the same run on a Ray cluster, into the same store
         from featurebank.distributed.locations import list_sources

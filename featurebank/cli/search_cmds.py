@@ -93,7 +93,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.sources or args.model or args.backbone:
         runner = open_runner(args)
     if args.sources:
-        from featurebank.embedder.pipeline import embed_images
+        from featurebank.embed_into_store import embed_images
 
         decode_mode = args.decode_mode or DEFAULT_DECODE_MODE  # what the store now holds for sure
         report = embed_images(args.sources, runner, store=args.store, decode_mode=decode_mode,

@@ -40,11 +40,11 @@ import numpy as np
 
 from featurebank import errors as fb_errors
 from featurebank._atomic import write_bytes_atomic
-from featurebank.artifact import DECODE_MODES, read_model_card
+from featurebank.artifact import DECODE_MODES, DEFAULT_DECODE_MODE, read_model_card
 from featurebank.distributed.locations import hash_urls, is_url, list_sources, read_url
-from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE, EmbedReport, open_spaces, plan_work
+from featurebank.embed_into_store import EmbedReport, open_spaces, plan_work
 from featurebank.embedder.sources import ImageList
-from featurebank.errors import ClusterError, FeaturebankError
+from featurebank.errors import ClusterError, FeaturebankError, ImageDecodeError
 
 __all__ = ["embed_images_ray"]
 
@@ -70,7 +70,7 @@ def embed_images_ray(
     progress: bool | None = None,
 ) -> EmbedReport:
     """Embed images on a Ray cluster into a store; the same vectors and store format as
-    :func:`~featurebank.embedder.pipeline.embed_images`.
+    :func:`~featurebank.embed_into_store.embed_images`.
 
     Parameters
     ----------
@@ -418,39 +418,33 @@ def _decode_batch(batch: dict[str, np.ndarray], *, pre: Any, decode_mode: str) -
 
     Rows that fail keep zero pixels and carry the reason in ``error`` ("" when decoded).
     """
-    from featurebank.decoding import decode_image
+    from featurebank.embedder.batches import decode_batch
 
-    t0 = time.perf_counter()
-    keys, paths = batch["key"], batch["path"]
-    c, h, w = pre.input_size
-    pixels = np.zeros((len(keys), h, w, c), np.uint8)
-    errors = np.full(len(keys), "", dtype=object)
-    for i, (key, path) in enumerate(zip(keys, paths)):
-        path = str(path)
-        try:
-            if is_url(path):
-                data = read_url(path)
-                if hashlib.sha256(data).hexdigest() != key:
-                    errors[i] = f"{path}: changed while being embedded (its bytes no longer match their key); run again"
-                    continue
-                try:
-                    decode_image(data, pre, mode=decode_mode, out=pixels[i])
-                except FeaturebankError as exc:
-                    msg = str(exc)  # messages about bytes start "bytes: "; name the URL instead
-                    raise type(exc)(path + msg[5:] if msg.startswith("bytes:") else f"{path}: {msg}") from None
-            else:
-                decode_image(path, pre, mode=decode_mode, out=pixels[i])
-        except FeaturebankError as exc:
-            errors[i] = str(exc)
-        except OSError as exc:  # vanished or unreadable between hashing and decoding
-            errors[i] = str(exc) if path in str(exc) else f"{path}: {exc.strerror or exc}"
+    paths = [str(p) for p in batch["path"]]
+    decoded = decode_batch(list(zip(paths, (str(k) for k in batch["key"]))), pre, mode=decode_mode, names=paths,
+                           read=_read_source)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, exc in decoded.failures:
+        errors[i] = str(exc)
     out = dict(batch)
-    out["pixels"] = pixels
+    out["pixels"] = decoded.pixels
     out["error"] = errors
-    out["decode_s"] = np.zeros(len(keys), np.float64)
-    if len(keys):
-        out["decode_s"][0] = time.perf_counter() - t0
+    out["decode_s"] = np.zeros(len(paths), np.float64)
+    if len(paths):
+        out["decode_s"][0] = decoded.seconds
     return out
+
+
+def _read_source(item: tuple[str, str]) -> str | bytes:
+    """A local path as it is; a URL's bytes, refused when they no longer match their key."""
+    path, key = item
+    if not is_url(path):
+        return path
+    data = read_url(path)
+    if hashlib.sha256(data).hexdigest() != key:
+        raise ImageDecodeError(
+            f"{path}: changed while being embedded (its bytes no longer match their key); run again")
+    return data
 
 
 def _local_model_file(data: bytes, sha: str) -> str:
@@ -473,11 +467,10 @@ class _EmbedActor:
         from featurebank.embedder.session import open_model
 
         self.runner = open_model(_local_model_file(ray.get(model_ref[0]), model_sha), device=device, threads=threads)
-        self.card = self.runner.card
         self.spaces = _node_spaces(store_dir, space_fps)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from featurebank.decoding import to_model_input
+        from featurebank.embedder.batches import infer_batch
 
         keys = [str(k) for k in batch["key"]]
         errors = [str(e) for e in batch["error"]]
@@ -492,13 +485,13 @@ class _EmbedActor:
             idx = np.flatnonzero(np.logical_or.reduce(list(missing.values())))
             if len(idx):
                 t = time.perf_counter()
-                outs = self.runner.run(to_model_input(np.ascontiguousarray(batch["pixels"][idx]), self.card))
+                outs = infer_batch(self.runner, np.ascontiguousarray(batch["pixels"][idx]))
                 infer_s = time.perf_counter() - t
                 t = time.perf_counter()
                 for name, sp in self.spaces.items():
                     sel = missing[name][idx]
                     if sel.any():  # vectors only: the driver catalogues the items
-                        sp.add([keys[i] for i in idx[sel]], outs[name].reshape(len(idx), -1)[sel])
+                        sp.add([keys[i] for i in idx[sel]], outs[name][sel])
                 write_s = time.perf_counter() - t
         z = np.zeros(n, np.float64)
         timing = {s: z.copy() for s in ("decode_s", "infer_s", "write_s")}

@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurebank.artifact import VectorSpace, resolve_space
-from featurebank.decoding import decode_image, to_model_input
+from featurebank.embedder.batches import decode_batch, infer_batch, lower_thread_priority
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.errors import FingerprintMismatchError, ImageDecodeError, UnknownIdError
 from featurebank.service.batching import Batcher
@@ -244,8 +243,6 @@ class ServiceEngine:
     async def start(self) -> None:
         # as in the batch embedder: on a CPU-only machine inference is the critical path and
         # decoding fills the gaps at a lower priority
-        from featurebank.embedder.pipeline import lower_thread_priority
-
         self._decode_pool = ThreadPoolExecutor(max_workers=self.config.decode_threads, thread_name_prefix="fb-decode",
                                                initializer=None if self.runner.on_cuda else lower_thread_priority)
         await self.batcher.start()
@@ -271,9 +268,7 @@ class ServiceEngine:
     # ------------------------------------------------------------------ embedding
 
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
-        card = self.runner.card
-        out = self.runner.run(to_model_input(pixels, card), outputs=[self.output.name])[self.output.name]
-        return out.reshape(len(pixels), -1)
+        return infer_batch(self.runner, pixels, [self.output.name])[self.output.name]
 
     def _survey(self, data: bytes) -> tuple[str, np.ndarray | None, int | None]:
         """(key, cached vector or None, pixels by the header or None); runs in the decode pool.
@@ -295,14 +290,12 @@ class ServiceEngine:
 
     def _decode(self, data: bytes, where: str) -> np.ndarray:
         """Decoded, preprocessed pixels (H, W, C) uint8; runs in the decode pool."""
-        t = time.perf_counter()
-        try:
-            pixels = decode_image(bytes(data), self.runner.card.preprocessing, mode=self.decode_mode,
-                                  max_pixels=self.config.max_pixels)
-        except ImageDecodeError as exc:
+        decoded = decode_batch([bytes(data)], self.runner.card, mode=self.decode_mode,
+                               max_pixels=self.config.max_pixels)
+        for _, exc in decoded.failures:
             raise self._decode_rejection(data, where, exc) from None
-        self.metrics.stage.observe(time.perf_counter() - t, stage="decode")
-        return pixels
+        self.metrics.stage.observe(decoded.seconds, stage="decode")
+        return decoded.pixels[0]
 
     def _decode_rejection(self, data: bytes, where: str, exc: ImageDecodeError) -> RequestRejected:
         detail = str(exc)

@@ -42,7 +42,7 @@ def embed_labelled(images: ImageList, model: str | os.PathLike[str], *, store: A
                    progress: bool | None, device: str = "auto") -> LabelledVectors:
     """Embed ``images`` once with ``model`` (every output of the graph in the same pass),
     filling and reusing ``store``; images that fail to decode are left out and listed."""
-    from featurebank.embedder.pipeline import embed_images
+    from featurebank.embed_into_store import embed_images
 
     emb = embed_images(images, model, store=store, decode_mode=decode_mode, device=device, progress=progress)
     ok = emb.ok

@@ -244,7 +244,7 @@ def fewshot_study(
         ``pixel_size`` x ``pixel_size``, each image standardised
     seed : seeds the test split, the draws and the probes' inner splits
     out_dir : when given, ``fewshot.json`` and ``fewshot.png`` are written there
-    decode_mode, device : as in :func:`~featurebank.embedder.pipeline.embed_images`
+    decode_mode, device : as in :func:`~featurebank.embed_into_store.embed_images`
 
     Returns
     -------
@@ -259,7 +259,7 @@ def fewshot_study(
 
     from featurebank.artifact import read_model_card
     from featurebank.classifiers import LinearProbe, PrototypeClassifier
-    from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE
+    from featurebank.artifact import DEFAULT_DECODE_MODE
     from featurebank.studies.data import PIXEL_MODES, embed_labelled, list_labelled, read_pixels
     from featurebank.studies.report import environment, write_figure, write_json
 

@@ -214,7 +214,7 @@ def sweep_layers(
     out_dir : when given, ``sweep.json`` and ``sweep.png`` are written there
     weights : weights source passed to the export (None: the registry's)
     inner_cv : ``cv`` of each fold's LinearProbe (int folds or float validation fraction)
-    decode_mode, device : as in :func:`~featurebank.embedder.pipeline.embed_images`
+    decode_mode, device : as in :func:`~featurebank.embed_into_store.embed_images`
 
     Returns
     -------
@@ -224,7 +224,7 @@ def sweep_layers(
     """
     from featurebank.artifact import read_model_card
     from featurebank.classifiers import LinearProbe
-    from featurebank.embedder.pipeline import DEFAULT_DECODE_MODE
+    from featurebank.artifact import DEFAULT_DECODE_MODE
     from featurebank.export.cache import cached_export
     from featurebank.studies.data import embed_labelled, list_labelled
     from featurebank.studies.report import environment, write_figure, write_json

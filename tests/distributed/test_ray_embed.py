@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from featurebank.distributed import embed_images_ray
-from featurebank.embedder.pipeline import embed_images
+from featurebank.embed_into_store import embed_images
 from featurebank.store import open_store
 
 pytestmark = pytest.mark.slow

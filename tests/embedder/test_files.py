@@ -22,7 +22,7 @@ from featurebank.artifact import Preprocessing
 from featurebank.distributed.locations import list_sources
 from featurebank.decoding import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, decode_image
 from featurebank._files import MAX_FILE_BYTES, open_image_file
-from featurebank.embedder.pipeline import embed_images
+from featurebank.embed_into_store import embed_images
 from featurebank.embedder.sources import ImageList, list_images
 from featurebank.errors import ImageDecodeError
 from featurebank.store import open_store

@@ -38,7 +38,7 @@ def service_model(tmp_path_factory) -> Path:
 def assets(service_model, texture_dir, tmp_path_factory) -> Assets:
     """Store of the 30 texture photos, a LinearProbe trained on them and a Flat cosine index."""
     from featurebank.classifiers import LinearProbe, save_classifier
-    from featurebank.embedder.pipeline import embed_images, space_of
+    from featurebank.embed_into_store import embed_images, space_of
     from featurebank.embedder.session import open_model
     from featurebank.search import index_store
 

@@ -101,7 +101,7 @@ def test_readme_screenshot(texture_dir, photo_dir, tmp_path):
     from live_server import run_server
 
     from featurebank.classifiers import LinearProbe, save_classifier
-    from featurebank.embedder.pipeline import embed_images, space_of
+    from featurebank.embed_into_store import embed_images, space_of
     from featurebank.embedder.session import open_model
     from featurebank.export.onnx_export import export_backbone
     from featurebank.search import index_store

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from featurebank.artifact import read_model_card
-from featurebank.embedder.pipeline import embed_images
+from featurebank.embed_into_store import embed_images
 from featurebank.studies import make_folds, score_folds, stage_layers, sweep_layers
 
 STAGES = ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "features"]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from featurebank.artifact import read_model_card, space_fingerprint
-from featurebank.embedder.pipeline import embed_images, load_embeddings
+from featurebank.embed_into_store import embed_images, load_embeddings
 from featurebank.store import open_store
 
 from corpus import build_corpus
@@ -244,3 +244,12 @@ def test_damaged_cached_vectors_are_embedded_again_and_training_loads_refuse(tmp
     assert (third.report.embedded, third.report.cached, third.report.damaged) == (0, 30, 0)
     Xl, *_ = load_embeddings(texture_dir, tiny_model, store, progress=False)
     np.testing.assert_array_equal(Xl, third.X)
+
+
+def test_fp16_storage_halves_the_shards_and_loads_float32(tmp_path, texture_dir, tiny_model):
+    a = embed_images(texture_dir, tiny_model, store=tmp_path / "s32", progress=False)
+    b = embed_images(texture_dir, tiny_model, store=tmp_path / "s16", progress=False, store_dtype="float16")
+    assert b.X.dtype == np.float32
+    np.testing.assert_allclose(b.X, a.X, rtol=2e-3, atol=2e-3)
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("*.arrow"))  # noqa: E731
+    assert size(tmp_path / "s16") < 0.7 * size(tmp_path / "s32")

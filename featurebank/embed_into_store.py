@@ -1,16 +1,21 @@
-"""Folders of images to vectors: the batch pipeline and its cache.
+"""Embedding into a store: folders of images to vectors, cached content-addressed.
 
-Stages (clip-retrieval's reader -> mapper -> writer, each timed on its own):
+The join of the embedder (batches of images to batches of vectors) and the store (what to
+skip, where to write). Stages (clip-retrieval's reader -> mapper -> writer, each timed on its
+own):
 
 * **read**: list the inputs (:func:`~featurebank.embedder.sources.list_images`), hash each
   file's bytes (the store keeps a stat cache so unchanged files are not re-read), and drop
-  what the store already holds for this model and decode mode;
-* **decode**: a thread pool decodes and preprocesses images to uint8 (Pillow releases the
-  GIL), a bounded number of batches ahead, so decoding overlaps inference and memory stays
-  flat whatever the dataset size;
-* **infer**: one onnxruntime session runs each batch (CUDA with IO binding when present);
+  what the store already holds for this model and decode mode (:func:`plan_work`);
+* **decode**: :func:`~featurebank.embedder.batches.decode_ahead` decodes and preprocesses
+  images to uint8 on a thread pool (Pillow releases the GIL), a bounded number of batches
+  ahead, so decoding overlaps inference and memory stays flat whatever the dataset size;
+* **infer**: :func:`~featurebank.embedder.batches.infer_batch` runs each batch on one
+  onnxruntime session (CUDA with IO binding when present);
 * **write**: each batch goes into the store as one atomic shard, so a killed run loses at
   most the batch in flight and a re-run redoes only what is missing.
+
+Without a store the same stages run and the vectors stay in memory.
 """
 
 from __future__ import annotations
@@ -19,26 +24,22 @@ import logging
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from featurebank.artifact import DECODE_MODES, space_fingerprint
-from featurebank.decoding import decode_image, to_model_input
-from featurebank.embedder.session import ModelRunner, open_model, physical_cores
+from featurebank.artifact import DECODE_MODES, DEFAULT_DECODE_MODE, space_fingerprint
+from featurebank.embedder.batches import decode_ahead, infer_batch
+from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.embedder.sources import ImageList, list_images
 from featurebank.errors import FeaturebankError
 
-__all__ = ["embed_images", "load_embeddings", "EmbedReport", "Embeddings", "DEFAULT_DECODE_MODE", "space_of",
-           "open_spaces", "plan_work", "WorkPlan"]
+__all__ = ["embed_images", "load_embeddings", "EmbedReport", "Embeddings", "space_of", "open_spaces", "plan_work",
+           "WorkPlan"]
 
 log = logging.getLogger("featurebank")
-
-#: Chosen from the measurement in benchmarks/RESULTS.md (see README, "Decode modes").
-DEFAULT_DECODE_MODE = "fast"
 
 
 @dataclass
@@ -108,19 +109,6 @@ class Embeddings:
 def space_of(runner: ModelRunner, output: str, decode_mode: str) -> str:
     """The store space id of one model output under one decode mode."""
     return space_fingerprint(runner.card.output(output).fingerprint, decode_mode)
-
-
-def lower_thread_priority() -> None:
-    """Decode-thread initializer on CPU-only runs: onnxruntime's threads are the critical
-    path and share the cores with decoding; at a lower priority decoding fills the gaps
-    (op barriers, waits) instead of preempting inference. +5% images/s measured on 2 cores
-    (benchmarks/RESULTS.md). Linux only; elsewhere threads keep the default priority."""
-    import threading
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # not Linux, or not permitted: speed only, never results
-        pass
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -212,51 +200,25 @@ def embed_images(
     report.damaged, report.quarantined = plan.damaged, plan.quarantined
 
     # decode + infer + write, decode running ahead on a thread pool
-    n_workers = workers or physical_cores()
     bar = _progress(len(todo_keys), bool(progress), "embedding")
     batches = [todo_keys[i : i + batch_size] for i in range(0, len(todo_keys), batch_size)]
-
-    def decode_batch(batch_keys: list[str]) -> tuple[list[str], np.ndarray | None, list[tuple[str, str]], float]:
-        t0 = time.perf_counter()
-        arrays, ok, errs = [], [], []
-        for k in batch_keys:
-            try:
-                arrays.append(decode_image(unique[k], pre, mode=decode_mode))
-                ok.append(k)
-            except FeaturebankError as exc:
-                errs.append((k, str(exc)))
-            except OSError as exc:  # vanished or unreadable between hashing and decoding
-                errs.append((k, f"{exc.strerror or exc}"))
-        stacked = np.stack(arrays) if arrays else None
-        return ok, stacked, errs, time.perf_counter() - t0
-
     try:
-        init = None if runner.on_cuda else lower_thread_priority
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fb-decode", initializer=init) as pool:
-            pending: deque[Future] = deque()
-            it = iter(batches)
-            # keep a bounded number of batches decoding ahead: memory stays flat
-            ahead = max(2, n_workers + 1)
-            for b in it:
-                pending.append(pool.submit(decode_batch, b))
-                if len(pending) >= ahead:
-                    break
-            while pending:
-                ok_keys, pixels, errs, dt = pending.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(decode_batch, nxt))
-                timings["decode"] += dt
-                for k, reason in errs:
-                    failures.append((unique[k], k, reason))
-                if pixels is not None:
+        # on a CPU-only run inference is the critical path: decoding fills its gaps at a lower priority
+        ahead = decode_ahead(([unique[k] for k in b] for b in batches), pre, mode=decode_mode, workers=workers,
+                             lower_priority=not runner.on_cuda)
+        with closing(ahead):  # on an error, the decode threads finish before it propagates
+            for batch_keys, got in zip(batches, ahead):
+                timings["decode"] += got.seconds
+                for i, exc in got.failures:
+                    failures.append((unique[batch_keys[i]], batch_keys[i], str(exc)))
+                ok_keys = [k for k, ok in zip(batch_keys, got.ok) if ok]
+                if ok_keys:
                     t = time.perf_counter()
-                    outs = runner.run(to_model_input(pixels, pre, card.input_format))
+                    outs = infer_batch(runner, got.decoded)
                     timings["infer"] += time.perf_counter() - t
                     t = time.perf_counter()
                     ok_paths = [unique[k] for k in ok_keys]
                     for name, vecs in outs.items():
-                        vecs = vecs.reshape(len(ok_keys), -1)
                         if name in spaces:
                             # a space that already holds a key (shared with another export of
                             # the same layer) does not get it twice
@@ -269,7 +231,7 @@ def embed_images(
                             memory[name].update(zip(ok_keys, vecs))
                     timings["write"] += time.perf_counter() - t
                     report.embedded += len(ok_keys)
-                bar.update(len(ok_keys) + len(errs))
+                bar.update(len(batch_keys))
     finally:
         bar.close()
         if st is not None and failures and first_space is not None:

@@ -7,6 +7,13 @@
 
 The onnxruntime session opens lazily on first use and is dropped when pickled (sessions
 cannot be pickled; a copy sent to another process opens its own).
+
+Images are decoded with :data:`~featurebank.artifact.DEFAULT_DECODE_MODE` (``"fast"``) unless
+told otherwise, as :func:`~featurebank.embed_into_store.embed_images`, the CLI and the service
+do, so the same model gives the same vectors (and the same store space) everywhere. With a
+``store`` it is a join of the embedder and the store (it reads and fills the store through
+:func:`~featurebank.embed_into_store.embed_images`), which is why it lives here and not in
+the embedder room.
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from featurebank.decoding import decode_image, to_model_input
+from featurebank.artifact import DEFAULT_DECODE_MODE
+from featurebank.embed_into_store import embed_images
+from featurebank.embedder.batches import decode_batch, infer_batch
 from featurebank.embedder.session import ModelRunner, open_model
+from featurebank.embedder.sources import ImageList
+from featurebank.errors import ImageDecodeError
 
 __all__ = ["ImageEmbedder"]
 
@@ -31,7 +42,10 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     ----------
     model : str, path of a featurebank ONNX model
     output : str or None, output name or layer (None: the model's only output)
-    decode_mode : ``"exact"`` or ``"fast"``
+    decode_mode : ``"fast"`` (the default, as everywhere in featurebank) or ``"exact"``
+        (pixel-identical to timm's eval transform); part of the store's cache key. The
+        default used to be ``"exact"``, a different vector space (and store space) from
+        ``embed_images``; pass ``decode_mode="exact"`` to keep the old vectors
     batch_size : int, images per inference batch
     device : ``"auto"``, ``"cpu"`` or ``"cuda"``
     store : str or None, an embedding store directory; when given, images passed as file
@@ -43,7 +57,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, model: str | os.PathLike[str] = "model.onnx", *, output: str | None = None,
-                 decode_mode: str = "exact", batch_size: int = 32, device: str = "auto", store: str | None = None):
+                 decode_mode: str = DEFAULT_DECODE_MODE, batch_size: int = 32, device: str = "auto", store: str | None = None):
         self.model = model
         self.output = output
         self.decode_mode = decode_mode
@@ -79,27 +93,23 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise ValueError("X must be a sequence of images; wrap a single image in a list")
         items = list(X)
         if all(isinstance(x, (str, os.PathLike)) for x in items) and self.store is not None and items:
-            from featurebank.embedder.pipeline import embed_images
-            from featurebank.embedder.sources import ImageList
-
             images = ImageList(paths=[os.path.abspath(os.fspath(p)) for p in items], labels=[None] * len(items))
             emb = embed_images(images, self._runner(), store=self.store, decode_mode=self.decode_mode,
                                batch_size=self.batch_size, progress=False)
             if not emb.ok.all():
-                from featurebank.errors import ImageDecodeError
-
                 bad = [p for p, ok in zip(emb.paths, emb.ok) if not ok]
                 raise ImageDecodeError(f"{len(bad)} image(s) could not be embedded, first: {bad[0]} "
                                        "(see `featurebank store failures`)")
             return emb.vectors[self.output_name_]
         runner = self._runner()
-        pre = runner.card.preprocessing
         out = np.empty((len(items), self.n_features_out_), np.float32)
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            pixels = np.stack([decode_image(x, pre, mode=self.decode_mode) for x in chunk])
-            vecs = runner.run(to_model_input(pixels, runner.card), [self.output_name_])[self.output_name_]
-            out[start : start + len(chunk)] = vecs.reshape(len(chunk), -1)
+            decoded = decode_batch(chunk, runner.card, mode=self.decode_mode)
+            if decoded.failures:
+                raise decoded.failures[0][1]
+            vecs = infer_batch(runner, decoded.pixels, [self.output_name_])[self.output_name_]
+            out[start : start + len(chunk)] = vecs
         return out
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
