@@ -19,7 +19,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it. Keep sorted by room, upstream first.
+# What a user calls, name -> module that defines it (sorted by room, upstream first). Everything
+# else (result types, decoding, sessions, the doctor ...) is imported from its room.
 _EXPORTS: dict[str, str] = {
     # errors
     **{
@@ -47,11 +48,8 @@ _EXPORTS: dict[str, str] = {
     },
     # artifact
     "ModelCard": "featurebank.artifact",
-    "OutputSpec": "featurebank.artifact",
-    "Preprocessing": "featurebank.artifact",
     "read_model_card": "featurebank.artifact",
     # export (needs torch)
-    "BackboneSpec": "featurebank.export.registry",
     "get_backbone": "featurebank.export.registry",
     "list_backbones": "featurebank.export.registry",
     "list_layers": "featurebank.export.layers",
@@ -69,24 +67,13 @@ _EXPORTS: dict[str, str] = {
             "make_classifier",
             "save_classifier",
             "load_classifier",
-            "SavedClassifier",
             "evaluate_classifier",
             "fuse_classifier",
         )
     },
-    # decoding; input listing
-    "decode_image": "featurebank.decoding",
-    "to_model_input": "featurebank.decoding",
-    "list_images": "featurebank.embedder.sources",
-    "ImageList": "featurebank.embedder.sources",
-    # embedder: sessions
-    "open_model": "featurebank.embedder.session",
-    "ModelRunner": "featurebank.embedder.session",
-    "run_doctor": "featurebank.embedder.doctor",
     # embedding into a store, and the sklearn transformer (which can read and fill one)
     "embed_images": "featurebank.embed_into_store",
     "load_embeddings": "featurebank.embed_into_store",
-    "Embeddings": "featurebank.embed_into_store",
     "ImageEmbedder": "featurebank.image_embedder",
     # workflows joining embedder, store, classifiers and search
     "train_classifier": "featurebank.workflow",
@@ -95,22 +82,16 @@ _EXPORTS: dict[str, str] = {
     "search_images": "featurebank.workflow",
     # studies: which layer, how many labels
     "sweep_layers": "featurebank.studies",
-    "SweepResult": "featurebank.studies",
     "fewshot_study": "featurebank.studies",
-    "FewshotResult": "featurebank.studies",
     # store
     "open_store": "featurebank.store",
-    "EmbeddingStore": "featurebank.store",
     # search
-    "SimilarityIndex": "featurebank.search",
     "build_index": "featurebank.search",
     "open_index": "featurebank.search",
     "index_store": "featurebank.search",
     "query_index": "featurebank.search",
     "find_duplicates": "featurebank.search",
-    "write_duplicates": "featurebank.search",
     # service (needs the `service` extra: fastapi, uvicorn, python-multipart)
-    "ServiceConfig": "featurebank.service",
     "create_app": "featurebank.service",
     "serve": "featurebank.service",
     # distributed (needs the `ray` extra)
@@ -119,11 +100,34 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
+# Names the top level no longer offers (issue 12): an AttributeError says which room has them.
+_IN_ROOMS: dict[str, str] = {
+    "OutputSpec": "featurebank.artifact",
+    "Preprocessing": "featurebank.artifact",
+    "BackboneSpec": "featurebank.export.registry",
+    "decode_image": "featurebank.decoding",
+    "to_model_input": "featurebank.decoding",
+    "list_images": "featurebank.embedder.sources",
+    "ImageList": "featurebank.embedder.sources",
+    "open_model": "featurebank.embedder.session",
+    "ModelRunner": "featurebank.embedder.session",
+    "run_doctor": "featurebank.embedder.doctor",
+    "Embeddings": "featurebank.embed_into_store",
+    "EmbeddingStore": "featurebank.store",
+    "SavedClassifier": "featurebank.classifiers",
+    "SimilarityIndex": "featurebank.search",
+    "write_duplicates": "featurebank.search",
+    "SweepResult": "featurebank.studies",
+    "FewshotResult": "featurebank.studies",
+    "ServiceConfig": "featurebank.service",
+}
+
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'featurebank' has no attribute {name!r}")
+        where = f"; import it from {_IN_ROOMS[name]}" if name in _IN_ROOMS else ""
+        raise AttributeError(f"module 'featurebank' has no attribute {name!r}{where}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
