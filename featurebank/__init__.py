@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
             "ModelCardError",
             "FingerprintMismatchError",
             "ImageDecodeError",
+            "ImageTooLargeError",
             "ImageSourceError",
             "StoreError",
             "ProviderError",

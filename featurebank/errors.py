@@ -14,6 +14,7 @@ Each one also subclasses the builtin it means, so ``except KeyError`` or
     ├── ModelCardError            (ValueError)  ONNX file lacks or has a broken featurebank card
     ├── FingerprintMismatchError  (ValueError)  vectors/classifier from another model
     ├── ImageDecodeError          (ValueError)  an image cannot be decoded
+    │   └── ImageTooLargeError                  more pixels than max_pixels allows (size and cap as attributes)
     ├── ImageSourceError          (ValueError)  an image folder or list file is missing or malformed
     ├── StoreError                (RuntimeError) the embedding store is unusable or corrupt
     ├── ProviderError             (RuntimeError) requested execution provider is not active
@@ -39,6 +40,7 @@ __all__ = [
     "ModelCardError",
     "FingerprintMismatchError",
     "ImageDecodeError",
+    "ImageTooLargeError",
     "ImageSourceError",
     "StoreError",
     "ProviderError",
@@ -97,6 +99,20 @@ class FingerprintMismatchError(FeaturebankError, ValueError):
 
 class ImageDecodeError(FeaturebankError, ValueError):
     """An image file cannot be decoded (corrupt, unsupported, too large ...)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than the caller allows; refused before any pixel is decoded.
+
+    Attributes: ``pixels`` (int, or None where Pillow refused before the size was known),
+    ``size`` ((width, height), or None likewise) and ``max_pixels`` (the cap that was exceeded).
+    """
+
+    def __init__(self, message: str, *, pixels: int | None = None, size: tuple[int, int] | None = None,
+                 max_pixels: int | None = None) -> None:
+        # defaults, so that pickling (Ray moves errors between processes) can call cls(message)
+        super().__init__(message)
+        self.pixels, self.size, self.max_pixels = pixels, size, max_pixels
 
 
 class ImageSourceError(FeaturebankError, ValueError):

@@ -12,7 +12,7 @@ PUBLIC = {
     # errors
     "FeaturebankError", "UnknownBackboneError", "UnknownLayerError", "UnknownTensorError", "WeightsMismatchError",
     "WeightsNotFoundError", "ExportParityError", "NotOnnxModelError", "ModelCardError", "FingerprintMismatchError",
-    "ImageDecodeError", "ImageSourceError", "StoreError", "ProviderError", "ClassifierFileError", "IndexFileError",
+    "ImageDecodeError", "ImageTooLargeError", "ImageSourceError", "StoreError", "ProviderError", "ClassifierFileError", "IndexFileError",
     "UnknownIdError", "ClusterError",
     # artifact
     "ModelCard", "read_model_card",

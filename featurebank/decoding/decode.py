@@ -69,7 +69,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from featurebank.artifact import DECODE_MODES, INPUT_FORMATS, ModelCard, Preprocessing
 from featurebank._files import open_image_file
 from featurebank.decoding.formats import ACCEPTED_FORMATS, OPENERS, claimed_format
-from featurebank.errors import ImageDecodeError
+from featurebank.errors import ImageDecodeError, ImageTooLargeError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "decode_image", "to_model_input"]
 
@@ -311,7 +311,7 @@ def _open_image(fp, where: str, max_pixels: int) -> Image.Image:
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         if max_pixels > limit:
             msg += f" and raise PIL.Image.MAX_IMAGE_PIXELS (Pillow itself refuses above {limit:,})"
-        raise ImageDecodeError(msg) from None
+        raise ImageTooLargeError(msg, pixels=pixels, max_pixels=max_pixels) from None
     except UnidentifiedImageError:
         kind = claimed_format(_peek(fp))
         if kind in ACCEPTED_FORMATS:
@@ -422,7 +422,8 @@ def _process(
 ) -> np.ndarray:
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageDecodeError(_bomb_message(where, w * h, (w, h), max_pixels))
+        raise ImageTooLargeError(_bomb_message(where, w * h, (w, h), max_pixels), pixels=w * h, size=(w, h),
+                                 max_pixels=max_pixels)
     if w <= 0 or h <= 0:
         raise ImageDecodeError(f"{where}: image has no pixels ({w}x{h})")
     channels, ch, cw = pre.input_size

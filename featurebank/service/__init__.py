@@ -2,7 +2,7 @@
 
 A thin shell over the embedder, classifiers and search: :func:`create_app` builds the ASGI
 app, :func:`serve` runs it with uvicorn (``featurebank serve``). Needs the ``service``
-extra (fastapi, uvicorn, python-multipart).
+extra (fastapi, uvicorn, python-multipart, prometheus-client).
 
 >>> from featurebank.service import ServiceConfig, create_app   # doctest: +SKIP
 >>> app = create_app("model.onnx", index="photos.idx", config=ServiceConfig(max_batch=16))  # doctest: +SKIP

@@ -119,7 +119,7 @@ class Batcher:
             return
         started = time.perf_counter()
         for it in batch:
-            self._metrics.stage.observe(started - it.queued, stage="queue")
+            self._metrics.stage.labels(stage="queue").observe(started - it.queued)
         self._metrics.batch_size.observe(len(batch))
         try:
             vectors = await loop.run_in_executor(self._pool, self._infer, np.stack([it.pixels for it in batch]))
@@ -128,7 +128,7 @@ class Batcher:
                 if not it.future.done():
                     it.future.set_exception(exc)
             return
-        self._metrics.stage.observe(time.perf_counter() - started, stage="infer")
+        self._metrics.stage.labels(stage="infer").observe(time.perf_counter() - started)
         self._metrics.images.inc(len(batch))
         for it, vec in zip(batch, vectors):
             if not it.future.done():

@@ -28,7 +28,7 @@ import numpy as np
 from featurebank.artifact import VectorSpace, resolve_space
 from featurebank.embedder.batches import decode_batch, infer_batch, lower_thread_priority
 from featurebank.embedder.session import ModelRunner, open_model
-from featurebank.errors import FingerprintMismatchError, ImageDecodeError, UnknownIdError
+from featurebank.errors import FingerprintMismatchError, ImageTooLargeError, UnknownIdError
 from featurebank.service.batching import Batcher
 from featurebank.service.config import ServiceConfig
 from featurebank.service.metrics import Metrics
@@ -109,6 +109,14 @@ def _display_names(paths: dict[str, str]) -> dict[str, str]:
     except ValueError:  # absolute and relative paths mixed
         root = None
     return {k: _printable(os.path.relpath(p, root) if root else os.path.basename(p)) for k, p in paths.items()}
+
+
+def _too_many_pixels(where: str, exc: ImageTooLargeError) -> str:
+    """The 413 answer to an image over ``max_pixels``: the decoder's facts, the server's option."""
+    size = f" ({exc.size[0]}x{exc.size[1]})" if exc.size else ""
+    count = f"{exc.pixels:,} pixels{size}" if exc.pixels is not None else "too many pixels"
+    return (f"{where}: image has {count}, over the limit of {exc.max_pixels:,} (possible decompression bomb); "
+            "if you trust the file, pass a larger max_pixels (server: --max-pixels)")
 
 
 class _PixelBudget:
@@ -291,31 +299,13 @@ class ServiceEngine:
     def _decode(self, data: bytes, where: str) -> np.ndarray:
         """Decoded, preprocessed pixels (H, W, C) uint8; runs in the decode pool."""
         decoded = decode_batch([bytes(data)], self.runner.card, mode=self.decode_mode,
-                               max_pixels=self.config.max_pixels)
+                               max_pixels=self.config.max_pixels, names=[where])
         for _, exc in decoded.failures:
-            raise self._decode_rejection(data, where, exc) from None
-        self.metrics.stage.observe(decoded.seconds, stage="decode")
+            if isinstance(exc, ImageTooLargeError):
+                raise RequestRejected(413, _too_many_pixels(where, exc)) from None
+            raise RequestRejected(422, str(exc)) from None
+        self.metrics.stage.labels(stage="decode").observe(decoded.seconds)
         return decoded.pixels[0]
-
-    def _decode_rejection(self, data: bytes, where: str, exc: ImageDecodeError) -> RequestRejected:
-        detail = str(exc)
-        if detail.startswith("bytes: "):
-            detail = detail[len("bytes: "):]
-        detail = f"{where}: {detail}"
-        # a header read tells "too many pixels" (413) from broken data (422) without
-        # depending on the wording of the decoder's message
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                too_large = img.size[0] * img.size[1] > self.config.max_pixels
-        except Image.DecompressionBombError:
-            too_large = True
-        except Exception:
-            too_large = False
-        if too_large:
-            return RequestRejected(413, detail.replace("CLI: --max-pixels", "server: --max-pixels"))
-        return RequestRejected(422, detail)
 
     async def embed(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> EmbedResult:
         """Embed the encoded images of one request.
@@ -410,11 +400,10 @@ class ServiceEngine:
 
     def _retry_after(self) -> int:
         # seconds to clear the queue at the observed rate, at least 1
-        stage = self.metrics.stage
-        batches = stage.count(stage="infer")
+        batches = self.metrics.sample("featurebank_stage_duration_seconds_count", stage="infer")
         if not batches:
             return 1
-        per_batch = stage.sum(stage="infer") / batches
+        per_batch = self.metrics.sample("featurebank_stage_duration_seconds_sum", stage="infer") / batches
         return max(1, int(np.ceil(self._admitted / self.config.max_batch * per_batch)))
 
     async def _embed_one(self, data: bytes, where: str, survey: tuple[str, np.ndarray | None, int | None],
@@ -455,7 +444,7 @@ class ServiceEngine:
 
         Estimators without ``predict_proba`` give their predicted label with probability 1.0.
         """
-        est = self._require_classifier().estimator
+        est = self.require_classifier().estimator
         names = list(self.classifier.classes)
         if hasattr(est, "predict_proba"):
             P = np.asarray(est.predict_proba(vectors), dtype=np.float64)
@@ -464,12 +453,14 @@ class ServiceEngine:
         fitted = [str(c) for c in est.classes_]
         return [[(str(names[fitted.index(str(p))]), 1.0)] for p in est.predict(vectors)]
 
-    def _require_classifier(self):
+    def require_classifier(self):
+        """The loaded classifier; :class:`RequestRejected` 404 where none is loaded."""
         if self.classifier is None:
             raise RequestRejected(404, "no classifier is loaded: start the service with --classifier FILE")
         return self.classifier
 
-    def _require_index(self):
+    def require_index(self):
+        """The loaded similarity index; :class:`RequestRejected` 404 where none is loaded."""
         if self.index is None:
             raise RequestRejected(404, "no similarity index is loaded: start the service with --index DIR")
         return self.index
@@ -486,14 +477,14 @@ class ServiceEngine:
         (None where the store records no file); ``path`` its absolute server path, only with
         ``config.expose_paths``, else None.
         """
-        index = self._require_index()
+        index = self.require_index()
         k = self._check_k(k)
         scores, ids = index.search(vectors, k, clip=True)
         return self._neighbours(scores, ids)
 
     def search_by_id(self, key: str, k: int) -> list[dict]:
         """Neighbours of an indexed image (itself first)."""
-        index = self._require_index()
+        index = self.require_index()
         k = self._check_k(k)
         try:
             scores, ids = index.search_by_id([key], k, clip=True)
@@ -507,7 +498,7 @@ class ServiceEngine:
         The index itself may hold normalised or compressed vectors; the store has the exact
         ones a classifier was trained on.
         """
-        index = self._require_index()
+        index = self.require_index()
         if key not in index:
             raise RequestRejected(404, f"id {key!r} is not in the index")
         store_dir = (index.source or {}).get("store")
@@ -536,7 +527,7 @@ class ServiceEngine:
 
     async def thumbnail(self, key: str) -> bytes:
         """JPEG thumbnail (longest side ``THUMBNAIL_SIZE``) of an indexed image, by id only."""
-        self._require_index()
+        self.require_index()
         path = self.paths.get(key)
         if path is None:
             known = key in self.index

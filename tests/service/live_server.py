@@ -65,15 +65,23 @@ def run_server(app, *, graceful_timeout_s: float | None = 10.0, wait_ready: bool
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """Value of one sample in Prometheus text (0.0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    target = f"{name}{{{want}}}" if want else name
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        sample, _, value = line.rpartition(" ")
-        if sample == target:
-            return float(value)
+    """Value of one sample in Prometheus text: 0.0 where the metric is exposed but that sample
+    has not been recorded yet; AssertionError where no exposed metric has that sample name
+    (a typo must not read as 0). Bucket bounds compare as numbers (``le="1"`` is ``1.0``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def same(got: dict[str, str]) -> bool:
+        if set(got) != set(labels):
+            return False
+        return all(float(got[k]) == float(v) if k == "le" else got[k] == v for k, v in labels.items())
+
+    declared = False
+    for family in text_string_to_metric_families(text):
+        declared = declared or name.startswith(family.name)
+        for sample in family.samples:
+            if sample.name == name and same(sample.labels):
+                return sample.value
+    assert declared, f"no metric exposes samples named {name!r}"
     return 0.0
 
 

@@ -92,6 +92,19 @@ def test_too_many_pixels_is_413_before_decoding(assets, photos):
     assert decoded == 0
 
 
+def test_image_pillow_refuses_to_open_is_413_by_its_error_type(live):
+    # a PNG of a few hundred bytes declaring 10^10 pixels: Pillow refuses it while opening, so
+    # no header size is known; the decoder's ImageTooLargeError alone makes it a 413
+    from corpus import _png_declaring
+
+    with live.client() as c:
+        r = c.post("/v1/embed", files=[("image", ("bomb.png", _png_declaring(100_000, 100_000), "image/png"))])
+    assert r.status_code == 413
+    assert r.json()["detail"] == ("image 0 ('bomb.png'): image has 10,000,000,000 pixels, over the limit of 89,478,485 "
+                                  "(possible decompression bomb); if you trust the file, pass a larger max_pixels "
+                                  "(server: --max-pixels)")
+
+
 def test_too_many_images_is_413(assets, photo_dir):
     data = (photo_dir / "coffee.jpg").read_bytes()
     with run_server(_app(assets, max_images=2, queue_size=8)) as live, live.client() as c:

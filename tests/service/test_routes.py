@@ -92,6 +92,46 @@ def test_classify_training_photo_gets_its_class(live, assets):
     assert values == sorted(values, reverse=True) and sum(values) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_classify_by_id_gives_each_indexed_photo_its_class(live, assets):
+    # every indexed image is a crop of one of the three texture photos, so its class is the
+    # folder it came from; the probe was trained on these 30 crops and separates them
+    with live.client() as c:
+        answers = {path: c.get("/v1/classify", params={"id": key}) for path, key in assets.keys.items()}
+    assert {a.status_code for a in answers.values()} == {200}
+    got = {path: a.json()["predictions"][0]["label"] for path, a in answers.items()}
+    assert got == assets.labels
+    # an indexed image is classified from its stored vector: the same answer as posting the file
+    path = next(p for p, label in assets.labels.items() if label == "gravel")
+    (by_id,) = answers[path].json()["predictions"]
+    with open(path, "rb") as fh, live.client() as c:
+        (posted,) = c.post("/v1/classify", content=fh.read(), headers={"Content-Type": "image/jpeg"}).json()["predictions"]
+    assert by_id["key"] == posted["key"] == assets.keys[path]
+    assert [p["label"] for p in by_id["probabilities"]] == [p["label"] for p in posted["probabilities"]]
+    np.testing.assert_allclose([p["probability"] for p in by_id["probabilities"]],
+                               [p["probability"] for p in posted["probabilities"]], atol=1e-6)
+
+
+def test_classify_by_id_refusals(live, assets):
+    key = next(iter(assets.keys.values()))
+    with live.client() as c:
+        unknown = c.get("/v1/classify", params={"id": "nope"})
+        empty = c.get("/v1/classify", params={"id": ""})
+        missing = c.get("/v1/classify")
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "id 'nope' is not in the index"
+    assert empty.status_code == 422 and empty.json()["detail"] == "id: String should have at least 1 character"
+    assert missing.status_code == 422 and missing.json()["detail"] == "id: Field required"
+
+    from live_server import run_server
+
+    from featurebank.service import ServiceConfig, create_app
+
+    app = create_app(assets.model, index=assets.index, config=ServiceConfig(threads=1, decode_workers=1))
+    with run_server(app) as bare, bare.client() as c:
+        r = c.get("/v1/classify", params={"id": key})
+    assert r.status_code == 404
+    assert r.json()["detail"] == "no classifier is loaded: start the service with --classifier FILE"
+
+
 def test_search_by_image_and_by_id_find_the_image_itself(live, assets):
     path, key = next(iter(assets.keys.items()))
     with open(path, "rb") as fh:
@@ -153,18 +193,57 @@ def test_info_describes_what_is_served(live, assets):
     assert info["auth"] is False
 
 
-def test_metrics_expose_stages_batches_and_queue(live, photo_dir):
-    with live.client() as c:
-        c.post("/v1/embed", content=(photo_dir / "hubble_deep_field.jpg").read_bytes(), headers={"Content-Type": "image/jpeg"})
-        r = c.get("/metrics")
-    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    text = r.text
-    for stage in ("decode", "queue", "infer"):
-        assert metric_value(text, "featurebank_stage_duration_seconds_count", stage=stage) >= 1
-    assert metric_value(text, "featurebank_batch_size_count") >= 1
-    assert "# TYPE featurebank_queue_depth gauge" in text
-    assert metric_value(text, "featurebank_requests_total", route="/v1/embed", status="200") >= 1
-    assert metric_value(text, "featurebank_request_duration_seconds_count", route="/v1/embed") >= 1
+def test_metrics_count_exactly_what_was_served(assets, photo_dir):
+    import prometheus_client
+    from live_server import run_server
+
+    from featurebank.service import ServiceConfig, create_app
+
+    hubble, coffee = ((photo_dir / f"{n}.jpg").read_bytes() for n in ("hubble_deep_field", "coffee"))
+    jpeg = {"Content-Type": "image/jpeg"}
+    app = create_app(assets.model, classifier=assets.classifier, index=assets.index,
+                     config=ServiceConfig(threads=1, decode_workers=1, max_batch=8))
+    with run_server(app) as live, live.client() as c:
+        assert [c.post("/v1/embed", content=hubble, headers=jpeg).status_code,  # model
+                c.post("/v1/embed", content=hubble, headers=jpeg).status_code,  # cache
+                c.post("/v1/embed", files=[("image", ("c.jpg", coffee, "image/jpeg")),  # model
+                                           ("image", ("h.jpg", hubble, "image/jpeg"))]).status_code,  # cache
+                c.post("/v1/embed", content=b"not an image", headers=jpeg).status_code,
+                c.post("/v1/classify", content=b"x", headers={"Content-Type": "text/plain"}).status_code,
+                c.get("/v1/nowhere").status_code] == [200, 200, 200, 422, 415, 404]
+        first, second = c.get("/metrics"), c.get("/metrics")
+        openmetrics = c.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert first.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = first.text
+    assert "# TYPE featurebank_queue_depth gauge" in text and "# TYPE featurebank_requests_total counter" in text
+    exact = {
+        ("featurebank_requests_total", (("route", "/v1/embed"), ("status", "200"))): 3,
+        ("featurebank_requests_total", (("route", "/v1/embed"), ("status", "422"))): 1,
+        ("featurebank_requests_total", (("route", "/v1/classify"), ("status", "415"))): 1,
+        ("featurebank_requests_total", (("route", "unmatched"), ("status", "404"))): 1,
+        ("featurebank_requests_total", (("route", "/metrics"), ("status", "200"))): 0,  # counted once answered
+        ("featurebank_request_duration_seconds_count", (("route", "/v1/embed"),)): 4,
+        ("featurebank_images_total", ()): 2,
+        ("featurebank_cache_hits_total", ()): 2,
+        ("featurebank_cache_misses_total", ()): 2,
+        ("featurebank_cache_entries", ()): 2,
+        ("featurebank_batch_size_count", ()): 2,
+        ("featurebank_batch_size_sum", ()): 2,
+        ("featurebank_batch_size_bucket", (("le", "1"),)): 2,
+        ("featurebank_batch_size_bucket", (("le", "+Inf"),)): 2,
+        ("featurebank_stage_duration_seconds_count", (("stage", "decode"),)): 2,  # the broken body is not decoded
+        ("featurebank_stage_duration_seconds_count", (("stage", "queue"),)): 2,
+        ("featurebank_stage_duration_seconds_count", (("stage", "infer"),)): 2,  # warm-up runs are not counted
+        ("featurebank_queue_depth", ()): 0,
+        ("featurebank_rejected_total", ()): 0,
+        ("featurebank_requests_in_flight", ()): 1,  # the scrape itself
+    }
+    assert {k: metric_value(text, k[0], **dict(k[1])) for k in exact} == exact
+    assert metric_value(second.text, "featurebank_requests_total", route="/metrics", status="200") == 1
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert openmetrics.text.endswith("# EOF\n") and "featurebank_images_total 2.0" in openmetrics.text
+    # each app keeps its metrics in a registry of its own, not in the process-wide one
+    assert prometheus_client.REGISTRY.get_sample_value("featurebank_images_total") is None
 
 
 @pytest.mark.parametrize(
