@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from featurebank.artifact import DEFAULT_DECODE_MODE
+from featurebank.artifact import DEFAULT_DECODE_MODE, read_model_card
 from featurebank.artifact import resolve_space as _resolve
 from featurebank.classifiers import evaluate_classifier, load_classifier, make_classifier, save_classifier
 from featurebank.embed_into_store import embed_images, load_embeddings, space_of
@@ -183,7 +183,10 @@ def resolve_space(store: Any, *, space: str | None = None, model: Any = None, ou
         return space
     from featurebank.store import open_store
 
-    card = _runner(model).card if model is not None else None
+    if model is None:
+        card = None
+    else:  # a path: the card is read from the file's metadata, no session is built for it
+        card = model.card if isinstance(model, ModelRunner) else read_model_card(model)
     if hasattr(store, "spaces"):
         available = {s.fingerprint: len(s) for s in store.spaces()}
     else:

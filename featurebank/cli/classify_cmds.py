@@ -154,10 +154,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    from featurebank.artifact import read_model_card, resolve_space
     from featurebank.classifiers import fuse_classifier, load_classifier
 
     saved = load_classifier(args.classifier, max_bytes=args.max_classifier_bytes)
-    path = fuse_classifier(args.model, saved.estimator, args.output, output=saved.meta.get("output"))
+    # the classifier's space picks the model output it reads, and refuses another model's
+    space = resolve_space(read_model_card(args.model), recorded={f"classifier {args.classifier!r}": saved.fingerprint})
+    path = fuse_classifier(args.model, saved.estimator, args.output, output=space.output.name)
     print(f"wrote {path}: {saved.meta.get('backbone', 'backbone')} + {saved.estimator_type.rsplit('.', 1)[-1]}, "
           "outputs label and probabilities (checked equal to the two-step path)")
     return 0

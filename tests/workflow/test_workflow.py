@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -119,6 +120,11 @@ def test_classifier_refuses_another_model_and_corrupt_files(capsys, tmp_path, te
     code, _, err = cli(capsys, "predict", texture_dir / "grass", "--classifier", tmp_path / "clf.fbclf", "--model", other)
     errors = [line for line in err.splitlines() if line.startswith("featurebank: error:")]
     assert code == 2 and len(errors) == 1 and "trained" in errors[0] and "Traceback" not in err
+    # fuse refuses it too (it used to check only the name and width of the output)
+    code, _, err = cli(capsys, "fuse", "--model", other, "--classifier", tmp_path / "clf.fbclf", "-o", tmp_path / "f.onnx")
+    assert code == 2 and not (tmp_path / "f.onnx").exists()
+    assert re.search(r"^featurebank: error: the classifier '.*clf\.fbclf' was built on vectors of space [0-9a-f]{64}, "
+                     r"which model 'test_resnet' \(output embedding\) does not produce under any decode mode", err, re.M)
     broken = tmp_path / "broken.fbclf"
     broken.write_bytes((tmp_path / "clf.fbclf").read_bytes()[:200])
     with pytest.raises(ClassifierFileError):
@@ -203,3 +209,39 @@ def test_predict_and_search_without_a_store_refuse_special_files_and_finish(caps
         f"featurebank: error: query image could not be embedded: {q / 'fifo.jpg'}: not a regular file "
         "(a pipe, socket or device)"
     )
+
+
+def test_store_space_is_resolved_by_the_one_rule(capsys, tmp_path, photo_dir, tiny_model):
+    """workflow.resolve_space and `index build` pick the store space with artifact.resolve_space:
+    the store's only space, the model's space under the decode mode the store holds, and a
+    clear refusal when both decode modes (or no vector of the model) are there."""
+    from featurebank import embed_images
+    from featurebank.artifact import read_model_card, space_fingerprint
+    from featurebank.errors import StoreError
+    from featurebank.search import open_index
+    from featurebank.store import open_store
+    from featurebank.workflow import resolve_space
+
+    store = tmp_path / "s"
+    out_fp = read_model_card(tiny_model).output().fingerprint
+    exact, fast = space_fingerprint(out_fp, "exact"), space_fingerprint(out_fp, "fast")
+    open_store(store).close()  # an empty store
+    with pytest.raises(StoreError, match=rf"holds no vectors of model '{tiny_model}' \(output embedding, decode modes "
+                                         r"exact, fast\); it holds no vectors yet\. Embed with that model first"):
+        resolve_space(store, model=tiny_model)
+    embed_images(photo_dir, tiny_model, store=store, decode_mode="exact", progress=False)
+    assert resolve_space(store) == exact  # the only space
+    assert resolve_space(store, model=tiny_model) == exact  # the model's, in the mode the store holds
+    # `index build --model` without --decode-mode indexes those exact vectors (it used to ask for fast ones)
+    code, out, err = cli(capsys, "index", "build", "--store", store, "--model", tiny_model, "--index", tmp_path / "idx")
+    assert code == 0, err
+    assert open_index(tmp_path / "idx").space == exact
+    embed_images(photo_dir, tiny_model, store=store, decode_mode="fast", progress=False)
+    assert resolve_space(store, model=tiny_model, decode_mode="fast") == fast
+    with pytest.raises(StoreError, match=rf"holds vectors of model '{tiny_model}' \(output embedding\) under decode "
+                                         r"modes exact, fast; pick one with decode_mode= \(--decode-mode\)$"):
+        resolve_space(store, model=tiny_model)
+    with pytest.raises(StoreError, match=r"holds 2 spaces; choose one with space= \(--space\) or model= \(--model\): "):
+        resolve_space(store)
+    code, _, err = cli(capsys, "index", "build", "--store", store, "--model", tiny_model, "--index", tmp_path / "i2")
+    assert code == 2 and "pick one with decode_mode= (--decode-mode)" in err
