@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
 
     p = sub.add_parser("layers", help="list the layers a backbone can be cut at", formatter_class=formatter_class,
                        description="List the layers BACKBONE can be cut at, with output shape and stride.")
-    p.add_argument("backbone", metavar="BACKBONE")
+    p.add_argument("backbone", metavar="BACKBONE", help="a backbone name (`featurebank backbones` lists them)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_layers)
 
@@ -34,12 +34,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="layer to cut at (repeat for one output per layer; default: the backbone's default layer)")
     p.add_argument("--pool", choices=POOLINGS, default=None, help="pooling head (default: avg, token for ViTs, none for logits)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors inside the graph")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights and activations of the graph")
     p.add_argument("--input", dest="input_format", choices=INPUT_FORMATS, default="float",
                    help="float: NCHW normalised float32; uint8: NHWC uint8 pixels, the graph normalises")
     p.add_argument("--weights", default=None, metavar="PATH|hub|random",
                    help="weights file (.pth/.safetensors), 'hub' to download, 'random' (default: the registry's source)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
@@ -49,21 +49,23 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         epilog="examples:\n  featurebank cut resnet50.onnx --list\n"
         "  featurebank cut resnet50.onnx --at /layer3/layer3.5/relu_2/Relu_output_0 --pool avg -o r50-l3.onnx",
     )
-    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to cut")
     p.add_argument("--list", action="store_true", help="list candidate tensors with shapes and exit")
     p.add_argument("--at", action="append", metavar="TENSOR", help="tensor to cut at (repeat for several outputs)")
-    p.add_argument("--pool", choices=POOLINGS, default="avg")
-    p.add_argument("--normalize", action="store_true")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--input", dest="input_format", choices=INPUT_FORMATS, default="float")
+    p.add_argument("--pool", choices=POOLINGS, default="avg", help="pooling head over the cut tensor")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors inside the graph")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights and activations of the graph")
+    p.add_argument("--input", dest="input_format", choices=INPUT_FORMATS, default="float",
+                   help="the model's input: float (NCHW, already normalised) or uint8 (NHWC pixels)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="model input height and width (default: read from the graph)")
-    p.add_argument("--interpolation", default="bilinear")
-    p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
-    p.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
+    p.add_argument("--interpolation", default="bilinear", help="resize filter of the model's preprocessing")
+    p.add_argument("--crop-pct", type=float, default=0.875,
+                   help="centre crop: the short side is resized to input size / crop-pct, then cropped")
+    p.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406), help="per-channel RGB mean (0-1 scale)")
+    p.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225), help="per-channel RGB std (0-1 scale)")
     p.add_argument("--name", default=None, help="backbone name stored in the card (default: the file stem)")
-    p.add_argument("-o", "--output", metavar="OUT.onnx")
+    p.add_argument("-o", "--output", metavar="OUT.onnx", help="the ONNX file to write (needed unless --list)")
     p.set_defaults(func=_cut)
 
 

@@ -72,10 +72,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     m.add_argument("--output", default=None, metavar="NAME", help="model output to serve (default: the only one)")
     m.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
                    help="default: the mode the classifier/index were built with, else fast")
-    m.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE)
+    m.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE,
+                   help="auto: CUDA if it runs, else CPU (said on stderr); cuda: fail if CUDA does not run")
     m.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     m.add_argument("--decode-workers", type=int, default=None, help="decode threads (default: all cores)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="the least severe log messages printed")
     p.set_defaults(func=_serve)
 
 

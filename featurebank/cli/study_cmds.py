@@ -39,11 +39,14 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--folds", type=int, default=5, help="stratified folds (default: 5)")
     p.add_argument("--inner-cv", type=float, default=5, metavar="K|FRACTION",
                    help="the probe's own C selection inside each training fold: k folds or a validation fraction (default: 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds")
     p.add_argument("--out", default=None, metavar="DIR", help="write sweep.json and sweep.png there")
-    p.add_argument("--decode-mode", choices=DECODE_MODES, default=None)
-    p.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
+                   help="fast: reduced-size JPEG decoding (default); exact: the torch reference preprocessing")
+    p.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE,
+                   help="auto: CUDA if it runs, else CPU (said on stderr); cuda: fail if CUDA does not run")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: one on stderr when it is a terminal)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_sweep)
 
@@ -58,7 +61,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         "  featurebank fewshot train/ --test-source test/ --model lite0.onnx --store store/ --pixels rgb",
     )
     p.add_argument("source", metavar="SOURCE", help="labelled images: class subfolders, or a list file with labels")
-    p.add_argument("--store", required=True, metavar="DIR")
+    p.add_argument("--store", required=True, metavar="DIR", help="store directory (created if missing; vectors are reused)")
     add_model_options(p)
     p.add_argument("--shots", default="1,2,5,10,20,all", metavar="1,2,5,...,all", help="default: 1,2,5,10,20,all")
     p.add_argument("--repeats", type=int, default=5, help="seeded draws per shot count (default: 5)")
@@ -67,9 +70,10 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--test-source", default=None, metavar="SOURCE", help="a separate labelled test set instead")
     p.add_argument("--pixels", choices=("gray", "rgb"), default="gray", help="the raw-pixel baseline's colour (default: gray)")
     p.add_argument("--pixel-size", type=int, default=32, help="the raw-pixel baseline's side in pixels (default: 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the test split and of the draws")
     p.add_argument("--out", default=None, metavar="DIR", help="write fewshot.json and fewshot.png there")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: one on stderr when it is a terminal)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_fewshot)
 
