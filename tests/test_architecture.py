@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featurebank"
 
@@ -234,20 +233,6 @@ def room_cycles(imports: list[Import]) -> list[str]:
     return out
 
 
-#: Violations other engineers are removing in issue 12, by the part of the message that stays
-#: true while lines move ("path: rule"). Delete each one as it goes; the last test below passes
-#: (and its xfail can go) when this set is empty.
-KNOWN: set[str] = set()
-
-
-def _key(violation: str) -> str:
-    """The violation without its line number (lines move while others edit); a cycle by its rooms."""
-    if violation.startswith("import cycle"):
-        return violation.partition(":")[0]
-    path, _, rest = violation.partition(":")
-    return f"{path}:{rest.partition(':')[2]}"
-
-
 def _found() -> list[str]:
     imports = all_imports()
     return violations(imports) + room_cycles(imports)
@@ -319,10 +304,5 @@ def test_rules_catch_what_they_should(tmp_path):
 
 
 def test_no_room_imports_against_the_table():
-    new = [v for v in _found() if _key(v) not in KNOWN]
-    assert new == [], "imports against STYLE.md's room table:\n" + "\n".join(new)
-
-
-def test_known_violations_are_gone():
-    left = [v for v in _found() if _key(v) in KNOWN]
-    assert left == [] and KNOWN == set()
+    found = _found()
+    assert found == [], "imports against STYLE.md's room table:\n" + "\n".join(found)
