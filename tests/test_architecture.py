@@ -274,7 +274,7 @@ def test_the_walk_sees_every_kind_of_import():
     assert lazy and all(i.in_function for i in lazy)
 
 
-def test_rules_catch_what_they_should(tmp_path):
+def test_rules_catch_what_they_should():
     fake = [
         Import("featurebank/embedder/x.py", 3, "featurebank.embedder.x", "featurebank.store.store", (), False),
         Import("featurebank/store/x.py", 4, "featurebank.store.x", "onnxruntime", (), True),
