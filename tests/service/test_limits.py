@@ -262,6 +262,7 @@ def test_classifier_of_another_vector_space_is_refused_at_start(assets, tmp_path
     ({"expose_paths": "yes"}, "expose_paths must be True or False; got expose_paths='yes'"),
     ({"api_key": " "}, "api_key must be a non-empty string or None"),
     ({"decode_mode": "quick"}, "decode_mode must be one of exact, fast or None; got 'quick'"),
+    ({"device": "gpu"}, "device must be one of auto, cpu, cuda; got device='gpu'"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
