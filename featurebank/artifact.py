@@ -488,7 +488,7 @@ def resolve_space(
         if fp not in produced:
             raise FingerprintMismatchError(
                 f"the {what} was built on vectors of space {fp}, which model {name!r} (output {offered}) does not "
-                f"produce under any decode mode; use the model its vectors came from, or rebuild it from this "
+                "produce under any decode mode; use the model its vectors came from, or rebuild it from this "
                 "model's vectors"
             )
         chosen[what] = produced[fp]
