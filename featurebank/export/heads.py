@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from featurebank.artifact import POOLINGS
+from featurebank.artifact import INPUT_FORMATS, POOLINGS
 from featurebank.errors import UnknownTensorError
 from featurebank.export.parity import GEM_EPS, NORM_EPS, PATCH_POOLINGS
 
@@ -55,7 +55,6 @@ HEAD_NODE_PREFIX = "featurebank_head/"
 INPUT_NODE_PREFIX = "featurebank_input/"
 
 _LAYOUTS = ("NCHW", "NLC")
-_INPUT_FORMATS = ("float", "uint8")
 _BATCH = "batch"
 # Reduce* ops take `axes` as an input from opset 18 (ReduceSum from 13); before, an attribute.
 _AXES_AS_INPUT_SINCE = {"ReduceMean": 18, "ReduceMax": 18, "ReduceL2": 18, "ReduceSum": 13}
@@ -420,9 +419,9 @@ def add_heads(
 
     if not isinstance(model, onnx.ModelProto):
         raise ValueError(f"model must be an onnx.ModelProto; got {type(model).__name__}")
-    if input_format not in _INPUT_FORMATS:
+    if input_format not in INPUT_FORMATS:
         raise ValueError(
-            f"input_format must be one of {', '.join(_INPUT_FORMATS)}; got input_format={input_format!r}"
+            f"input_format must be one of {', '.join(INPUT_FORMATS)}; got input_format={input_format!r}"
         )
     if not isinstance(preprocessing, Preprocessing):
         raise ValueError(

@@ -24,7 +24,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from featurebank.artifact import POOLINGS, ModelCard, OutputSpec, Preprocessing, write_model_card
+from featurebank.artifact import (
+    INPUT_FORMATS,
+    POOLINGS,
+    PRECISIONS,
+    ModelCard,
+    OutputSpec,
+    Preprocessing,
+    write_model_card,
+)
 from featurebank.errors import ExportParityError, NotOnnxModelError
 from featurebank.export.heads import (
     INPUT_NAME,
@@ -355,10 +363,10 @@ def cut_onnx(
             raise ValueError(f"pool must be one of {', '.join(POOLINGS)}; got pool={p!r}")
     if not isinstance(normalize, (bool, np.bool_)):
         raise ValueError(f"normalize must be a bool; got normalize={normalize!r}")
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be 'fp32' or 'fp16'; got precision={precision!r}")
-    if input_format not in ("float", "uint8"):
-        raise ValueError(f"input_format must be 'float' or 'uint8'; got input_format={input_format!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be {' or '.join(map(repr, PRECISIONS))}; got precision={precision!r}")
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be {' or '.join(map(repr, INPUT_FORMATS))}; got input_format={input_format!r}")
     if not isinstance(preprocessing, Preprocessing):
         raise ValueError(
             f"preprocessing must be a featurebank.artifact.Preprocessing; got {type(preprocessing).__name__}"

@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from featurebank._atomic import write_bytes_atomic
-from featurebank.artifact import POOLINGS, ModelCard, OutputSpec, write_model_card
+from featurebank.artifact import INPUT_FORMATS, POOLINGS, PRECISIONS, ModelCard, OutputSpec, write_model_card
 from featurebank.errors import ExportParityError, UnknownLayerError
 from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
 from featurebank.export.layers import LayerInfo, list_layers, resolve_layers, truncate
@@ -108,10 +108,10 @@ def export_backbone(
     UnknownBackboneError, UnknownLayerError, WeightsMismatchError, WeightsNotFoundError,
     ExportParityError, OSError (output not writable)
     """
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be 'fp32' or 'fp16'; got precision={precision!r}")
-    if input_format not in ("float", "uint8"):
-        raise ValueError(f"input_format must be 'float' or 'uint8'; got input_format={input_format!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be {' or '.join(map(repr, PRECISIONS))}; got precision={precision!r}")
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be {' or '.join(map(repr, INPUT_FORMATS))}; got input_format={input_format!r}")
     if pool is not None and pool not in POOLINGS:
         raise ValueError(f"pool must be one of {', '.join(POOLINGS)}; got pool={pool!r}")
     out_path = _check_output_path(output)
