@@ -55,6 +55,7 @@ __all__ = [
     "space_fingerprint",
     "DECODE_MODES",
     "DEFAULT_DECODE_MODE",
+    "check_decode_mode",
     "VectorSpace",
     "resolve_space",
 ]
@@ -81,6 +82,13 @@ def fingerprint_of(payload: Mapping[str, Any]) -> str:
 DECODE_MODES = ("exact", "fast")
 #: The decode mode of every entry point (library, CLI, service) when none is asked for.
 DEFAULT_DECODE_MODE = "fast"
+
+
+def check_decode_mode(decode_mode: str) -> str:
+    """``decode_mode`` if it is one of :data:`DECODE_MODES`, else a ValueError naming them."""
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}; got decode_mode={decode_mode!r}")
+    return decode_mode
 
 
 def space_fingerprint(output_fingerprint: str, decode_mode: str) -> str:
@@ -455,7 +463,7 @@ def resolve_space(
     True
     """
     if decode_mode is not None:
-        _choice(decode_mode, DECODE_MODES, "decode_mode")
+        check_decode_mode(decode_mode)
     pins = {what: fp for what, fp in (recorded or {}).items() if fp}
     if card is None:
         if space:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featurebank.artifact import DECODE_MODES, DEFAULT_DECODE_MODE, space_fingerprint
+from featurebank.artifact import DEFAULT_DECODE_MODE, check_decode_mode, space_fingerprint
 from featurebank.embedder.batches import decode_ahead, infer_batch
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.embedder.sources import ImageList, list_images
@@ -165,8 +165,7 @@ def embed_images(
     -------
     Embeddings
     """
-    if decode_mode not in DECODE_MODES:
-        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}; got decode_mode={decode_mode!r}")
+    check_decode_mode(decode_mode)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
     if progress is None:

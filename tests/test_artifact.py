@@ -50,8 +50,10 @@ def test_model_alone_gives_its_output_under_the_default_or_asked_decode_mode():
     assert resolve_space(TWO, output="blocks.5") == VectorSpace(B_FAST, B, "fast")  # by layer too
     with pytest.raises(ModelCardError, match=r"model has 2 outputs \(a, b\); name one"):
         resolve_space(TWO)
-    with pytest.raises(ModelCardError, match="decode_mode must be one of exact, fast; got 'quick'"):
+    # a bad argument, not a bad model card: a plain ValueError
+    with pytest.raises(ValueError, match="^decode_mode must be one of exact, fast; got decode_mode='quick'$") as info:
         resolve_space(ONE, decode_mode="quick")
+    assert type(info.value) is ValueError
 
 
 # ---------------------------------------------------------------- the store's spaces

@@ -40,7 +40,7 @@ import numpy as np
 
 from featurebank import errors as fb_errors
 from featurebank._atomic import write_bytes_atomic
-from featurebank.artifact import DECODE_MODES, DEFAULT_DECODE_MODE, read_model_card
+from featurebank.artifact import DEFAULT_DECODE_MODE, check_decode_mode, read_model_card
 from featurebank.distributed.locations import hash_urls, is_url, list_sources, read_url
 from featurebank.embed_into_store import EmbedReport, open_spaces, plan_work
 from featurebank.embedder.sources import ImageList
@@ -112,8 +112,7 @@ def embed_images_ray(
     >>> report = embed_images_ray("photos/", "lite0.onnx", store="/shared/store")  # doctest: +SKIP
     >>> print(report.summary())                                                     # doctest: +SKIP
     """
-    if decode_mode not in DECODE_MODES:
-        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}; got decode_mode={decode_mode!r}")
+    check_decode_mode(decode_mode)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
     if num_actors is not None and (isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1):
