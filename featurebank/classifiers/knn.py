@@ -7,7 +7,12 @@ L2-normalised vectors, as FAISS recommends.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
+import os
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -206,5 +211,65 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     def __setstate__(self, state):
         state = dict(state)
         if isinstance(state.get("index_"), np.ndarray):
+            if _UNTRUSTED_BLOBS.get():
+                check_faiss_blob(state["index_"])
             state["index_"] = faiss.deserialize_index(state["index_"])
         super().__setstate__(state)
+
+
+# FAISS sizes its buffers from the numbers inside a serialized index before it reads the
+# data they announce: a few hundred crafted bytes make ``deserialize_index`` fill gigabytes.
+# A blob from a file a user received is therefore read first in a child process whose
+# address space is capped to a small multiple of the blob's size.
+_UNTRUSTED_BLOBS: contextvars.ContextVar[bool] = contextvars.ContextVar("featurebank_untrusted_faiss", default=False)
+
+#: A legitimate index needs about its serialized size in memory; the check allows this many
+#: times the blob's size (plus :data:`FAISS_CHECK_SLACK_BYTES`) on top of the child's baseline.
+FAISS_CHECK_FACTOR = 4
+FAISS_CHECK_SLACK_BYTES = 256 * 2**20
+
+_CHECK_CHILD = r"""
+import resource, sys
+import numpy as np, faiss
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+cap = size + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+blob = np.frombuffer(sys.stdin.buffer.read(), np.uint8)
+index = faiss.deserialize_index(blob)
+print(index.ntotal, index.d)
+"""
+
+
+@contextlib.contextmanager
+def untrusted_faiss_blobs():
+    """While active, unpickling a :class:`KNNClassifier` checks its FAISS index blob in a child
+    process with capped memory (:func:`check_faiss_blob`) before reading it here. Used by
+    :func:`~featurebank.classifiers.load_classifier`."""
+    token = _UNTRUSTED_BLOBS.set(True)
+    try:
+        yield
+    finally:
+        _UNTRUSTED_BLOBS.reset(token)
+
+
+def check_faiss_blob(blob: np.ndarray) -> None:
+    """Read a serialized FAISS index in a child process whose address space is capped at
+    ``FAISS_CHECK_FACTOR * blob.size + FAISS_CHECK_SLACK_BYTES`` beyond its baseline.
+
+    Raises
+    ------
+    ValueError
+        The blob cannot be read within that memory (it announces more data than it holds) or
+        is not a FAISS index.
+    """
+    allowance = FAISS_CHECK_FACTOR * int(blob.size) + FAISS_CHECK_SLACK_BYTES
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    proc = subprocess.run([sys.executable, "-c", _CHECK_CHILD, str(allowance)], input=np.ascontiguousarray(blob).tobytes(),
+                          capture_output=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        last = (proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"])[-1]
+        reason = faiss_reason(RuntimeError(last.split(": ", 1)[-1]))[:300]  # "RuntimeError: Error in ..."
+        raise ValueError(
+            f"the FAISS index of this KNNClassifier ({blob.size} bytes) cannot be read within "
+            f"{allowance} bytes of memory: it is corrupt or crafted to exhaust memory ({reason})"
+        )

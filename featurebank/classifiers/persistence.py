@@ -41,11 +41,15 @@ use memory out of proportion to a limit the caller sets. What loading does, in o
    ``pickle``), and the header must agree with it (estimator type, number of classes).
    Decision trees (``sklearn.tree._tree.Tree``, whose node indices scikit-learn follows
    without bounds checks) must point forward, inside the tree and inside the features.
+   A ``KNNClassifier``'s FAISS index blob is first read in a child process whose address
+   space is capped at a few times the blob's size (FAISS fills the buffers a blob announces
+   before reading them: a 1 KB blob announcing 2^31 elements took 8 GB), and refused if that
+   fails.
 
 What this does not defend against: bugs in numpy, scikit-learn, scipy, FAISS or skops
 themselves when fed crafted *values* of allowed types that compiled code trusts (for
 example the node arrays of HistGradientBoosting's ``TreePredictor`` or of ``KDTree`` /
-``BallTree``, or a FAISS index blob whose inner sizes are absurd), and a file whose size is
+``BallTree``, or a FAISS blob whose values, not sizes, are wrong), and a file whose size is
 within the cap you set. Only load files from sources you would run a scikit-learn model
 from; raise ``max_bytes`` only for
 files you trust.
@@ -56,6 +60,7 @@ files you trust.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
@@ -71,6 +76,8 @@ __all__ = [
     "FORMAT_VERSION", "SavedClassifier", "save_classifier", "load_classifier", "ALLOWED_NODES",
     "DEFAULT_MAX_BYTES",
 ]
+
+_KNN = "featurebank.classifiers.knn.KNNClassifier"  # its FAISS blob is read in a memory-capped child first
 
 #: Bumped when the layout or the meaning of the header changes.
 FORMAT_VERSION = 1
@@ -522,8 +529,16 @@ def _rebuild(path: Path, model_bytes: bytes, max_bytes: int) -> tuple[Any, set]:
     # all of scikit-learn; a refused file never gets this far.)
     import skops.io
 
+    # A KNNClassifier's FAISS blob is read first in a memory-capped child (see
+    # classifiers/knn.py: FAISS allocates what the blob announces before reading it).
+    guard = contextlib.nullcontext()
+    if _KNN in names:
+        from featurebank.classifiers.knn import untrusted_faiss_blobs
+
+        guard = untrusted_faiss_blobs()
     try:
-        return skops.io.loads(model_bytes, trusted=sorted(names)), names
+        with guard:
+            return skops.io.loads(model_bytes, trusted=sorted(names)), names
     except Exception as exc:
         raise ClassifierFileError(
             f"{str(path)!r} holds an estimator that cannot be rebuilt ({type(exc).__name__}: {exc}); "

@@ -326,3 +326,45 @@ def test_decision_trees_with_wild_node_indices_are_refused(tmp_path, vectors, da
     with pytest.raises(ClassifierFileError, match=r"holds a decision tree whose nodes point outside the tree or its "
                        r"features: the file is corrupt or crafted; do not load it"):
         load_classifier(path, fingerprint=SPACE)
+
+
+def _knn_file(tmp_path, vectors, factory: str) -> Path:
+    from featurebank.classifiers import KNNClassifier
+
+    X, y = vectors
+    return save_classifier(KNNClassifier(n_neighbors=3, index_factory=factory).fit(X, y),
+                           tmp_path / f"knn-{factory.replace(',', '-')}.fbclf", fingerprint=SPACE)
+
+
+def _announce_more(schema: dict, members: dict, offset: int, value: int) -> None:
+    """Overwrite the 8-byte field at ``offset`` of the KNN's FAISS blob (inside its .npy)."""
+    name = schema["content"]["content"]["index_"]["file"]
+    raw = bytearray(members[name])
+    header_len = len(raw) - len(np.load(io.BytesIO(bytes(raw))).tobytes())
+    raw[header_len + offset : header_len + offset + 8] = int(value).to_bytes(8, "little")
+    members[name] = bytes(raw)
+
+
+@pytest.mark.parametrize("factory, offset", [
+    ("Flat", 37),      # IndexFlat: the size of its code vector (fourcc, d, ntotal, 2 dummies, trained, metric)
+    ("HNSW8", 37),     # IndexHNSW: the size of the HNSW level-probability vector
+])
+def test_a_faiss_blob_that_announces_gigabytes_is_refused_in_bounded_memory(tmp_path, vectors, factory, offset):
+    """FAISS fills the buffers a blob announces before it reads them: 2^31 announced elements in
+    a 1 KB blob drove a plain load to 8 GB. The blob is now read first in a memory-capped child."""
+    good_knn = _knn_file(tmp_path, vectors, factory)
+    assert load_in_subprocess(good_knn)["error"] is None  # the legitimate file loads through the check
+    bad = hf.edit_schema(good_knn, tmp_path / "bad-knn.fbclf", lambda s, m: _announce_more(s, m, offset, 2**31))
+    result = load_in_subprocess(bad)
+    assert result["error"].startswith(
+        f"{str(bad)!r} holds an estimator that cannot be rebuilt (ValueError: the FAISS index of this KNNClassifier ("
+    ), result
+    assert "bytes of memory: it is corrupt or crafted to exhaust memory" in result["error"]
+    assert result["rss_growth_mb"] < 300
+
+
+def test_a_loaded_knn_predicts_as_saved(tmp_path, vectors):
+    X, y = vectors
+    saved = _knn_file(tmp_path, vectors, "IVF2,Flat")
+    est = load_classifier(saved, fingerprint=SPACE).estimator
+    assert (est.predict(X) == est.__class__(n_neighbors=3, index_factory="IVF2,Flat").fit(X, y).predict(X)).all()
