@@ -21,7 +21,9 @@ Each one also subclasses the builtin it means, so ``except KeyError`` or
     ├── ClassifierFileError       (ValueError)  a saved classifier cannot be loaded safely
     ├── IndexFileError            (ValueError)  a saved similarity index is missing parts or corrupt
     ├── UnknownIdError            (KeyError)    id not present in a similarity index
-    └── ClusterError              (RuntimeError) Ray missing, cluster unreachable, or a node cannot see the store
+    ├── ClusterError              (RuntimeError) Ray missing, cluster unreachable, or a node cannot see the store
+    └── FineTuneError             (ValueError)  fine-tuning cannot run: unsupported network, bad labels, foreign checkpoint
+        └── TrainingDivergedError               the loss became NaN/inf: the learning rate diverged
 
 The CLI turns any ``FeaturebankError`` into a one-line message and exit code 2.
 """
@@ -48,6 +50,8 @@ __all__ = [
     "IndexFileError",
     "UnknownIdError",
     "ClusterError",
+    "FineTuneError",
+    "TrainingDivergedError",
 ]
 
 
@@ -142,3 +146,13 @@ class UnknownIdError(FeaturebankError, _KeyErrorMessage):
 class ClusterError(FeaturebankError, RuntimeError):
     """Distributed embedding cannot run: Ray is not installed, the cluster cannot be reached,
     or a worker node cannot see the store or the inputs."""
+
+
+class FineTuneError(FeaturebankError, ValueError):
+    """Fine-tuning cannot run as asked: a network it cannot split, labels that do not fit the
+    head, or a checkpoint folder written by another recipe or network."""
+
+
+class TrainingDivergedError(FineTuneError):
+    """The training loss became NaN or infinite: the learning rate diverged. The last good
+    checkpoint is kept."""

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featurebank"
 #: leaves. ``featurebank/__init__.py`` is the lazy map of public names: it may name anything.
 JOINS = ("workflow", "embed_into_store", "image_embedder")
 ROOMS = ("leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
-         "studies", "distributed", "cli", "service")
+         "finetune", "studies", "distributed", "cli", "service")
 
 #: Data flows one way (STYLE.md): artifact -> decoding -> export / embedder -> store ->
 #: classifiers / search -> joins -> studies -> CLI / service, distributed beside the joins.
@@ -36,24 +36,27 @@ ROOM_MAY_IMPORT: dict[str, set[str]] = {
     "classifiers": {"leaf", "artifact", "store"},
     "search": {"leaf", "artifact", "store"},
     "joins": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search"},
-    "studies": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins"},
+    # fine-tuning is a join of its own (the one join that may import torch)
+    "finetune": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins"},
+    "studies": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
+                "finetune"},
     "distributed": {"leaf", "artifact", "decoding", "embedder", "store", "joins"},
     "service": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
-                "studies"},
+                "finetune", "studies"},
     "cli": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
-            "studies", "distributed", "service"},
+            "finetune", "studies", "distributed", "service"},
 }
 
 TORCH = {"torch", "timm", "torchvision"}
 HTTP = {"fastapi", "starlette", "uvicorn", "httpx", "requests", "aiohttp"}
 #: External packages each room must never import (the table's last column, and the one home
-#: of each heavy dependency: torch in export, argparse in the CLI, HTTP in the service, Ray in
+#: of each heavy dependency: torch in export and fine-tuning, argparse in the CLI, HTTP in the service, Ray in
 #: distributed).
 MUST_NEVER_IMPORT: dict[str, set[str]] = {
     room: ({"argparse"} if room != "cli" else set())
     | (HTTP if room != "service" else set())
     | ({"ray"} if room != "distributed" else set())
-    | (TORCH if room != "export" else set())
+    | (TORCH if room not in ("export", "finetune") else set())
     for room in ROOMS
 }
 MUST_NEVER_IMPORT["decoding"] |= {"onnxruntime"}
