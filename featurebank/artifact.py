@@ -45,6 +45,7 @@ __all__ = [
     "POOLINGS",
     "PRECISIONS",
     "INPUT_FORMATS",
+    "CLASS_OUTPUTS",
     "INTERPOLATIONS",
     "Preprocessing",
     "OutputSpec",
@@ -68,6 +69,10 @@ METADATA_PREFIX = "featurebank."
 POOLINGS = ("avg", "max", "gem", "token", "none")
 PRECISIONS = ("fp32", "fp16")
 INPUT_FORMATS = ("float", "uint8")
+#: The outputs of a model that classifies by itself (a fused or a fine-tuned model), whose
+#: card lists the class names in ``classes``: ``probabilities`` (n_samples, n_classes)
+#: float32 and ``label`` (n_samples,) int64, the column of the most probable class.
+CLASS_OUTPUTS = ("probabilities", "label")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
@@ -271,6 +276,12 @@ class ModelCard:
     precision : ``"fp32"`` or ``"fp16"`` (weights and compute; inputs/outputs stay float32)
     featurebank_version : version that wrote the file
     verification : parity figures measured at export (excluded from fingerprints)
+    classes : class names of a classifying model, in the order of its ``probabilities``
+        columns; the graph then also has the outputs ``probabilities`` (n_samples, n_classes)
+        float32 and ``label`` (n_samples,) int64, the index of the most probable class
+        (:data:`CLASS_OUTPUTS`). Empty for a model that only embeds.
+    finetune : provenance of a fine-tuned model (parent backbone and weights hash, fine-tuned
+        weights hash, recipe, training-data fingerprint, validation metrics); empty otherwise
     fingerprint : identity of this artifact (computed; changes when any field changes)
     """
 
@@ -286,10 +297,15 @@ class ModelCard:
     featurebank_version: str = ""
     schema: int = CARD_SCHEMA
     verification: Mapping[str, Any] = field(default_factory=dict)
+    classes: tuple[str, ...] = ()
+    finetune: Mapping[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
 
     def __post_init__(self) -> None:
         _choice(self.input_format, INPUT_FORMATS, "input_format")
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        if len(set(self.classes)) != len(self.classes):
+            raise ModelCardError(f"model card classes must be distinct; got {list(self.classes)}")
         _choice(self.precision, PRECISIONS, "precision")
         object.__setattr__(self, "outputs", tuple(self.outputs))
         if not self.outputs:
@@ -326,6 +342,9 @@ class ModelCard:
             "precision": self.precision,
             "featurebank_version": self.featurebank_version,
             "verification": dict(self.verification),
+            # only when set, so that the fingerprints of cards written before these fields stay valid
+            **({"classes": list(self.classes)} if self.classes else {}),
+            **({"finetune": dict(self.finetune)} if self.finetune else {}),
             "fingerprint": self.fingerprint,
         }
 
@@ -342,6 +361,11 @@ class ModelCard:
                 return o
         names = ", ".join(f"{o.name} (layer {o.layer})" for o in self.outputs)
         raise ModelCardError(f"model has no output or layer {name_or_layer!r}; it has: {names}")
+
+    @property
+    def classifies(self) -> bool:
+        """True when the graph has its own ``probabilities`` / ``label`` outputs (``classes`` set)."""
+        return bool(self.classes)
 
     @property
     def layer(self) -> str:
@@ -390,6 +414,8 @@ class ModelCard:
                 featurebank_version=d.get("featurebank_version", ""),
                 schema=schema,
                 verification=d.get("verification", {}),
+                classes=tuple(d.get("classes", ())),
+                finetune=d.get("finetune", {}),
                 fingerprint=d.get("fingerprint", ""),
             )
         except KeyError as exc:

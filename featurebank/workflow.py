@@ -22,9 +22,71 @@ from featurebank.classifiers import evaluate_classifier, load_classifier, make_c
 from featurebank.embed_into_store import embed_images, load_embeddings, space_of
 from featurebank.embedder.devices import DEFAULT_DEVICE
 from featurebank.embedder.session import ModelRunner, open_model
-from featurebank.errors import ImageSourceError
+from featurebank.errors import ImageSourceError, ModelCardError
 
-__all__ = ["train_classifier", "evaluate_on_images", "predict_images", "labelled_vectors", "resolve_space", "search_images"]
+__all__ = ["train_classifier", "evaluate_on_images", "predict_images", "labelled_vectors", "resolve_space",
+           "search_images", "ModelClassifier"]
+
+
+class ModelClassifier:
+    """The classifying end of a model with its own ``probabilities`` output (a fused or a
+    fine-tuned model, whose card lists ``classes``): the graph's nodes from the embedding
+    output it reads to ``probabilities``, cut out of the model file and run on CPU, so that
+    vectors (cached in a store, or computed by the service) classify exactly as the whole
+    graph would.
+
+    Attributes: ``output`` (the card's OutputSpec the head reads), ``classes`` (list of str),
+    ``predict_proba(X)`` -> ndarray of shape (n_samples, n_classes), float32.
+
+    Raises ModelCardError when the card lists no classes (the model only embeds) or the
+    graph's ``probabilities`` is not computed from one of the card's outputs.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | ModelRunner) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        from featurebank.artifact import CLASS_OUTPUTS
+
+        path = model.path if isinstance(model, ModelRunner) else model
+        card = model.card if isinstance(model, ModelRunner) else read_model_card(model)
+        if not card.classifies:
+            raise ModelCardError(
+                f"model {str(path)!r} has no {' / '.join(CLASS_OUTPUTS)} outputs (its card lists no classes), so it "
+                "cannot classify by itself; give a classifier (--classifier FILE from `featurebank train`), or fuse "
+                "one into the model (`featurebank fuse`)"
+            )
+        proto = onnx.load(os.fspath(path))
+        probabilities = CLASS_OUTPUTS[0]
+        stops = {o.name for o in card.outputs}
+        producer = {t: n for n in proto.graph.node for t in n.output}
+        reached, todo, seen = set(), [probabilities], set()
+        while todo:  # walk back from probabilities to the embedding outputs it reads
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in stops:
+                reached.add(t)
+            elif t in producer:
+                todo.extend(i for i in producer[t].input if i)
+        graph_inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+        if len(reached) != 1 or seen & graph_inputs:
+            raise ModelCardError(
+                f"the {probabilities!r} output of model {str(path)!r} is not computed from exactly one of its "
+                f"embedding outputs ({', '.join(sorted(stops))}); re-export it with `featurebank fuse` or "
+                "`featurebank finetune`"
+            )
+        self.output = card.output(reached.pop())
+        self.classes = list(card.classes)
+        head = onnx.utils.Extractor(proto).extract_model([self.output.name], [probabilities])
+        self._session = ort.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if len(X) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return self._session.run(None, {self.output.name: X})[0]
 
 
 def _runner(model: str | os.PathLike[str] | ModelRunner, device: str = DEFAULT_DEVICE) -> ModelRunner:
@@ -124,39 +186,49 @@ def evaluate_on_images(
 
 def predict_images(
     images: Any,
-    classifier_path: str | os.PathLike[str],
+    classifier_path: str | os.PathLike[str] | None,
     model: str | os.PathLike[str] | ModelRunner,
     *,
     store: Any = None,
     top_k: int = 3,
     progress: bool | None = None,
     max_classifier_bytes: int | None = None,
+    decode_mode: str | None = None,
 ) -> list[dict[str, Any]]:
     """Labels and probabilities for ``images`` (paths, folders or lists).
 
-    The decode mode and output are those the classifier was trained with; a model that
-    does not produce the classifier's vector space is refused (FingerprintMismatchError).
-    ``max_classifier_bytes`` is ``load_classifier``'s ``max_bytes``.
+    With a classifier file, the decode mode and output are those the classifier was trained
+    with; a model that does not produce the classifier's vector space is refused
+    (FingerprintMismatchError). ``max_classifier_bytes`` is ``load_classifier``'s ``max_bytes``.
+    With ``classifier_path=None`` the model classifies by itself (a fused or fine-tuned model:
+    its ``probabilities`` output, :class:`ModelClassifier`), decoding with ``decode_mode``
+    (default :data:`DEFAULT_DECODE_MODE`); a model without such outputs raises ModelCardError.
 
     Returns one dict per image: ``path``, ``label``, ``probability``, ``top`` (list of
     (label, probability), best first), or ``error`` for an image that failed.
     """
     runner = _runner(model)
-    saved = load_classifier(classifier_path, max_bytes=max_classifier_bytes)
-    meta = dict(saved.meta)
-    trained = ", ".join(f"{word} {meta[k]}" for k, word in (("backbone", "backbone"), ("layer", "layer"),
-                                                             ("decode_mode", "decode mode")) if meta.get(k))
-    what = f"classifier {str(classifier_path)!r}" + (f" (trained on {trained})" if trained else "")
-    # its fingerprint picks the output and, for a space fingerprint, the decode mode
-    chosen = _resolve(runner.card, decode_mode=meta.get("decode_mode"), recorded={what: saved.fingerprint})
+    if classifier_path is None:
+        head = ModelClassifier(runner)
+        estimator, names = head, head.classes
+        chosen = _resolve(runner.card, output=head.output.name, decode_mode=decode_mode)
+    else:
+        saved = load_classifier(classifier_path, max_bytes=max_classifier_bytes)
+        meta = dict(saved.meta)
+        trained = ", ".join(f"{word} {meta[k]}" for k, word in (("backbone", "backbone"), ("layer", "layer"),
+                                                                 ("decode_mode", "decode mode")) if meta.get(k))
+        what = f"classifier {str(classifier_path)!r}" + (f" (trained on {trained})" if trained else "")
+        # its fingerprint picks the output and, for a space fingerprint, the decode mode
+        chosen = _resolve(runner.card, decode_mode=decode_mode or meta.get("decode_mode"),
+                          recorded={what: saved.fingerprint})
+        estimator, names = saved.estimator, list(saved.classes)
     out = chosen.output
     emb = embed_images(images, runner, store=store, decode_mode=chosen.decode_mode, progress=progress)
     X = emb.vectors[out.name]
     rows: list[dict[str, Any]] = []
     failures = dict(emb.report.failures)
     ok_idx = np.flatnonzero(emb.ok)
-    proba = saved.estimator.predict_proba(X[ok_idx]) if len(ok_idx) else np.zeros((0, len(saved.classes)))
-    names = list(saved.classes)
+    proba = estimator.predict_proba(X[ok_idx]) if len(ok_idx) else np.zeros((0, len(names)))
     by_row = dict(zip(ok_idx.tolist(), proba))
     for i, path in enumerate(emb.paths):
         if i not in by_row:

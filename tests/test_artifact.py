@@ -138,3 +138,25 @@ def test_named_space_is_checked_against_the_model():
     with pytest.raises(FingerprintMismatchError, match=rf"^space {OTHER} is not one that model 'tiny' \(output a\) "
                                                        r"produces under any decode mode"):
         resolve_space(ONE, space=OTHER)
+
+
+def test_classes_and_finetune_fields_round_trip_and_old_cards_keep_their_fingerprint():
+    import dataclasses
+    import json
+
+    old = _card(_output("embedding", "blocks.5"))
+    meta = old.to_metadata()
+    # a card written before `classes` / `finetune` existed has neither key, and reads back unchanged
+    assert "featurebank.classes" not in meta and "featurebank.finetune" not in meta
+    again = ModelCard.from_metadata(meta)
+    assert again == old and again.classes == () and not again.classifies and again.finetune == {}
+    prov = {"parent": {"backbone": "tiny", "weights_sha256": "0" * 64}, "recipe": {"epochs": 3, "seed": 0}}
+    new = dataclasses.replace(old, classes=("cat", "dog"), finetune=prov, fingerprint="")
+    assert new.fingerprint != old.fingerprint and new.classifies
+    back = ModelCard.from_metadata(new.to_metadata())
+    assert back == new and back.classes == ("cat", "dog") and back.finetune == prov
+    edited = dict(new.to_metadata(), **{"featurebank.classes": json.dumps(["cat", "fox"])})
+    with pytest.raises(ModelCardError, match="fingerprint does not match its fields"):
+        ModelCard.from_metadata(edited)
+    with pytest.raises(ModelCardError, match=r"classes must be distinct; got \['a', 'a'\]"):
+        dataclasses.replace(old, classes=("a", "a"), fingerprint="")

@@ -3,9 +3,12 @@
 The classifier is converted with skl2onnx (our LinearProbe and PrototypeClassifier through
 their plain scikit-learn equivalents, :meth:`LinearProbe.to_sklearn` and
 :meth:`PrototypeClassifier.to_sklearn`) and joined after the backbone's embedding output
-with ``onnx.compose.merge_models``. The fused file keeps the backbone's inputs, outputs and
-featurebank model card, and adds ``label`` and ``probabilities``; the card gains a
-``featurebank.classifier`` entry with the classes. Before it is written, onnxruntime checks
+with ``onnx.compose.merge_models``. The fused file keeps the backbone's inputs and outputs,
+and adds ``label`` and ``probabilities`` in the one convention every classifying model
+follows (:data:`featurebank.artifact.CLASS_OUTPUTS`, shared with fine-tuned models):
+``label`` is the int64 column of the most probable class and the model card's ``classes``
+names the columns. A ``featurebank.classifier`` entry records the estimator and the parity
+figures. Before it is written, onnxruntime checks
 on seeded inputs that the fused graph reproduces the two-step path (backbone session, then
 ``clf.predict_proba``).
 """
@@ -135,7 +138,9 @@ def fuse_classifier(
     seed : seeds the parity inputs
 
     The fused graph has the backbone's input and outputs plus ``label`` (shape (batch,),
-    the class labels) and ``probabilities`` (shape (batch, n_classes), float32).
+    int64: the column of the most probable class) and ``probabilities`` (shape (batch,
+    n_classes), float32); its model card's ``classes`` names the columns (``str`` of
+    ``clf.classes_``).
 
     Raises
     ------
@@ -147,8 +152,10 @@ def fuse_classifier(
     import onnxruntime as ort
     from onnx import compose
 
+    import dataclasses
+
     from featurebank import __version__
-    from featurebank.artifact import read_model_card
+    from featurebank.artifact import read_model_card, write_model_card
 
     card = read_model_card(model_onnx_path)  # clear error for a missing / foreign file
     backbone = onnx.load(os.fspath(model_onnx_path))
@@ -180,12 +187,24 @@ def fuse_classifier(
         backbone,
         head,
         io_map=[(spec.name, _PREFIX + "embedding")],
-        outputs=[o.name for o in backbone.graph.output] + [_PREFIX + LABEL, _PREFIX + PROBABILITIES],
+        outputs=[o.name for o in backbone.graph.output] + [_PREFIX + PROBABILITIES],
     )
-    _rename_tensor(fused.graph, _PREFIX + LABEL, LABEL)
     _rename_tensor(fused.graph, _PREFIX + PROBABILITIES, PROBABILITIES)
+    # label: the column index, as in a fine-tuned model (skl2onnx's own label, the class
+    # value itself, is left out; the card's ``classes`` names the columns)
+    fused.graph.node.append(onnx.helper.make_node("ArgMax", [PROBABILITIES], [LABEL], name="label_argmax",
+                                                  axis=1, keepdims=0))
+    fused.graph.output.insert(len(backbone.graph.output),
+                              onnx.helper.make_tensor_value_info(LABEL, onnx.TensorProto.INT64, [None]))
+    fused = onnx.utils.Extractor(fused).extract_model(
+        [i.name for i in fused.graph.input if i.name not in {t.name for t in fused.graph.initializer}],
+        [o.name for o in fused.graph.output])  # drops skl2onnx's unused label nodes
     fused.graph.name = f"{backbone.graph.name or card.backbone}+{type(clf).__name__}"
     classes = [c.item() if hasattr(c, "item") else c for c in clf.classes_]
+    names = [str(c) for c in classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the classifier's classes {classes} are not distinct as text; rename them")
+    write_model_card(fused, dataclasses.replace(card, classes=tuple(names), fingerprint=""))
 
     # Parity: the fused graph against backbone session -> clf.predict_proba.
     pixels = _seeded_inputs(card, int(n_check), seed)
@@ -196,7 +215,6 @@ def fuse_classifier(
     expected_label = np.asarray(clf.predict(vectors))
 
     info = {
-        "classes": classes,
         "estimator": f"{type(clf).__module__}.{type(clf).__qualname__}",
         "input_output": spec.name,
         "space": spec.fingerprint,
@@ -213,7 +231,8 @@ def fuse_classifier(
     # Labels may legitimately differ where the two best classes are within tolerance.
     top2 = np.sort(expected, axis=1)[:, -2:]
     decided = (top2[:, 1] - top2[:, 0]) > 2 * atol
-    label_ok = np.array_equal(np.asarray(label)[decided], expected_label[decided])
+    label_ok = np.array_equal(np.asarray(names, dtype=object)[np.asarray(label)][decided],
+                              np.asarray([str(c) for c in expected_label], dtype=object)[decided])
     if not diff <= atol or not label_ok:
         raise ExportParityError(
             f"the fused model disagrees with backbone + {type(clf).__name__}.predict_proba on {n_check} seeded "

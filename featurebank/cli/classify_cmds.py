@@ -73,9 +73,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="labels and probabilities for images", formatter_class=formatter_class,
-                       description="Predict labels for images with a saved classifier; CSV or JSON.")
+                       description="Predict labels for images with a saved classifier, or with a model that "
+                       "classifies by itself (from `featurebank fuse` or `featurebank finetune`); CSV or JSON.")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or lists")
-    p.add_argument("--classifier", required=True, metavar="CLF.fbclf", help="a classifier file from `featurebank train`")
+    p.add_argument("--classifier", default=None, metavar="CLF.fbclf",
+                   help="a classifier file from `featurebank train` (default: the model's own probabilities / label "
+                   "outputs, which a fused or fine-tuned model has)")
     _max_classifier_bytes_option(p)
     add_model_options(p)
     p.add_argument("--store", default=None, metavar="DIR", help="reuse / fill this store (optional)")
@@ -132,7 +135,8 @@ def _predict(args: argparse.Namespace) -> int:
     from featurebank.workflow import predict_images
 
     rows = predict_images(args.images, args.classifier, open_runner(args), store=args.store, top_k=args.top_k,
-                          progress=args.progress, max_classifier_bytes=args.max_classifier_bytes)
+                          progress=args.progress, max_classifier_bytes=args.max_classifier_bytes,
+                          decode_mode=args.decode_mode)
     fh = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         if args.format == "json":

@@ -51,16 +51,20 @@ def test_fused_model_equals_two_step_path(clf, backbone, embedded, tmp_path):
     model = onnx.load(out)
     onnx.checker.check_model(model)
     assert [o.name for o in model.graph.output] == ["embedding", "label", "probabilities"]
-    # the backbone's card survives, and the classifier is described next to it
-    assert read_model_card(out).fingerprint == card.fingerprint
+    # the backbone's card survives with the class names added (the convention fine-tuned
+    # models share), the vector space is unchanged, and the classifier is described next to it
+    fused_card = read_model_card(out)
+    assert fused_card.classes == ("brick", "grass", "gravel") and fused_card.classifies and not card.classifies
+    assert fused_card.outputs == card.outputs and fused_card.fingerprint != card.fingerprint
     info = json.loads({p.key: p.value for p in model.metadata_props}["featurebank.classifier"])
-    assert info["classes"] == ["brick", "grass", "gravel"] and info["space"] == card.output().fingerprint
+    assert "classes" not in info and info["space"] == card.output().fingerprint
     assert info["verification"]["max_abs_diff"] <= 1e-4
 
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     label, proba = sess.run(["label", "probabilities"], {"pixels": pixels[:7]})
     np.testing.assert_allclose(proba, clf.predict_proba(X[:7]), atol=1e-4)
-    np.testing.assert_array_equal(label, clf.predict(X[:7]))
+    assert label.dtype == np.int64
+    np.testing.assert_array_equal(np.array(fused_card.classes)[label], clf.predict(X[:7]))
     assert [p.name for p in tmp_path.iterdir()] == ["fused.onnx"]
 
 

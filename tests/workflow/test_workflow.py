@@ -245,3 +245,47 @@ def test_store_space_is_resolved_by_the_one_rule(capsys, tmp_path, photo_dir, ti
         resolve_space(store)
     code, _, err = cli(capsys, "index", "build", "--store", store, "--model", tiny_model, "--index", tmp_path / "i2")
     assert code == 2 and "pick one with decode_mode= (--decode-mode)" in err
+
+
+def test_predict_with_a_fused_model_alone_gives_the_two_step_labels(capsys, tmp_path, texture_dir, photo_dir, tiny_model):
+    """`predict --model fused.onnx` with no --classifier classifies with the model's own
+    probabilities / label outputs: the same labels and probabilities as backbone + classifier,
+    and the same labels as the whole fused graph's `label` output."""
+    from featurebank.artifact import read_model_card
+
+    store, clf, fused = tmp_path / "store", tmp_path / "clf.fbclf", tmp_path / "fused.onnx"
+    assert cli(capsys, "train", texture_dir, "--store", store, "--model", tiny_model, "-o", clf)[0] == 0
+    code, _, err = cli(capsys, "fuse", "--model", tiny_model, "--classifier", clf, "-o", fused)
+    assert code == 0, err
+    images = [texture_dir, photo_dir]  # training photos and unseen ones
+    code, out_two, err = cli(capsys, "predict", *images, "--classifier", clf, "--model", tiny_model, "--format", "json")
+    assert code == 0, err
+    code, out_one, err = cli(capsys, "predict", *images, "--model", fused, "--format", "json")
+    assert code == 0, err
+    two, one = json.loads(out_two), json.loads(out_one)
+    assert len(one) == len(two) == 30 + len(list(photo_dir.iterdir())) and not any("error" in r for r in one)
+    assert [(r["path"], r["label"]) for r in one] == [(r["path"], r["label"]) for r in two]
+    for a, b in zip(one, two):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+    # the whole graph's own label output agrees with the rows
+    card = read_model_card(fused)
+    sess = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
+    px = np.stack([decode_image(r["path"], card.preprocessing, mode="fast") for r in one])
+    (label,) = sess.run(["label"], {"pixels": px})
+    assert [card.classes[i] for i in label] == [r["label"] for r in one]
+    # the same through the library, with the store filled by the two-step run: cached vectors
+    rows = predict_images(texture_dir / "grass", None, fused, store=store)
+    assert [r["label"] for r in rows] == [r["label"] for r in two if "/grass/" in r["path"]]
+
+
+def test_predict_without_classifier_on_a_model_that_only_embeds_is_a_clear_error(capsys, tmp_path, texture_dir,
+                                                                                  tiny_model):
+    from featurebank.errors import ModelCardError
+
+    with pytest.raises(ModelCardError, match=r"has no probabilities / label outputs \(its card lists no classes\), so "
+                       r"it cannot classify by itself; give a classifier \(--classifier FILE"):
+        predict_images(texture_dir / "grass", None, tiny_model)
+    code, out, err = cli(capsys, "predict", texture_dir / "grass", "--model", tiny_model)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and out == "" and last.startswith(f"featurebank: error: model {str(tiny_model)!r} has no ")
+    assert last.endswith("or fuse one into the model (`featurebank fuse`)")
