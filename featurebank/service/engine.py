@@ -164,7 +164,9 @@ class ServiceEngine:
     Parameters
     ----------
     model : path of a featurebank ONNX model, or an open ``ModelRunner``
-    classifier : path of a classifier file (``save_classifier``), a ``SavedClassifier``, or None
+    classifier : path of a classifier file (``save_classifier``), a ``SavedClassifier``, or None:
+        then a model that classifies by itself (a fused or fine-tuned model, whose card lists
+        ``classes``) classifies with its own ``probabilities`` output
     index : directory of a similarity index (``featurebank index build``), a
         ``SimilarityIndex``, or None
     config : :class:`ServiceConfig`
@@ -179,7 +181,8 @@ class ServiceEngine:
         self.config = config = config or ServiceConfig()
         self.runner = model if isinstance(model, ModelRunner) else open_model(model, device=config.device, threads=config.threads)
         card = self.runner.card
-        if config.output is None and len(card.outputs) > 1 and classifier is None and index is None:
+        if config.output is None and len(card.outputs) > 1 and classifier is None and index is None \
+                and not card.classifies:
             names = ", ".join(o.name for o in card.outputs)
             raise ValueError(f"the model has {len(card.outputs)} outputs ({names}); choose one with output=NAME (--output)")
         self.classifier = self._load_classifier(classifier)
@@ -211,9 +214,19 @@ class ServiceEngine:
     # ------------------------------------------------------------------ construction helpers
 
     def _load_classifier(self, classifier: Any):
-        if classifier is None:
-            return None
         from featurebank.classifiers import SavedClassifier, load_classifier
+
+        if classifier is None:
+            if not self.runner.card.classifies:
+                return None
+            from featurebank import __version__
+            from featurebank.workflow import ModelClassifier
+
+            # the model's own head (embedding output -> probabilities), recorded on that output
+            head = ModelClassifier(self.runner)
+            return SavedClassifier(estimator=head, fingerprint=head.output.fingerprint, classes=tuple(head.classes),
+                                   n_samples=None, featurebank_version=__version__, format_version=0, created="",
+                                   estimator_type="the model's own probabilities output")
 
         if isinstance(classifier, SavedClassifier):
             return classifier
