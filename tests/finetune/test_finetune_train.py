@@ -1,0 +1,169 @@
+"""train_top on cached activations of timm's tiny EfficientNet over real texture crops."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from featurebank.classifiers.probe import LinearProbe
+from featurebank.errors import FineTuneError, TrainingDivergedError
+from featurebank.finetune.head import fit_probe_head
+from featurebank.finetune.model import split_backbone
+from featurebank.finetune.train import train_top
+
+
+@pytest.fixture()
+def cached(tiny_backbone, texture_crops):
+    """(A_train, y_train, A_val, y_val, make): activations of blocks.3 (the input of blocks.4),
+    and make() -> a fresh (top, head) with the same starting weights each call."""
+    X, y = texture_crops
+    bottom, _ = split_backbone(tiny_backbone, "blocks.4")
+    with torch.no_grad():
+        A = bottom(torch.from_numpy(X)).numpy()
+    val = np.arange(len(y)) % 4 == 0
+    start = {k: v.clone() for k, v in tiny_backbone.state_dict().items()}
+
+    def make():
+        tiny_backbone.load_state_dict(start)
+        _, top = split_backbone(tiny_backbone, "blocks.4")
+        torch.manual_seed(1)
+        return top, torch.nn.Linear(256, 3)
+
+    return A[~val], y[~val], A[val], y[val], make
+
+
+def _weights(top, head) -> dict[str, torch.Tensor]:
+    return {**{f"top.{k}": v.clone() for k, v in top.state_dict().items()},
+            **{f"head.{k}": v.clone() for k, v in head.state_dict().items()}}
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert unequal == []
+
+
+KW = dict(epochs=4, lr_head=3e-3, batch_size=6, seed=3, patience=None, progress=False)
+
+
+def test_resuming_from_epoch_two_ends_with_the_weights_of_a_straight_run(cached, tmp_path):
+    A, y, Av, yv, make = cached
+    top, head = make()
+    straight = train_top(A, y, top, head, val=(Av, yv), checkpoint_dir=tmp_path / "a", keep_last=4, **KW)
+    want = _weights(top, head)
+    assert [r["epoch"] for r in straight.history] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        f"epoch-{e:04d}.{ext}" for e in range(1, 5) for ext in ("json", "safetensors")]
+    # a run killed after epoch 2: its folder holds epochs 1 and 2 only
+    (tmp_path / "b").mkdir()
+    for e in (1, 2):
+        for ext in ("json", "safetensors"):
+            shutil.copy(tmp_path / "a" / f"epoch-{e:04d}.{ext}", tmp_path / "b")
+    top2, head2 = make()
+    resumed = train_top(A, y, top2, head2, val=(Av, yv), checkpoint_dir=tmp_path / "b", keep_last=4, **KW)
+    assert resumed.resumed_from == 2
+    _assert_equal(_weights(top2, head2), want)
+    assert [r["val_accuracy"] for r in resumed.history] == [r["val_accuracy"] for r in straight.history]
+    assert (resumed.best_epoch, resumed.stopped) == (straight.best_epoch, "completed")
+    # a finished folder: calling again trains nothing and returns the same weights
+    top3, head3 = make()
+    again = train_top(A, y, top3, head3, val=(Av, yv), checkpoint_dir=tmp_path / "b", keep_last=4, **KW)
+    assert again.resumed_from == 4
+    _assert_equal(_weights(top3, head3), want)
+
+
+def test_same_seed_same_weights_and_the_loss_falls(cached):
+    A, y, _, _, make = cached
+    top, head = make()
+    r1 = train_top(A, y, top, head, **KW)
+    w1 = _weights(top, head)
+    top, head = make()
+    train_top(A, y, top, head, **KW)
+    _assert_equal(_weights(top, head), w1)
+    losses = [r["train_loss"] for r in r1.history]
+    assert losses[-1] < losses[0]
+    assert r1.best_epoch == 4 and r1.best_val_accuracy is None  # no validation: the last epoch
+    top, head = make()
+    train_top(A, y, top, head, **{**KW, "seed": 4})
+    assert not torch.equal(_weights(top, head)["head.weight"], w1["head.weight"])
+
+
+def test_train_bn_decides_whether_running_statistics_move(cached):
+    A, y, _, _, make = cached
+    for train_bn in (False, True):
+        top, head = make()
+        before = top.state_dict()["2.running_mean"].clone()  # top = blocks.4.0, conv_head, bn2, global_pool
+        train_top(A, y, top, head, train_bn=train_bn, **{**KW, "epochs": 1})
+        after = top.state_dict()["2.running_mean"]
+        assert torch.equal(before, after) is (not train_bn)
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(cached):
+    A, y, Av, yv, make = cached
+    top, _ = make()
+    with torch.no_grad():
+        head, _ = fit_probe_head(top.eval()(torch.from_numpy(A)).numpy(), y, probe=LinearProbe(cv=2))
+    start = _weights(top, head)
+    r = train_top(A, y, top, head, val=(Av, yv), **{**KW, "epochs": 12, "lr_head": 0.01, "patience": 2})
+    accs = [h["val_accuracy"] for h in r.history]
+    assert r.best_epoch == int(np.argmax(accs)) and r.best_val_accuracy == max(accs)
+    assert r.stopped == "early_stopping" and len(accs) - 1 == r.best_epoch + 2  # two epochs without progress
+    with torch.no_grad():
+        acc = (head(top.eval()(torch.from_numpy(Av))).argmax(1).numpy() == yv).mean()
+    assert acc == r.best_val_accuracy
+    # on 18 images fine-tuning does not beat the probe's head here (4/6 -> 3/6): epoch 0 comes back
+    assert accs == [4 / 6, 3 / 6, 3 / 6] and r.best_epoch == 0
+    _assert_equal(_weights(top, head), start)
+
+
+def test_a_diverging_learning_rate_stops_with_a_clear_error(cached, tmp_path):
+    A, y, _, _, make = cached
+    top, head = make()
+    start = _weights(top, head)
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: the loss became (nan|inf) at epoch 1, step "
+                       r"\d+ \(lr_head=1e\+30, lr_backbone=1e\+29\): the learning rate is too high; lower it"):
+        train_top(A, y, top, head, checkpoint_dir=tmp_path, **{**KW, "lr_head": 1e30})
+    _assert_equal(_weights(top, head), start)  # put back to the last good weights
+    assert not list(tmp_path.glob("epoch-*"))
+
+
+def test_a_folder_of_another_recipe_is_refused(cached, tmp_path):
+    A, y, _, _, make = cached
+    top, head = make()
+    train_top(A, y, top, head, checkpoint_dir=tmp_path, **{**KW, "epochs": 1})
+    meta = json.loads((tmp_path / "epoch-0001.json").read_text())
+    assert meta["epoch"] == 1 and meta["recipe"]["lr_backbone"] == 3e-3 / 10 and meta["stopped"] == "completed"
+    top, head = make()
+    with pytest.raises(FineTuneError, match=r"holds checkpoints of another run \(different epochs, lr_backbone, "
+                       r"lr_head\); pass a new checkpoint folder"):
+        train_top(A, y, top, head, checkpoint_dir=tmp_path, **{**KW, "epochs": 2, "lr_head": 1e-2})
+    with pytest.raises(FineTuneError, match=r"different train_data_sha256"):
+        train_top(A, y[::-1].copy(), top, head, checkpoint_dir=tmp_path, **{**KW, "epochs": 1})
+
+
+def test_bad_arguments_are_refused(cached):
+    A, y, _, _, make = cached
+    top, head = make()
+    with pytest.raises(FineTuneError, match=r"labels of activations must be integer class indices in 0..2 \(the head "
+                       r"has 3 outputs\); got dtype int64, range 0..3"):
+        train_top(A, np.where(y == 2, 3, y), top, head, **KW)
+    with pytest.raises(FineTuneError, match=r"activations must be float32 or float16; got float64"):
+        train_top(A.astype(np.float64), y, top, head, **KW)
+    with pytest.raises(FineTuneError, match=r"one label per sample \(18\); got shape \(17,\)"):
+        train_top(A, y[:17], top, head, **KW)
+    with pytest.raises(FineTuneError, match=r"lr_head must be a positive number; got -1"):
+        train_top(A, y, top, head, **{**KW, "lr_head": -1})
+    with pytest.raises(FineTuneError, match=r"val activations have shape \(48, 2, 2\) per sample, the training ones "
+                       r"\(48, 4, 4\)"):
+        train_top(A, y, top, head, val=(A[:, :, :2, :2].copy(), y), **KW)
+
+
+def test_float16_activations_train(cached):
+    A, y, _, _, make = cached
+    top, head = make()
+    r = train_top(A.astype(np.float16), y, top, head, **{**KW, "epochs": 1})
+    assert np.isfinite(r.history[-1]["train_loss"])
