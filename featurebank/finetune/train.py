@@ -39,7 +39,7 @@ from torch import nn
 from featurebank._atomic import remove_stale_temps, write_bytes_atomic
 from featurebank.errors import FineTuneError, TrainingDivergedError
 
-__all__ = ["TrainResult", "batch_loss", "train_top"]
+__all__ = ["TrainResult", "batch_loss", "set_train_modes", "train_top"]
 
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})\.json$")
@@ -124,7 +124,9 @@ def _param_groups(top: nn.Module, head: nn.Module, lr_backbone: float, lr_head: 
     return groups
 
 
-def _set_modes(top: nn.Module, head: nn.Module, train_bn: bool) -> None:
+def set_train_modes(top: nn.Module, head: nn.Module, train_bn: bool) -> None:
+    """Put ``top`` and ``head`` in train mode, except the top's batch-norm layers when
+    ``train_bn`` is False (they then use, and keep, their running statistics)."""
     top.train()
     head.train()
     if not train_bn:  # Keras's guide: batch norm in inference mode (running statistics, not updated)
@@ -364,7 +366,7 @@ def train_top(
                 good_state = _model_state(top, head)
                 bar.set_description(f"epoch {epoch}/{epochs}")
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()
-                _set_modes(top, head, train_bn)
+                set_train_modes(top, head, train_bn)
                 t0 = time.perf_counter()
                 loss_sum, correct = 0.0, 0
                 for s in range(0, n, batch_size):
