@@ -138,3 +138,25 @@ def test_bad_arguments_are_named(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         export_finetuned(net, tmp_path / "ft.onnx", **args)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fine_tuned_model_classifies_by_itself_through_predict(tmp_path, photo_dir, crops):
+    """The runtime path fused models take (predict with no classifier): the labels are the
+    graph's own `label` output, and the features go into a store as a space of their own."""
+    from featurebank.store import open_store
+    from featurebank.workflow import predict_images
+
+    net, provenance = _net()
+    path = tmp_path / "ft.onnx"
+    card = export_finetuned(net, path, classes=CLASSES, card=provenance, preprocessing=SPEC.preprocessing)
+    rows = predict_images(photo_dir, None, path, store=tmp_path / "store", top_k=3, decode_mode="exact")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    proba, label = sess.run(["probabilities", "label"], {"pixels": crops})  # crops: the same files, sorted, exact
+    assert [r["path"] for r in rows] == [str(p) for p in sorted(photo_dir.iterdir())]
+    assert [r["label"] for r in rows] == [CLASSES[i] for i in label]
+    np.testing.assert_allclose([r["probability"] for r in rows], proba.max(1), atol=1e-5)
+    with open_store(tmp_path / "store", create=False) as st:
+        (space,) = st.spaces()
+    from featurebank.artifact import space_fingerprint
+
+    assert space.fingerprint == space_fingerprint(card.output().fingerprint, "exact") and len(space) == len(rows)
