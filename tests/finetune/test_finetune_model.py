@@ -71,3 +71,22 @@ def test_a_network_that_is_not_efficientnet_style_is_refused():
     with pytest.raises(FineTuneError, match=r"cannot split a ResNet for fine-tuning: only EfficientNet-style timm "
                        r"models"):
         split_backbone(timm.create_model("test_resnet"), "layer4")
+
+
+def test_efficientnet_lite0_splits_at_its_stages(texture_crops):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0").eval()  # the default backbone's network, random weights
+    cuts = list_cut_points(model)
+    assert [c for c in cuts if c.count(".") == 1] == [f"blocks.{i}" for i in range(7)]
+    assert cuts[-1] == "conv_head" and "blocks.5.3" in cuts
+    x = torch.from_numpy(texture_crops[0][:2])
+    with torch.no_grad():
+        want = _pooled(model, x)
+        for unfreeze, shape in (("blocks.5", (2, 112, 4, 4)), ("blocks.6", (2, 192, 2, 2))):
+            bottom, top = split_backbone(model, unfreeze)
+            a = bottom(x)
+            assert a.shape == shape
+            torch.testing.assert_close(top.eval()(a), want, atol=1e-5, rtol=0)
+    assert want.shape == (2, 1280)
