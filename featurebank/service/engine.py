@@ -214,11 +214,11 @@ class ServiceEngine:
     # ------------------------------------------------------------------ construction helpers
 
     def _load_classifier(self, classifier: Any):
+        if classifier is None and not self.runner.card.classifies:
+            return None
         from featurebank.classifiers import SavedClassifier, load_classifier
 
         if classifier is None:
-            if not self.runner.card.classifies:
-                return None
             from featurebank import __version__
             from featurebank.workflow import ModelClassifier
 

@@ -289,3 +289,19 @@ def test_predict_without_classifier_on_a_model_that_only_embeds_is_a_clear_error
     last = err.strip().splitlines()[-1]
     assert code == 2 and out == "" and last.startswith(f"featurebank: error: model {str(tiny_model)!r} has no ")
     assert last.endswith("or fuse one into the model (`featurebank fuse`)")
+
+
+def test_predict_decode_mode_that_contradicts_the_classifier_is_refused(capsys, tmp_path, texture_dir, tiny_model):
+    """--decode-mode was ignored by predict before; now it is checked against the classifier's."""
+    clf = tmp_path / "clf.fbclf"
+    train_classifier(texture_dir, tiny_model, clf, store=tmp_path / "store")  # decode mode fast
+    code, out, err = cli(capsys, "predict", texture_dir / "grass", "--classifier", clf, "--model", tiny_model,
+                         "--decode-mode", "exact")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == (
+        "featurebank: error: decode_mode='exact' was asked for, but the classifier "
+        f"{str(clf)!r} (trained on backbone test_efficientnet, layer features, decode mode fast) expect vectors "
+        "decoded with 'fast'; leave decode_mode out")
+    code, out, _ = cli(capsys, "predict", texture_dir / "grass", "--classifier", clf, "--model", tiny_model,
+                       "--decode-mode", "fast")
+    assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 10
