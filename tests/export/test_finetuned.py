@@ -160,3 +160,24 @@ def test_a_fine_tuned_model_classifies_by_itself_through_predict(tmp_path, photo
     from featurebank.artifact import space_fingerprint
 
     assert space.fingerprint == space_fingerprint(card.output().fingerprint, "exact") and len(space) == len(rows)
+
+
+def test_the_fine_tuning_rooms_network_exports(tmp_path, crops):
+    """featurebank.finetune's FineTunedNet (frozen bottom, top from blocks.4, linear head)."""
+    from featurebank.finetune.model import FineTunedNet, split_backbone
+
+    net0, provenance = _net()  # its backbone and head, moved away from the parent
+    bottom, top = split_backbone(net0.backbone, "blocks.4")
+    net = FineTunedNet(bottom, top, net0.head)
+    card = export_finetuned(net, tmp_path / "ft.onnx", classes=CLASSES, card=provenance,
+                            preprocessing=SPEC.preprocessing, verify_pixels=crops)
+    assert card.verification["outputs"]["features"]["min_cosine"] >= 0.9999
+    sess = ort.InferenceSession(str(tmp_path / "ft.onnx"), providers=["CPUExecutionProvider"])
+    features, label = sess.run(["features", "label"], {"pixels": crops})
+    net.eval()
+    from featurebank.export.parity import normalise_pixels
+
+    with torch.no_grad():
+        ref_f, ref_logits = net(torch.from_numpy(normalise_pixels(crops, SPEC.mean, SPEC.std)))
+    np.testing.assert_allclose(features, ref_f.numpy(), rtol=1e-4, atol=1e-4 * float(ref_f.abs().max()))
+    assert label.tolist() == ref_logits.argmax(1).tolist()
