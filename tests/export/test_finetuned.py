@@ -181,3 +181,27 @@ def test_the_fine_tuning_rooms_network_exports(tmp_path, crops):
         ref_f, ref_logits = net(torch.from_numpy(normalise_pixels(crops, SPEC.mean, SPEC.std)))
     np.testing.assert_allclose(features, ref_f.numpy(), rtol=1e-4, atol=1e-4 * float(ref_f.abs().max()))
     assert label.tolist() == ref_logits.argmax(1).tolist()
+
+
+@pytest.mark.slow  # efficientnet_lite0's real ImageNet weights
+def test_real_weight_fine_tuned_export_equals_torch(tmp_path, crops, photo_dir):
+    """efficientnet_lite0 (real weights), top from blocks.6, 10-class head: cosine >= 0.9999 fp32."""
+    from featurebank.finetune.model import FineTunedNet, split_backbone
+
+    spec = get_backbone("efficientnet_lite0")
+    parent = build_backbone(spec, None)
+    torch.manual_seed(0)
+    bottom, top = split_backbone(parent.model, "blocks.6")
+    net = FineTunedNet(bottom, top, torch.nn.Linear(parent.model.num_features, 10))
+    provenance = {"parent_backbone": spec.name, "parent_weights_sha256": parent.weights_sha256,
+                  "finetuned_weights_sha256": state_dict_sha256(net.state_dict()), "recipe": {"unfreeze": "blocks.6"},
+                  "data_fingerprint": "0" * 64, "validation": {}}
+    real = np.stack([decode_image(p, spec.preprocessing, mode="exact") for p in sorted(photo_dir.iterdir())])
+    card = export_finetuned(net, tmp_path / "ft.onnx", classes=[f"c{i}" for i in range(10)], card=provenance,
+                            preprocessing=spec.preprocessing, verify_pixels=real)
+    # measured: features min cosine 0.9999999999986, max |diff| 8.5e-6; max |probability diff| 1.9e-7;
+    # labels 13 of 13 equal (4 seeded + 9 real inputs)
+    assert card.verification["inputs"] == 13
+    assert card.verification["outputs"]["features"]["min_cosine"] >= 0.9999
+    assert card.verification["outputs"]["probabilities"]["max_abs_diff"] <= 1e-5
+    assert card.verification["outputs"]["label"]["mismatches"] == 0
