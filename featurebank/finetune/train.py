@@ -163,6 +163,8 @@ def _state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def _labels_sha256(A: np.ndarray, y: np.ndarray) -> str:
+    # the labels and the array's shape and dtype: hashing the activations themselves would read
+    # them all; which images and which bottom they come from is the store space's fingerprint
     h = hashlib.sha256(repr((A.shape, str(A.dtype))).encode())
     h.update(y.tobytes())
     return h.hexdigest()
@@ -310,8 +312,8 @@ def train_top(
         "epochs": epochs, "lr_head": float(lr_head), "lr_backbone": float(lr_backbone),
         "weight_decay": float(weight_decay), "batch_size": batch_size, "seed": seed, "train_bn": bool(train_bn),
         "patience": patience, "warmup_epochs": float(warmup_epochs),
-        "train_data_sha256": _labels_sha256(A, y),
-        "val_data_sha256": _labels_sha256(A_val, y_val) if val is not None else None,
+        "train_labels_sha256": _labels_sha256(A, y),
+        "val_labels_sha256": _labels_sha256(A_val, y_val) if val is not None else None,
         "start_weights_sha256": _state_sha256(_model_state(top, head)),
     }
 

@@ -141,7 +141,7 @@ def test_a_folder_of_another_recipe_is_refused(cached, tmp_path):
     with pytest.raises(FineTuneError, match=r"holds checkpoints of another run \(different epochs, lr_backbone, "
                        r"lr_head\); pass a new checkpoint folder"):
         train_top(A, y, top, head, checkpoint_dir=tmp_path, **{**KW, "epochs": 2, "lr_head": 1e-2})
-    with pytest.raises(FineTuneError, match=r"different train_data_sha256"):
+    with pytest.raises(FineTuneError, match=r"different train_labels_sha256"):
         train_top(A, y[::-1].copy(), top, head, checkpoint_dir=tmp_path, **{**KW, "epochs": 1})
 
 
