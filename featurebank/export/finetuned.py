@@ -85,6 +85,12 @@ def _check_provenance(card: Mapping[str, Any]) -> dict[str, Any]:
             "card['finetuned_weights_sha256'] equals the parent's weights hash: the fine-tuned features would share "
             "the parent's vector space; hash the fine-tuned state dict"
         )
+    import json
+
+    try:
+        json.dumps(dict(card), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"card must be JSON-serialisable (it goes into the model card): {exc}") from None
     return dict(card)
 
 

@@ -131,12 +131,23 @@ def test_parity_failure_writes_nothing(tmp_path, crops):
     ({"input_format": "rgb"}, r"input_format must be one of float, uint8; got input_format='rgb'"),
     ({"card": {"parent_backbone": "x"}}, r"card is missing provenance parent_weights_sha256, finetuned_weights_sha256, "
                                          r"recipe, data_fingerprint, validation"),
+    ({"card": "provenance"}, r"card must be a dict of provenance \(parent_backbone, .*\); got str"),
 ])
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
     net, provenance = _net()
     args = dict(classes=CLASSES, card=provenance, preprocessing=SPEC.preprocessing) | kwargs
     with pytest.raises(ValueError, match=message):
         export_finetuned(net, tmp_path / "ft.onnx", **args)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_provenance_that_is_not_json_is_refused_before_export(tmp_path):
+    net, provenance = _net()
+    for bad, message in ((dict(provenance, validation={"accuracy": float("nan")}), "Out of range float values"),
+                         (dict(provenance, recipe={"lr": torch.tensor(1e-3)}), "Object of type Tensor")):
+        with pytest.raises(ValueError, match=rf"^card must be JSON-serialisable \(it goes into the model card\): "
+                                             rf"{message}"):
+            export_finetuned(net, tmp_path / "ft.onnx", classes=CLASSES, card=bad, preprocessing=SPEC.preprocessing)
     assert list(tmp_path.iterdir()) == []
 
 
