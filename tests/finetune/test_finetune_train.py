@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from featurebank.classifiers.probe import LinearProbe
 from featurebank.errors import FineTuneError, TrainingDivergedError
@@ -129,6 +131,24 @@ def test_a_diverging_learning_rate_stops_with_a_clear_error(cached, tmp_path):
         train_top(A, y, top, head, checkpoint_dir=tmp_path, **{**KW, "lr_head": 1e30})
     _assert_equal(_weights(top, head), start)  # put back to the last good weights
     assert not list(tmp_path.glob("epoch-*"))
+
+
+def test_divergence_after_good_epochs_keeps_their_checkpoints(cached, tmp_path):
+    # a warm-up over all epochs raises the learning rate step by step: the first epochs stay
+    # finite, a later one overflows (with these seeds: epoch 3)
+    A, y, _, _, make = cached
+    top, head = make()
+    with pytest.raises(TrainingDivergedError) as info:
+        train_top(A, y, top, head, checkpoint_dir=tmp_path, keep_last=4,
+                  **{**KW, "lr_head": 1e4, "warmup_epochs": 4})
+    message = str(info.value)
+    epoch = int(re.search(r"at epoch (\d+), step", message).group(1))
+    assert epoch >= 2
+    assert message.endswith(f"the last good checkpoint (epoch {epoch - 1}) is kept in {tmp_path}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"epoch-{e:04d}.{ext}" for e in range(1, epoch) for ext in ("json", "safetensors")]
+    last_good = load_file(tmp_path / f"epoch-{epoch - 1:04d}.safetensors")
+    _assert_equal(_weights(top, head), {k[6:]: v for k, v in last_good.items() if k.startswith("model.")})
 
 
 def test_a_folder_of_another_recipe_is_refused(cached, tmp_path):
