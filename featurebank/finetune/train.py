@@ -413,7 +413,7 @@ def train_top(
                             stop = "early_stopping"
                 else:
                     result.best_epoch, best_state = epoch, _model_state(top, head)
-                if stop is None and epoch == epochs:
+                if epoch == epochs:  # ran every epoch: not an early stop, even if patience ran out too
                     stop = "completed"
                 result.history.append(record)
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_acc=_fmt(record["val_accuracy"]),

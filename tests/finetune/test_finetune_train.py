@@ -58,6 +58,7 @@ def test_resuming_from_epoch_two_ends_with_the_weights_of_a_straight_run(cached,
     straight = train_top(A, y, top, head, val=(Av, yv), checkpoint_dir=tmp_path / "a", keep_last=4, **KW)
     want = _weights(top, head)
     assert [r["epoch"] for r in straight.history] == [0, 1, 2, 3, 4]
+    assert straight.stopped == "completed"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         f"epoch-{e:04d}.{ext}" for e in range(1, 5) for ext in ("json", "safetensors")]
     # a run killed after epoch 2: its folder holds epochs 1 and 2 only
@@ -120,6 +121,9 @@ def test_early_stopping_keeps_the_best_epochs_weights(cached):
     # on 18 images fine-tuning does not beat the probe's head here (4/6 -> 3/6): epoch 0 comes back
     assert accs == [4 / 6, 3 / 6, 3 / 6] and r.best_epoch == 0
     _assert_equal(_weights(top, head), start)
+    # patience running out on the last epoch is not an early stop
+    one = train_top(A, y, top, head, val=(Av, yv), **{**KW, "epochs": 1, "lr_head": 0.01, "patience": 1})
+    assert [h["val_accuracy"] for h in one.history] == [4 / 6, 3 / 6] and one.stopped == "completed"
 
 
 def test_a_diverging_learning_rate_stops_with_a_clear_error(cached, tmp_path):
