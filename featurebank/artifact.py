@@ -38,7 +38,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from featurebank.errors import FingerprintMismatchError, ModelCardError, NotOnnxModelError, StoreError
+from featurebank.errors import (
+    ActivationSpaceError,
+    FingerprintMismatchError,
+    ModelCardError,
+    NotOnnxModelError,
+    StoreError,
+)
 
 __all__ = [
     "CARD_SCHEMA",
@@ -197,6 +203,23 @@ class OutputSpec:
         for s in self.shape:
             n *= int(s)
         return n
+
+    @property
+    def is_activation_map(self) -> bool:
+        """True when this output is an unpooled activation map (``pooling="none"``), such as
+        the frozen bottom of a network cached for fine-tuning, not a vector embedding. Its
+        vectors are stored flattened (``dim`` = product of ``shape``)."""
+        return self.pooling == "none"
+
+    def check_embedding(self, space: str) -> None:
+        """Refuse an activation map where an embedding is needed (indexes, search, store
+        export, classifiers): the one rule, raised as ActivationSpaceError naming ``space``."""
+        if self.is_activation_map:
+            raise ActivationSpaceError(
+                f"space {space} holds activation maps of layer {self.layer} ({' x '.join(map(str, self.shape))}) "
+                "cached for fine-tuning, not embeddings: export the model with a pooling (--pool avg) "
+                "to index, search, export or train on it"
+            )
 
     @classmethod
     def make(

@@ -13,6 +13,7 @@ Each one also subclasses the builtin it means, so ``except KeyError`` or
     ├── NotOnnxModelError         (ValueError)  file is not a readable ONNX model
     ├── ModelCardError            (ValueError)  ONNX file lacks or has a broken featurebank card
     ├── FingerprintMismatchError  (ValueError)  vectors/classifier from another model
+    ├── ActivationSpaceError      (ValueError)  a space of activation maps used where embeddings are needed
     ├── ImageDecodeError          (ValueError)  an image cannot be decoded
     │   └── ImageTooLargeError                  more pixels than max_pixels allows (size and cap as attributes)
     ├── ImageSourceError          (ValueError)  an image folder or list file is missing or malformed
@@ -41,6 +42,7 @@ __all__ = [
     "NotOnnxModelError",
     "ModelCardError",
     "FingerprintMismatchError",
+    "ActivationSpaceError",
     "ImageDecodeError",
     "ImageTooLargeError",
     "ImageSourceError",
@@ -99,6 +101,11 @@ class ModelCardError(FeaturebankError, ValueError):
 
 class FingerprintMismatchError(FeaturebankError, ValueError):
     """Vectors or a classifier come from a different model than the one in use."""
+
+
+class ActivationSpaceError(FeaturebankError, ValueError):
+    """A store space (or model output) holds unpooled activation maps cached for fine-tuning,
+    not embeddings, so it cannot be indexed, searched, exported or used to train a classifier."""
 
 
 class ImageDecodeError(FeaturebankError, ValueError):

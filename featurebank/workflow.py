@@ -102,7 +102,10 @@ def labelled_vectors(
     Raises ImageSourceError if some images have no label (train needs one per image), or if
     fewer than two classes are present.
     """
-    X, _, labels, paths = load_embeddings(source, model, store, output=output, decode_mode=decode_mode, progress=progress)
+    runner = _runner(model)
+    out = runner.card.output(output)
+    out.check_embedding(space_of(runner, out.name, decode_mode))
+    X, _, labels, paths = load_embeddings(source, runner, store, output=output, decode_mode=decode_mode, progress=progress)
     missing = [p for p, lab in zip(paths, labels) if lab is None]
     if missing:
         raise ImageSourceError(
@@ -293,6 +296,7 @@ def search_images(
     runner = _runner(model)
     chosen = _resolve(runner.card, output=output, recorded={"index": idx.space})
     out = chosen.output
+    out.check_embedding(chosen.fingerprint)
     emb = embed_images(images, runner, decode_mode=chosen.decode_mode, progress=False)
     reasons = dict(emb.report.failures)
     failures = [(p, reasons.get(p, "no vector")) for p, ok in zip(emb.paths, emb.ok) if not ok]

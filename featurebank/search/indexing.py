@@ -51,6 +51,7 @@ def index_store(
     index_dir = Path(index_dir)
     with open_store(store_dir, create=False) as store:
         space = store.space(space_fp)
+        space.check_embeddings()
         keys = [str(k) for k in space.keys()]
         source = {"store": str(store.root)}
         if rebuild or not (index_dir / META_FILE).is_file():
@@ -111,6 +112,7 @@ def find_store_duplicates(
     """
     with open_store(store_dir, create=False) as store:
         space = store.space(space_fp)
+        space.check_embeddings()
         keys = [str(k) for k in space.keys()]
         if len(keys) < 2:
             return ([], []) if return_scores else []

@@ -33,6 +33,7 @@ def export_space(
     if format not in ("parquet", "npy"):
         raise ValueError(f"format must be 'parquet' or 'npy'; got {format!r}")
     space = store.space(check_fingerprint(space_fp))
+    space.check_embeddings()
     out = Path(out_path).expanduser().absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(

@@ -13,6 +13,7 @@ import numpy as np
 
 from featurebank._atomic import fsync_dir, write_bytes_atomic
 from featurebank._validation import check_finite_rows
+from featurebank.artifact import OutputSpec
 from featurebank.errors import StoreError
 from featurebank.store.index import KeyIndex
 from featurebank.store.records import DTYPES, FORMAT_VERSION
@@ -66,6 +67,27 @@ class Space:
 
     def __repr__(self) -> str:
         return f"Space({self.fingerprint[:12]}…, dim={self.dim}, dtype={self.dtype})"
+
+    @property
+    def output(self) -> OutputSpec | None:
+        """The model card output whose vectors this space holds (from ``info["output"]``,
+        which ``embed`` records); None for a space created without one."""
+        d = self.info.get("output")
+        return OutputSpec.from_dict(d) if isinstance(d, Mapping) else None
+
+    @property
+    def holds_activations(self) -> bool:
+        """True when the space caches unpooled activation maps (stored flattened, C*H*W,
+        the shape in ``info["output"]["shape"]``) for fine-tuning, not embeddings."""
+        out = self.output
+        return out is not None and out.is_activation_map
+
+    def check_embeddings(self) -> None:
+        """Raise ActivationSpaceError when the space holds activation maps: indexes, search,
+        export and classifiers call this before reading vectors."""
+        out = self.output
+        if out is not None:
+            out.check_embedding(self.fingerprint)
 
     # ------------------------------------------------------------------ reading
     def _refresh(self) -> KeyIndex:
