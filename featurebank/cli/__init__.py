@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "featurebank.cli.search_cmds",
     "featurebank.cli.serve_cmds",
     "featurebank.cli.study_cmds",
+    "featurebank.cli.finetune_cmds",
 )
 
 

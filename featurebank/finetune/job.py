@@ -1,0 +1,270 @@
+"""``finetune``: labelled images in, one fine-tuned ONNX model (embeds and classifies) out.
+
+The steps, each a function of this room or upstream: list the labelled images, split them
+(seeded, stratified) unless a validation source is given, build the backbone, cut it where
+training starts (:func:`~featurebank.finetune.model.split_backbone`), run the frozen bottom once
+over every image (its activations are kept in memory), fit a linear probe on the pooled
+features and start the head from it (LP-FT), train the top and head
+(:func:`~featurebank.finetune.train.train_top`, per-epoch checkpoints, resumable), export one
+ONNX graph (:func:`~featurebank.export.finetuned.export_finetuned`) and plot the curves.
+
+>>> r = finetune("photos/", out="model.onnx")          # doctest: +SKIP
+>>> r.probe_cv_accuracy, r.val_accuracy, r.beat_probe  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from featurebank.errors import FineTuneError
+
+__all__ = ["FinetuneResult", "finetune", "default_unfreeze"]
+
+DECODE_MODE = "fast"  # as the embedder decodes by default
+_BATCH = 32
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did.
+
+    probe_cv_accuracy : the linear probe's cross-validated accuracy on the training split
+        (mean over its folds at the chosen C), before fine-tuning.
+    probe_val_accuracy : the probe's accuracy on the validation split.
+    val_accuracy : the fine-tuned model's accuracy on the validation split (its best epoch).
+    beat_probe : ``val_accuracy > probe_val_accuracy``; when False, prefer the probe.
+    history : per-epoch figures (:attr:`TrainResult.history <featurebank.finetune.train.TrainResult>`).
+    best_epoch : the epoch whose weights the model holds (0: the probe-initialised start).
+    model_path, curves_path, checkpoint_dir : what was written.
+    classes : class names, in the order of the model's outputs.
+    val_paths, val_predictions : the validation images and the fine-tuned model's labels for them.
+    """
+
+    probe_cv_accuracy: float
+    probe_val_accuracy: float
+    val_accuracy: float
+    beat_probe: bool
+    history: list[dict[str, Any]]
+    best_epoch: int
+    model_path: Path
+    curves_path: Path
+    checkpoint_dir: Path
+    classes: list[str] = field(default_factory=list)
+    val_paths: list[str] = field(default_factory=list)
+    val_predictions: list[str] = field(default_factory=list)
+
+
+def default_unfreeze(model: torch.nn.Module) -> str:
+    """The last stage of the network (``"blocks.6"`` for efficientnet_lite0): as fastai's
+    ``fine_tune`` and Keras's guide, train the top of the network, at a low learning rate."""
+    from featurebank.finetune.model import list_cut_points
+
+    stages = [c for c in list_cut_points(model) if c.startswith("blocks.") and c.count(".") == 1]
+    return stages[-1]
+
+
+def _labelled(source: Any, what: str) -> tuple[list[str], list[str]]:
+    from featurebank.embedder.sources import list_images
+
+    images = list_images(source)
+    unlabelled = [p for p, lab in zip(images.paths, images.labels) if lab is None]
+    if unlabelled:
+        raise FineTuneError(
+            f"{what} has {len(unlabelled)} image(s) without a label (e.g. {unlabelled[0]}); fine-tuning needs "
+            "labels: put each class in its own subfolder, or give a .csv/.parquet list with a label column"
+        )
+    return images.paths, [str(lab) for lab in images.labels]
+
+
+def _check_counts(labels: Sequence[str], what: str, minimum: int, fix: str) -> None:
+    names, counts = np.unique(np.asarray(labels, dtype=object), return_counts=True)
+    classes = [str(c) for c in names]
+    if len(classes) < 2:
+        raise FineTuneError(f"{what} holds a single class ({classes[0]!r}); fine-tuning needs at least two: "
+                            "put each class in its own subfolder")
+    few = [f"{c!r} ({n})" for c, n in zip(classes, counts) if n < minimum]
+    if few:
+        raise FineTuneError(f"{what}: classes {', '.join(few)} have fewer than {minimum} images; {fix}")
+
+
+def _fingerprint(paths: Sequence[str], labels: Sequence[str]) -> str:
+    """sha256 over the sorted (content key, label) pairs: the store's key of each file."""
+    from featurebank.store.hashing import hash_one
+
+    rows = []
+    for path, label in zip(paths, labels):
+        key, _, error = hash_one(path)
+        if error is not None:
+            raise FineTuneError(f"cannot read {path}: {error}")
+        rows.append(f"{key}\t{label}\n")
+    return hashlib.sha256("".join(sorted(rows)).encode()).hexdigest()
+
+
+def _bottom_activations(bottom: torch.nn.Module, paths: Sequence[str], pre, progress: bool,
+                        keep_pixels: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(activations (N, C, h, w) float32, the first ``keep_pixels`` decoded images (uint8 NHWC))."""
+    from tqdm.auto import tqdm
+
+    from featurebank.decoding import decode_image, to_model_input
+
+    out, kept = [], []
+    bottom.eval()
+    with torch.no_grad(), tqdm(total=len(paths), unit="img", desc="frozen layers", disable=not progress,
+                               leave=False) as bar:
+        for s in range(0, len(paths), _BATCH):
+            batch = np.stack([decode_image(p, pre, mode=DECODE_MODE) for p in paths[s : s + _BATCH]])
+            if len(kept) < keep_pixels:
+                kept.extend(batch[: keep_pixels - len(kept)])
+            x = torch.from_numpy(to_model_input(batch, pre, "float"))
+            out.append(bottom(x).numpy())
+            bar.update(len(batch))
+    c, h, w = pre.input_size
+    return np.concatenate(out), (np.stack(kept) if kept else np.zeros((0, h, w, c), np.uint8))
+
+
+def _pooled(top: torch.nn.Module, A: np.ndarray) -> np.ndarray:
+    top.eval()
+    with torch.no_grad():
+        return np.concatenate([top(torch.from_numpy(A[s : s + _BATCH])).numpy() for s in range(0, len(A), _BATCH)])
+
+
+def finetune(
+    sources: Any,
+    *,
+    out: str | os.PathLike[str],
+    backbone: str = "efficientnet_lite0",
+    weights: str | os.PathLike[str] | None = None,
+    unfreeze: str | None = None,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    val_split: float = 0.2,
+    val: Any = None,
+    seed: int = 0,
+    train_bn: bool = False,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune the top of ``backbone`` on labelled images and write one ONNX model.
+
+    Parameters
+    ----------
+    sources : labelled images: folder(s) of class subfolders, or .csv/.parquet lists with labels
+    out : the ONNX file to write (outputs features, probabilities, label); the learning curves
+        go next to it (``<out stem>.curves.png``)
+    backbone, weights : registry name and weights source (None: the registry's; a path,
+        ``"hub"`` or ``"random"``)
+    unfreeze : the first layer that trains (see ``list_cut_points``); default the last stage
+    epochs : the most epochs (early stopping on validation accuracy, patience 3)
+    lr : learning rate of the head; the unfrozen layers train at ``lr / 10``
+    val_split : fraction of ``sources`` held out (seeded, stratified) when ``val`` is None
+    val : labelled validation images (same classes); then all of ``sources`` trains
+    seed : seeds the split, the shuffles and the export's parity inputs
+    train_bn : batch norm of the unfrozen layers in train mode (fastai) rather than inference
+        mode (Keras's guide, the default)
+    checkpoint_dir : per-epoch checkpoints (default ``<out>.ckpt``); a second call with the same
+        folder, data and settings resumes (or, finished, trains nothing)
+    progress : progress bars on stderr
+
+    Raises FineTuneError (one class, classes with too few images, images without labels, a
+    validation set with other classes), UnknownLayerError (``unfreeze`` not a cut point; the
+    message lists the valid ones), TrainingDivergedError (NaN loss; the last good checkpoint is
+    kept). Nothing is written at ``out`` unless the whole run succeeds.
+    """
+    from featurebank.export.finetuned import export_finetuned
+    from featurebank.export.registry import get_backbone
+    from featurebank.export.weights import build_backbone, state_dict_sha256
+    from featurebank.finetune.head import fit_probe_head
+    from featurebank.finetune.model import FineTunedNet, split_backbone
+    from featurebank.finetune.report import plot_curves
+    from featurebank.finetune.train import train_top
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FineTuneError(f"cannot write {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise FineTuneError(f"cannot write {out}: it is a folder; pass a file name such as model.onnx")
+    if val is None and not (isinstance(val_split, (int, float)) and 0 < val_split < 1):
+        raise FineTuneError(f"val_split must be between 0 and 1 (exclusive); got {val_split!r}")
+
+    paths, labels = _labelled(sources, "the training source")
+    if val is None:
+        _check_counts(labels, "the training source", 2, "each class needs at least two images (one to train, "
+                      "one to validate); add images or drop the class")
+        from sklearn.model_selection import train_test_split
+
+        try:
+            tr_paths, va_paths, tr_labels, va_labels = train_test_split(
+                paths, labels, test_size=val_split, random_state=seed, stratify=labels)
+        except ValueError as exc:  # the split is too small to hold every class on both sides
+            raise FineTuneError(f"cannot split {len(paths)} images with val_split={val_split}: {exc}; "
+                                "change --val-split or pass --val") from None
+        fix = "add images, raise the share that trains (--val-split), or pass a validation source with --val"
+    else:
+        tr_paths, tr_labels = paths, labels
+        va_paths, va_labels = _labelled(val, "the validation source")
+        fix = "each class needs two images to fit the probe; add images"
+    _check_counts(tr_labels, "the training split", 2, fix)
+    classes = sorted(set(tr_labels))
+    if set(va_labels) - set(classes):
+        raise FineTuneError(f"the validation images have classes the training images lack: "
+                            f"{sorted(set(va_labels) - set(classes))}")
+    index = {c: i for i, c in enumerate(classes)}
+    y_tr = np.asarray([index[c] for c in tr_labels], np.int64)
+    y_va = np.asarray([index[c] for c in va_labels], np.int64)
+
+    spec = get_backbone(backbone)
+    loaded = build_backbone(spec, weights, seed=seed)
+    model = loaded.model
+    unfreeze = default_unfreeze(model) if unfreeze is None else unfreeze
+    bottom, top = split_backbone(model, unfreeze)
+    pre = spec.preprocessing
+
+    A_tr, _ = _bottom_activations(bottom, tr_paths, pre, progress)
+    A_va, verify_pixels = _bottom_activations(bottom, va_paths, pre, progress, keep_pixels=4)
+    head, probe = fit_probe_head(_pooled(top, A_tr), y_tr)
+    j = int(np.flatnonzero(probe.Cs_ == probe.C_)[0])
+    probe_cv_accuracy = float(np.mean(probe.cv_scores_[:, j]))
+    probe_val_accuracy = float(np.mean(probe.predict(_pooled(top, A_va).astype(np.float32)) == y_va))
+
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".ckpt")
+    lr_backbone = lr / 10
+    trained = train_top(A_tr, y_tr, top, head, epochs=epochs, lr_head=lr, lr_backbone=lr_backbone, seed=seed,
+                        val=(A_va, y_va), train_bn=train_bn, checkpoint_dir=ckpt, progress=progress)
+
+    net = FineTunedNet(bottom, top, head).eval()
+    with torch.no_grad():
+        logits = torch.cat([head(top(torch.from_numpy(A_va[s : s + _BATCH]))) for s in range(0, len(A_va), _BATCH)])
+    predicted = logits.argmax(1).numpy()
+    val_accuracy = float(np.mean(predicted == y_va))
+
+    provenance = {
+        "parent_backbone": spec.name,
+        "parent_weights_sha256": loaded.weights_sha256,
+        "parent_weights_source": loaded.weights_source,
+        "finetuned_weights_sha256": state_dict_sha256(net.state_dict()),
+        "recipe": {"unfreeze": unfreeze, "epochs": epochs, "lr_head": lr, "lr_backbone": lr_backbone,
+                   "seed": seed, "train_bn": bool(train_bn), "val_split": None if val is not None else val_split,
+                   "decode_mode": DECODE_MODE, "init": "linear probe (LP-FT)",
+                   "best_epoch": trained.best_epoch, "stopped": trained.stopped},
+        "data_fingerprint": {"train": _fingerprint(tr_paths, tr_labels), "val": _fingerprint(va_paths, va_labels),
+                             "n_train": len(tr_paths), "n_val": len(va_paths)},
+        "validation": {"accuracy": val_accuracy, "probe_accuracy": probe_val_accuracy,
+                       "probe_cv_accuracy": probe_cv_accuracy},
+    }
+    export_finetuned(net, out, classes=classes, card=provenance, preprocessing=pre, weights_license=spec.license,
+                     verify_pixels=verify_pixels, seed=seed)
+    curves = plot_curves(trained.history, out.with_name(out.stem + ".curves.png"),
+                         title=f"{spec.name} from {unfreeze}")
+    return FinetuneResult(
+        probe_cv_accuracy=probe_cv_accuracy, probe_val_accuracy=probe_val_accuracy, val_accuracy=val_accuracy,
+        beat_probe=val_accuracy > probe_val_accuracy, history=trained.history, best_epoch=trained.best_epoch,
+        model_path=out, curves_path=curves, checkpoint_dir=ckpt, classes=classes, val_paths=list(va_paths),
+        val_predictions=[classes[i] for i in predicted],
+    )
