@@ -130,7 +130,15 @@ def test_train_and_evaluate_refuse_an_activation_model(act_model, act_store, tex
     clf = tmp_path / "clf.joblib"
     assert main(["train", str(texture_dir), "--store", str(root), "--model", str(act_model), "-o", str(clf)]) == 2
     _assert_refused(capsys.readouterr().err, fp)
+    report = tmp_path / "report"
+    assert main(["evaluate", str(texture_dir), "--store", str(root), "--model", str(act_model), "--out", str(report)]) == 2
+    _assert_refused(capsys.readouterr().err, fp)
     assert list(tmp_path.iterdir()) == []
+    # the same model by --model for store export (the space it writes is resolved from the card)
+    out = tmp_path / "v.parquet"
+    assert main(["store", "export", str(root), "--model", str(act_model), "-o", str(out)]) == 2
+    _assert_refused(capsys.readouterr().err, fp)
+    assert not out.exists()
 
 
 def test_search_refuses_an_activation_space(act_model, act_store, texture_dir, tmp_path, capsys):
