@@ -100,7 +100,8 @@ def labelled_vectors(
     """``(X, y, paths)`` of the labelled images of ``source`` (embedded first if needed).
 
     Raises ImageSourceError if some images have no label (train needs one per image), or if
-    fewer than two classes are present.
+    fewer than two classes are present; ActivationSpaceError if ``output`` is an unpooled
+    activation map (a fine-tuning cache, not an embedding).
     """
     runner = _runner(model)
     out = runner.card.output(output)
