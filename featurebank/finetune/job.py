@@ -185,11 +185,9 @@ def finetune(
     from featurebank.finetune.report import plot_curves
     from featurebank.finetune.train import train_top
 
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise FineTuneError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise FineTuneError(f"cannot write {out}: it is a folder; pass a file name such as model.onnx")
+    from featurebank.export.onnx_export import _check_output_path
+
+    out = _check_output_path(out)  # before hours of training: the export's own rule for its output path
     if val is None and not (isinstance(val_split, (int, float)) and 0 < val_split < 1):
         raise FineTuneError(f"val_split must be between 0 and 1 (exclusive); got {val_split!r}")
 

@@ -141,6 +141,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_no_model(make, message, text
             "epoch-0001.json", "epoch-0001.safetensors"]
 
 
+def test_an_output_folder_that_does_not_exist_is_refused_before_any_work(texture_dir, tmp_path, capsys):
+    out = tmp_path / "missing" / "model.onnx"
+    assert main(["finetune", str(texture_dir), *TINY_ARGS, "-o", str(out)]) == 2
+    assert capsys.readouterr().err == f"featurebank: error: output folder does not exist; create it first: {out.parent}\n"
+    assert not (tmp_path / "missing").exists()
+
+
 @pytest.mark.slow
 def test_real_weights_efficientnet_lite0_from_blocks_6(texture_dir, tmp_path):
     """efficientnet_lite0 with its registry weights on the texture photos: the fine-tuned model
