@@ -115,12 +115,20 @@ def _diverging_lr(tmp_path, texture_dir):
     return texture_dir, ["--lr", "1e30"]
 
 
+def _val_with_another_class(tmp_path, texture_dir):
+    val = tmp_path / "val"
+    shutil.copytree(texture_dir / "grass", val / "grass")
+    shutil.copytree(texture_dir / "brick", val / "sand")
+    return texture_dir, ["--val", str(val)]
+
+
 BAD = [
     (_one_class, r"the training source holds a single class \('only'\); fine-tuning needs at least two"),
     (_single_image_class, r"the training source: classes 'b' \(1\) have fewer than 2 images"),
     (_no_labels, r"the training source has 10 image\(s\) without a label .*put each class in its own subfolder"),
     (_bad_unfreeze, r"cannot unfreeze from 'blocks.9': it is not a cut point of this network.* Valid: conv_stem, "
                     r"blocks.0, .*conv_head"),
+    (_val_with_another_class, r"the validation images have classes the training images lack: \['sand'\]$"),
     (_diverging_lr, r"training diverged: the loss became nan at epoch 2.*the last good checkpoint \(epoch 1\) is kept"),
 ]
 
@@ -139,6 +147,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_no_model(make, message, text
     if make is _diverging_lr:
         assert sorted(p.name for p in out.with_name("model.onnx.ckpt").iterdir()) == [
             "epoch-0001.json", "epoch-0001.safetensors"]
+
+
+def test_a_validation_source_replaces_the_split(texture_dir, tmp_path):
+    val = tmp_path / "val"
+    for name in ("grass", "brick"):
+        shutil.copytree(texture_dir / name, val / name)
+    r = finetune(texture_dir, out=tmp_path / "m.onnx", val=val, **TINY)
+    assert r.val_paths == sorted(str(p) for p in val.rglob("*.jpg"))
+    ft = read_model_card(onnx.load(str(r.model_path))).finetune
+    assert (ft["data_fingerprint"]["n_train"], ft["data_fingerprint"]["n_val"]) == (30, 20)
+    assert ft["recipe"]["val_split"] is None
+    assert r.classes == ["brick", "grass", "gravel"]  # the model still knows every training class
 
 
 def test_an_output_folder_that_does_not_exist_is_refused_before_any_work(texture_dir, tmp_path, capsys):
