@@ -36,7 +36,7 @@ from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.embedder.sources import ImageList, list_images
 from featurebank.errors import FeaturebankError
 
-__all__ = ["embed_images", "load_embeddings", "EmbedReport", "Embeddings", "space_of", "open_spaces", "plan_work",
+__all__ = ["embed_images", "load_embeddings", "load_activations", "EmbedReport", "Embeddings", "space_of", "open_spaces", "plan_work",
            "WorkPlan"]
 
 log = logging.getLogger("featurebank")
@@ -393,3 +393,40 @@ def load_embeddings(
     emb = embed_images(source, runner, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
     idx = np.flatnonzero(emb.ok)
     return emb.vectors[name][idx], [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx]
+
+
+def load_activations(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | ImageList,
+    model: str | os.PathLike[str] | ModelRunner,
+    store: Any,
+    *,
+    output: str | None = None,
+    decode_mode: str = DEFAULT_DECODE_MODE,
+    progress: bool | None = None,
+    **embed_options: Any,
+) -> tuple[np.ndarray, list[str], list[str | None], list[str], EmbedReport]:
+    """The fine-tuning counterpart of :func:`load_embeddings`: ``(A, keys, labels, paths,
+    report)`` for the images of ``source``, read from the store's **activation space** of
+    ``model`` (an export with ``pool="none"``, such as the frozen bottom of a network),
+    embedding first what the store lacks.
+
+    A : ndarray of shape (n_ok, C, H, W) float32, reshaped from the flattened rows by the
+    shape recorded in the model card output (and so in the space). Images that failed are
+    left out; ``report`` says how many were embedded, read from the store, failed.
+
+    This is the one way to read activation maps: indexes, search, store export and classifiers
+    refuse them (ActivationSpaceError). Raises ValueError when the output is not an activation
+    map (use :func:`load_embeddings`), StoreError on a damaged cached shard (as
+    :func:`load_embeddings`).
+    """
+    runner = _as_runner(model, embed_options.pop("device", "auto"), embed_options.pop("threads", None))
+    out = runner.card.output(output)
+    if not out.is_activation_map:
+        raise ValueError(f"output {out.name!r} of {runner.card.backbone} is pooled ({out.pooling}), not an activation "
+                         "map; read embeddings with load_embeddings")
+    embed_options.setdefault("repair", False)
+    emb = embed_images(source, runner, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
+    idx = np.flatnonzero(emb.ok)
+    A = emb.vectors[out.name][idx].reshape((len(idx), *out.shape))
+    return (A, [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx],
+            emb.report)

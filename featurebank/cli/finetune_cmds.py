@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="learning rate of the head; the unfrozen layers use lr/10 (default: 0.001)")
     p.add_argument("--train-bn", action="store_true",
                    help="batch norm of the unfrozen layers in train mode (default: off, inference mode)")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="cache the frozen layers' activation maps in this store (exported once as ONNX with no "
+                   "pooling), so a re-run or a new image computes only what is new (default: none, computed in "
+                   "memory each run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, shuffles and parity inputs (default: 0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars (default: bars on stderr when it is a terminal)")
@@ -61,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     r = finetune(
         args.source, out=args.out, backbone=args.backbone, weights=args.weights, unfreeze=args.unfreeze,
         epochs=args.epochs, lr=args.lr, val_split=args.val_split, val=args.val, seed=args.seed,
-        train_bn=args.train_bn,
+        train_bn=args.train_bn, store=args.store,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
+    if r.embedded is not None:
+        say(f"frozen layers: {r.embedded} images embedded, {r.cached} from the store {args.store}")
     say(f"linear probe: cross-validated accuracy {r.probe_cv_accuracy:.4f}, validation accuracy {r.probe_val_accuracy:.4f}")
     say(f"fine-tuned: validation accuracy {r.val_accuracy:.4f} (best epoch {r.best_epoch} of {len(r.history) - 1})")
     if not r.beat_probe:

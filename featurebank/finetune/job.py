@@ -3,7 +3,9 @@
 The steps, each a function of this room or upstream: list the labelled images, split them
 (seeded, stratified) unless a validation source is given, build the backbone, cut it where
 training starts (:func:`~featurebank.finetune.model.split_backbone`), run the frozen bottom once
-over every image (its activations are kept in memory), fit a linear probe on the pooled
+over every image (its activations are kept in memory, or, with ``store=DIR``, exported as an
+ONNX model with no pooling and cached in the store's activation space, so a re-run or a new
+image costs only what is new: :func:`bottom_layer`), fit a linear probe on the pooled
 features and start the head from it (LP-FT), train the top and head
 (:func:`~featurebank.finetune.train.train_top`, per-epoch checkpoints, resumable), export one
 ONNX graph (:func:`~featurebank.export.finetuned.export_finetuned`) and plot the curves.
@@ -25,7 +27,7 @@ import torch
 
 from featurebank.errors import FineTuneError
 
-__all__ = ["FinetuneResult", "finetune", "default_unfreeze"]
+__all__ = ["FinetuneResult", "finetune", "default_unfreeze", "bottom_layer"]
 
 DECODE_MODE = "fast"  # as the embedder decodes by default
 _BATCH = 32
@@ -45,6 +47,8 @@ class FinetuneResult:
     model_path, curves_path, checkpoint_dir : what was written.
     classes : class names, in the order of the model's outputs.
     val_paths, val_predictions : the validation images and the fine-tuned model's labels for them.
+    embedded, cached : with a store, the images whose frozen activations were computed in this
+        run and those read from the store (None without a store).
     """
 
     probe_cv_accuracy: float
@@ -59,6 +63,8 @@ class FinetuneResult:
     classes: list[str] = field(default_factory=list)
     val_paths: list[str] = field(default_factory=list)
     val_predictions: list[str] = field(default_factory=list)
+    embedded: int | None = None
+    cached: int | None = None
 
 
 def default_unfreeze(model: torch.nn.Module) -> str:
@@ -68,6 +74,66 @@ def default_unfreeze(model: torch.nn.Module) -> str:
 
     stages = [c for c in list_cut_points(model) if c.startswith("blocks.") and c.count(".") == 1]
     return stages[-1]
+
+
+def bottom_layer(model: torch.nn.Module, unfreeze: str) -> str:
+    """The export room's name of the layer whose output feeds ``unfreeze`` (the frozen
+    bottom's output): ``blocks.6`` -> ``blocks.5.3`` (the last block of the stage before, for
+    efficientnet_lite0), ``blocks.5.2`` -> ``blocks.5.1``, ``blocks.0`` -> ``bn1`` (the stem's
+    output, after its batch norm and activation), ``conv_head`` -> the last block.
+
+    Raises UnknownLayerError (as :func:`split_backbone`) for a name that is not a cut point,
+    FineTuneError for ``conv_stem`` (nothing is frozen, so nothing to cache).
+    """
+    from featurebank.finetune.model import _cut_index, _sequence, split_backbone
+
+    split_backbone(model, unfreeze)  # the one check of the name (UnknownLayerError listing the valid ones)
+    seq = _sequence(model)
+    k = _cut_index(seq)[unfreeze]
+    if k == 0:
+        raise FineTuneError(f"--unfreeze {unfreeze} trains the whole network: nothing is frozen, so there is nothing "
+                            "to cache in a store; drop --store or unfreeze from a later layer")
+    return seq[k - 1][0]
+
+
+def _store_activations(spec, loaded, weights, unfreeze: str, seed: int, store, parts, progress: bool):
+    """Export the frozen bottom (cut at :func:`bottom_layer`, no pooling, uint8 input) through
+    the model cache, embed each (paths, labels) part into the store's activation space and read
+    the maps back. Returns ([A (N, C, H, W) per part], embedded, cached)."""
+    from featurebank.artifact import read_model_card
+    from featurebank.embed_into_store import load_activations
+    from featurebank.embedder.session import open_model
+    from featurebank.embedder.sources import ImageList
+    from featurebank.export.cache import cached_export
+    from featurebank.export.layers import list_layers
+    from featurebank.store import open_store
+
+    layer = bottom_layer(loaded.model, unfreeze)
+    if layer not in {i.name for i in list_layers(spec, loaded.model)}:
+        raise FineTuneError(f"cannot cache the frozen layers below {unfreeze}: the export cannot cut {spec.name} at "
+                            f"{layer}; drop --store or choose another --unfreeze")
+    path = cached_export(spec.name, layers=[layer], pool="none", weights=weights, input_format="uint8", seed=seed)
+    card = read_model_card(path)
+    if card.weights_sha256 != loaded.weights_sha256:  # e.g. weights changed on disk since the export was cached
+        raise FineTuneError(f"the cached export {path} holds other weights than the network being fine-tuned; "
+                            "delete it and run again")
+    runner = open_model(path, device="cpu")
+    st = open_store(store)
+    out, embedded, cached = [], 0, 0
+    for paths, labels in parts:
+        A, _, _, got, report = load_activations(ImageList(list(paths), list(labels)), runner, st,
+                                                decode_mode=DECODE_MODE, progress=progress)
+        if report.failures:
+            p, why = report.failures[0]
+            raise FineTuneError(f"{report.failed} image(s) could not be read (e.g. {p}: {why}); remove or fix them")
+        if got != list(paths):
+            missing = sorted(set(paths) - set(got))
+            raise FineTuneError(f"{len(missing)} image(s) have no cached activations (e.g. {missing[0]}); "
+                                "run again, or check `featurebank store failures`")
+        out.append(A)
+        embedded += report.embedded
+        cached += report.cached
+    return out, embedded, cached
 
 
 def _labelled(source: Any, what: str) -> tuple[list[str], list[str]]:
@@ -149,6 +215,7 @@ def finetune(
     seed: int = 0,
     train_bn: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    store: Any = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune the top of ``backbone`` on labelled images and write one ONNX model.
@@ -170,6 +237,10 @@ def finetune(
         mode (Keras's guide, the default)
     checkpoint_dir : per-epoch checkpoints (default ``<out>.ckpt``); a second call with the same
         folder, data and settings resumes (or, finished, trains nothing)
+    store : a store directory: the frozen bottom is exported as ONNX (no pooling, through the
+        model cache) and each image's activation map is cached in the store's activation space
+        of its own, so a re-run or a new image computes only what is new; None (the default)
+        computes them with torch in memory, each run
     progress : progress bars on stderr
 
     Raises FineTuneError (one class, classes with too few images, images without labels, a
@@ -224,8 +295,16 @@ def finetune(
     bottom, top = split_backbone(model, unfreeze)
     pre = spec.preprocessing
 
-    A_tr, _ = _bottom_activations(bottom, tr_paths, pre, progress)
-    A_va, verify_pixels = _bottom_activations(bottom, va_paths, pre, progress, keep_pixels=4)
+    embedded = cached = None
+    if store is None:
+        A_tr, _ = _bottom_activations(bottom, tr_paths, pre, progress)
+        A_va, verify_pixels = _bottom_activations(bottom, va_paths, pre, progress, keep_pixels=4)
+    else:
+        from featurebank.decoding import decode_image
+
+        (A_tr, A_va), embedded, cached = _store_activations(
+            spec, loaded, weights, unfreeze, seed, store, [(tr_paths, tr_labels), (va_paths, va_labels)], progress)
+        verify_pixels = np.stack([decode_image(p, pre, mode=DECODE_MODE) for p in va_paths[:4]])
     head, probe = fit_probe_head(_pooled(top, A_tr), y_tr)
     j = int(np.flatnonzero(probe.Cs_ == probe.C_)[0])
     probe_cv_accuracy = float(np.mean(probe.cv_scores_[:, j]))
@@ -264,5 +343,5 @@ def finetune(
         probe_cv_accuracy=probe_cv_accuracy, probe_val_accuracy=probe_val_accuracy, val_accuracy=val_accuracy,
         beat_probe=val_accuracy > probe_val_accuracy, history=trained.history, best_epoch=trained.best_epoch,
         model_path=out, curves_path=curves, checkpoint_dir=ckpt, classes=classes, val_paths=list(va_paths),
-        val_predictions=[classes[i] for i in predicted],
+        val_predictions=[classes[i] for i in predicted], embedded=embedded, cached=cached,
     )
