@@ -112,7 +112,10 @@ def _store_activations(spec, loaded, weights, unfreeze: str, seed: int, store, p
     if layer not in {i.name for i in list_layers(spec, loaded.model)}:
         raise FineTuneError(f"cannot cache the frozen layers below {unfreeze}: the export cannot cut {spec.name} at "
                             f"{layer}; drop --store or choose another --unfreeze")
-    path = cached_export(spec.name, layers=[layer], pool="none", weights=weights, input_format="uint8", seed=seed)
+    # the seed makes the weights only of a random-weight network: pretrained ones share one export whatever the seed
+    random_weights = loaded.weights_source.startswith("random:")
+    path = cached_export(spec.name, layers=[layer], pool="none", weights=weights, input_format="uint8",
+                         seed=seed if random_weights else None)
     card = read_model_card(path)
     if card.weights_sha256 != loaded.weights_sha256:  # e.g. weights changed on disk since the export was cached
         raise FineTuneError(f"the cached export {path} holds other weights than the network being fine-tuned; "
@@ -244,7 +247,8 @@ def finetune(
     progress : progress bars on stderr
 
     Raises FineTuneError (one class, classes with too few images, images without labels, a
-    validation set with other classes), UnknownLayerError (``unfreeze`` not a cut point; the
+    validation set with other classes; with ``store``, ``unfreeze="conv_stem"`` (nothing frozen
+    to cache) or images whose activations cannot be computed), UnknownLayerError (``unfreeze`` not a cut point; the
     message lists the valid ones), TrainingDivergedError (NaN loss; the last good checkpoint is
     kept). Nothing is written at ``out`` unless the whole run succeeds.
     """
