@@ -154,3 +154,17 @@ def test_store_with_conv_stem_is_refused_before_anything_is_written(texture_dir,
     assert "--unfreeze conv_stem trains the whole network: nothing is frozen, so there is nothing to cache" in \
         capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_new_image_is_the_only_one_embedded(stored, texture_dir, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    _, root = stored
+    grown = tmp_path / "textures"
+    shutil.copytree(texture_dir, grown)
+    with Image.open(grown / "grass" / "00.jpg") as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(grown / "grass" / "10.jpg", quality=90)  # new bytes
+    r = finetune(grown, out=tmp_path / "g.onnx", store=root / "store", **{**TINY, "epochs": 1})
+    assert (r.embedded, r.cached) == (1, 30)
