@@ -74,6 +74,6 @@ def run(args: argparse.Namespace) -> int:
     say(f"fine-tuned: validation accuracy {r.val_accuracy:.4f} (best epoch {r.best_epoch} of {len(r.history) - 1})")
     if not r.beat_probe:
         say("fine-tuning did not beat the linear probe on the validation split; the model is written, but use the "
-            f"probe: featurebank train {args.source} --store DIR --classifier probe -o probe.fbclf")
+            f"probe: featurebank train {args.source} --store {args.store or 'DIR'} --classifier probe -o probe.fbclf")
     say(f"wrote {r.model_path} and {r.curves_path} (checkpoints: {r.checkpoint_dir})")
     return 0
