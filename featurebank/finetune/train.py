@@ -6,7 +6,8 @@ from the cut point to the pooling) and ``head`` on those arrays. An epoch costs 
 
 The recipe: AdamW with two learning rates (``lr_backbone`` for the top, lower than ``lr_head``),
 weight decay on weights but not on biases and norms, linear warm-up then cosine decay per step,
-early stopping on validation accuracy keeping the best weights (the starting weights, epoch 0,
+early stopping on validation accuracy (ties broken by the lower validation loss) keeping the
+best weights (the starting weights, epoch 0,
 count: if training never beats the LP-initialised head, that head is what comes back).
 
 Checkpoints (``checkpoint_dir``): after each epoch ``epoch-NNNN.safetensors`` (weights, best
@@ -404,7 +405,11 @@ def train_top(
                 stop = None
                 if val is not None:
                     record["val_loss"], record["val_accuracy"] = _evaluate(top, head, A_val, y_val, batch_size)
-                    if result.best_val_accuracy is None or record["val_accuracy"] > result.best_val_accuracy:
+                    # accuracy first; a tie goes to the lower validation loss (accuracy saturates
+                    # on easy data while the model still gets better calibrated)
+                    best = result.history[result.best_epoch] if result.best_val_accuracy is not None else None
+                    if best is None or (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"],
+                                                                                      -best["val_loss"]):
                         result.best_epoch, result.best_val_accuracy = epoch, record["val_accuracy"]
                         best_state, epochs_since_best = _model_state(top, head), 0
                     else:

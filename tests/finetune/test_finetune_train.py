@@ -191,3 +191,18 @@ def test_float16_activations_train(cached):
     top, head = make()
     r = train_top(A.astype(np.float16), y, top, head, **{**KW, "epochs": 1})
     assert np.isfinite(r.history[-1]["train_loss"])
+
+
+def test_a_tie_in_validation_accuracy_goes_to_the_lower_validation_loss(cached):
+    """Accuracy saturates on easy data while the model keeps getting better calibrated: the best
+    epoch is the most accurate one, and among equally accurate ones the lowest validation loss."""
+    A, y, _, _, make = cached
+    top, _ = make()
+    with torch.no_grad():
+        head, _ = fit_probe_head(top.eval()(torch.from_numpy(A)).numpy(), y, probe=LinearProbe(cv=2))
+    r = train_top(A, y, top, head, val=(A, y), **{**KW, "epochs": 4, "lr_head": 0.01, "patience": 4})
+    key = [(h["val_accuracy"], -h["val_loss"]) for h in r.history]
+    assert r.best_epoch == max(range(len(key)), key=key.__getitem__)
+    ties = [e for e, h in enumerate(r.history) if h["val_accuracy"] == r.best_val_accuracy]
+    assert len(ties) > 1 and r.best_epoch > 0  # the tie the rule is for
+    assert r.history[r.best_epoch]["val_loss"] == min(r.history[e]["val_loss"] for e in ties)
