@@ -386,13 +386,21 @@ def load_embeddings(
     shard): run ``featurebank store verify STORE --quarantine``, then load again.
     """
     runner = _as_runner(model, embed_options.pop("device", "auto"), embed_options.pop("threads", None))
-    name = runner.card.output(output).name  # by name or layer; the only one when None
+    out = runner.card.output(output)  # by name or layer; the only one when None
+    X, keys, labels, paths, _ = _read_rows(source, runner, out, store, decode_mode, progress, embed_options)
+    return X, keys, labels, paths
+
+
+def _read_rows(source, runner, out, store, decode_mode, progress, embed_options):
+    """Embed what the store lacks, then ``(rows of out, keys, labels, paths, report)`` of the
+    images that did not fail, in source order."""
     # a training set is read as stored: damaged cached vectors refuse (StoreError naming the
     # shard and `store verify --quarantine`) rather than being repaired behind the user's back
     embed_options.setdefault("repair", False)
     emb = embed_images(source, runner, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
     idx = np.flatnonzero(emb.ok)
-    return emb.vectors[name][idx], [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx]
+    return (emb.vectors[out.name][idx], [emb.keys[i] for i in idx], [emb.labels[i] for i in idx],
+            [emb.paths[i] for i in idx], emb.report)
 
 
 def load_activations(
@@ -424,9 +432,5 @@ def load_activations(
     if not out.is_activation_map:
         raise ValueError(f"output {out.name!r} of {runner.card.backbone} is pooled ({out.pooling}), not an activation "
                          "map; read embeddings with load_embeddings")
-    embed_options.setdefault("repair", False)
-    emb = embed_images(source, runner, store=store, decode_mode=decode_mode, progress=progress, **embed_options)
-    idx = np.flatnonzero(emb.ok)
-    A = emb.vectors[out.name][idx].reshape((len(idx), *out.shape))
-    return (A, [emb.keys[i] for i in idx], [emb.labels[i] for i in idx], [emb.paths[i] for i in idx],
-            emb.report)
+    rows, keys, labels, paths, report = _read_rows(source, runner, out, store, decode_mode, progress, embed_options)
+    return rows.reshape((len(rows), *out.shape)), keys, labels, paths, report

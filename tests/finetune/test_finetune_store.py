@@ -22,13 +22,9 @@ TINY = dict(backbone="test_efficientnet", weights="random", epochs=3, progress=F
 @pytest.fixture(scope="module", autouse=True)
 def model_cache(tmp_path_factory):
     """A model cache of this module's own, so the exports are made here and not reused."""
-    old = os.environ.get("FEATUREBANK_CACHE")
-    os.environ["FEATUREBANK_CACHE"] = str(tmp_path_factory.mktemp("fb-cache"))
-    yield os.environ["FEATUREBANK_CACHE"]
-    if old is None:
-        del os.environ["FEATUREBANK_CACHE"]
-    else:
-        os.environ["FEATUREBANK_CACHE"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEATUREBANK_CACHE", str(tmp_path_factory.mktemp("fb-cache")))
+        yield os.environ["FEATUREBANK_CACHE"]
 
 
 def test_bottom_layer_names_the_layer_that_feeds_each_cut_point(tiny_backbone):
