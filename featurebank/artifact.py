@@ -102,14 +102,19 @@ def check_decode_mode(decode_mode: str) -> str:
     return decode_mode
 
 
-def space_fingerprint(output_fingerprint: str, decode_mode: str) -> str:
+def space_fingerprint(output_fingerprint: str, decode_mode: str, view: Mapping[str, Any] | None = None) -> str:
     """Identity of a cached vector space: one model output under one decode mode.
 
     The embedding store keys vectors on it, so vectors of the two decode modes, or of two
-    models, never mix.
+    models, never mix. ``view`` (JSON-able: an augmentation recipe and view index, see
+    :mod:`featurebank.finetune.augment`) makes the space of one augmented view of each image:
+    every view shares the file's content key, so each needs a space of its own.
     """
     _choice(decode_mode, DECODE_MODES, "decode_mode")
-    return fingerprint_of({"output": output_fingerprint, "decode_mode": decode_mode})
+    payload: dict[str, Any] = {"output": output_fingerprint, "decode_mode": decode_mode}
+    if view is not None:
+        payload["view"] = dict(view)
+    return fingerprint_of(payload)
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:

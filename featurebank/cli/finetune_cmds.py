@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="learning rate of the head; the unfrozen layers use lr/10 (default: 0.001)")
     p.add_argument("--train-bn", action="store_true",
                    help="batch norm of the unfrozen layers in train mode (default: off, inference mode)")
+    p.add_argument("--augment", choices=("none", "light"), default="none",
+                   help="light: each training image also gets --views augmented views (random resized crop, "
+                   "flip), each run once through the frozen layers and cached; each epoch trains on one view "
+                   "per image (default: none)")
+    p.add_argument("--views", type=int, default=None, metavar="K",
+                   help="augmented views per training image with --augment light (default: 4)")
     p.add_argument("--store", default=None, metavar="DIR",
                    help="cache the frozen layers' activation maps in this store (exported once as ONNX with no "
                    "pooling), so a re-run or a new image computes only what is new (default: none, computed in "
@@ -65,12 +71,9 @@ def run(args: argparse.Namespace) -> int:
     r = finetune(
         args.source, out=args.out, backbone=args.backbone, weights=args.weights, unfreeze=args.unfreeze,
         epochs=args.epochs, lr=args.lr, val_split=args.val_split, val=args.val, seed=args.seed,
-        train_bn=args.train_bn, store=args.store,
+        train_bn=args.train_bn, store=args.store, augment=args.augment, views=args.views, log=say,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
-    if r.embedded is not None:
-        say(f"frozen layers: {r.embedded} images embedded, {r.cached} from the store {args.store}")
-    say(f"linear probe: cross-validated accuracy {r.probe_cv_accuracy:.4f}, validation accuracy {r.probe_val_accuracy:.4f}")
     say(f"fine-tuned: validation accuracy {r.val_accuracy:.4f} (best epoch {r.best_epoch} of {len(r.history) - 1})")
     if not r.beat_probe:
         say("fine-tuning did not beat the linear probe on the validation split; the model is written, but use the "

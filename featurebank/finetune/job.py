@@ -20,7 +20,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class FinetuneResult:
     model_path, curves_path, checkpoint_dir : what was written.
     classes : class names, in the order of the model's outputs.
     val_paths, val_predictions : the validation images and the fine-tuned model's labels for them.
-    embedded, cached : with a store, the images whose frozen activations were computed in this
+    embedded, cached : with a store, the images (times views, with ``augment``) whose frozen activations were computed in this
         run and those read from the store (None without a store).
     """
 
@@ -96,10 +96,13 @@ def bottom_layer(model: torch.nn.Module, unfreeze: str) -> str:
     return seq[k - 1][0]
 
 
-def _store_activations(spec, loaded, weights, unfreeze: str, seed: int, store, parts, progress: bool):
+def _store_activations(spec, loaded, weights, unfreeze: str, seed: int, store, parts, progress: bool,
+                       augment: tuple[Sequence[str], dict, int] | None = None):
     """Export the frozen bottom (cut at :func:`bottom_layer`, no pooling, uint8 input) through
     the model cache, embed each (paths, labels) part into the store's activation space and read
-    the maps back. Returns ([A (N, C, H, W) per part], embedded, cached)."""
+    the maps back; with ``augment`` = (content keys of the first part, recipe, views), also
+    the augmented views of the first part (:func:`_store_views`). Returns ([A (N, C, H, W) per
+    part], embedded, cached, [A per augmented view]); embedded and cached count images x views."""
     from featurebank.artifact import read_model_card
     from featurebank.embed_into_store import load_activations
     from featurebank.embedder.session import open_model
@@ -136,7 +139,13 @@ def _store_activations(spec, loaded, weights, unfreeze: str, seed: int, store, p
         out.append(A)
         embedded += report.embedded
         cached += report.cached
-    return out, embedded, cached
+    views: list[np.ndarray] = []
+    if augment is not None:
+        keys, rec, n_views = augment
+        views, computed, hit = _store_views(runner, st, parts[0][0], keys, rec, n_views, progress)
+        embedded += computed
+        cached += hit
+    return out, embedded, cached, views
 
 
 def _labelled(source: Any, what: str) -> tuple[list[str], list[str]]:
@@ -163,32 +172,44 @@ def _check_counts(labels: Sequence[str], what: str, minimum: int, fix: str) -> N
         raise FineTuneError(f"{what}: classes {', '.join(few)} have fewer than {minimum} images; {fix}")
 
 
-def _fingerprint(paths: Sequence[str], labels: Sequence[str]) -> str:
-    """sha256 over the sorted (content key, label) pairs: the store's key of each file."""
+def _content_keys(paths: Sequence[str]) -> list[str]:
+    """The store's key (sha256 of the bytes) of each file."""
     from featurebank.store.hashing import hash_one
 
-    rows = []
-    for path, label in zip(paths, labels):
+    keys = []
+    for path in paths:
         key, _, error = hash_one(path)
         if error is not None:
             raise FineTuneError(f"cannot read {path}: {error}")
-        rows.append(f"{key}\t{label}\n")
+        keys.append(key)
+    return keys
+
+
+def _fingerprint(keys: Sequence[str], labels: Sequence[str]) -> str:
+    """sha256 over the sorted (content key, label) pairs."""
+    rows = [f"{key}\t{label}\n" for key, label in zip(keys, labels)]
     return hashlib.sha256("".join(sorted(rows)).encode()).hexdigest()
 
 
 def _bottom_activations(bottom: torch.nn.Module, paths: Sequence[str], pre, progress: bool,
-                        keep_pixels: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(activations (N, C, h, w) float32, the first ``keep_pixels`` decoded images (uint8 NHWC))."""
+                        keep_pixels: int = 0, view: tuple[Sequence[str], int, dict] | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(activations (N, C, h, w) float32, the first ``keep_pixels`` decoded images (uint8 NHWC)).
+
+    view : (content keys of ``paths``, view index >= 1, augmentation recipe): the activations
+        of that augmented view of each image instead of the plain image."""
     from tqdm.auto import tqdm
 
-    from featurebank.decoding import decode_image, to_model_input
+    from featurebank.decoding import to_model_input
 
     out, kept = [], []
+    decode = _decoder(pre, view)
     bottom.eval()
-    with torch.no_grad(), tqdm(total=len(paths), unit="img", desc="frozen layers", disable=not progress,
+    desc = "frozen layers" if view is None else f"frozen layers, view {view[1]}"
+    with torch.no_grad(), tqdm(total=len(paths), unit="img", desc=desc, disable=not progress,
                                leave=False) as bar:
         for s in range(0, len(paths), _BATCH):
-            batch = np.stack([decode_image(p, pre, mode=DECODE_MODE) for p in paths[s : s + _BATCH]])
+            batch = np.stack([decode(i, paths[i]) for i in range(s, min(s + _BATCH, len(paths)))])
             if len(kept) < keep_pixels:
                 kept.extend(batch[: keep_pixels - len(kept)])
             x = torch.from_numpy(to_model_input(batch, pre, "float"))
@@ -196,6 +217,60 @@ def _bottom_activations(bottom: torch.nn.Module, paths: Sequence[str], pre, prog
             bar.update(len(batch))
     c, h, w = pre.input_size
     return np.concatenate(out), (np.stack(kept) if kept else np.zeros((0, h, w, c), np.uint8))
+
+
+def _decoder(pre, view: tuple[Sequence[str], int, dict] | None):
+    """``(i, path) -> uint8 pixels``: the plain decode, or view ``view[1]`` of image ``i``."""
+    from featurebank.decoding import decode_image
+
+    if view is None:
+        return lambda i, path: decode_image(path, pre, mode=DECODE_MODE)
+    from featurebank.finetune.augment import augmented_view
+
+    keys, index, rec = view
+    return lambda i, path: augmented_view(path, pre, keys[i], index, rec, mode=DECODE_MODE)
+
+
+def _store_views(runner, st, paths: Sequence[str], keys: Sequence[str], rec: dict, n_views: int,
+                 progress: bool) -> tuple[list[np.ndarray], int, int]:
+    """The augmented views 1..n_views of ``paths`` through the exported bottom ``runner``, each
+    cached in a store space of its own (the plain space's output and decode mode plus the
+    recipe and view index in its fingerprint and info). Returns ([A (N, C, H, W) per view],
+    computed, cached) counted in images x views."""
+    from tqdm.auto import tqdm
+
+    from featurebank.artifact import space_fingerprint
+    from featurebank.embedder.batches import infer_batch
+
+    card = runner.card
+    o = card.outputs[0]
+    out, computed, cached = [], 0, 0
+    for v in range(1, n_views + 1):
+        view = {"augment": rec, "view": v}
+        sp = st.space(space_fingerprint(o.fingerprint, DECODE_MODE, view=view), dim=o.dim,
+                      info={"model_card_fingerprint": card.fingerprint, "output": o.to_dict(),
+                            "backbone": card.backbone, "decode_mode": DECODE_MODE,
+                            "preprocessing": card.preprocessing.to_dict(), **view})
+        first = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        unique = list(first)
+        todo = [k for k, have in zip(unique, sp.contains(unique)) if not have]
+        decode = _decoder(card.preprocessing, (keys, v, rec))
+        with tqdm(total=len(todo), unit="img", desc=f"frozen layers, view {v}", disable=not progress or not todo,
+                  leave=False) as bar:
+            for s in range(0, len(todo), _BATCH):
+                chunk = todo[s : s + _BATCH]
+                pixels = np.stack([decode(first[k], paths[first[k]]) for k in chunk])
+                sp.add(chunk, infer_batch(runner, pixels)[o.name])
+                bar.update(len(chunk))
+        computed += len(todo)
+        cached += len(unique) - len(todo)
+        rows, found = sp.get(list(keys))
+        if not found.all():  # pragma: no cover - another process removed rows between add and get
+            raise FineTuneError(f"{int((~found).sum())} image(s) lost their view {v} activations while reading; run again")
+        out.append(rows.reshape((len(rows), *o.shape)))
+    return out, computed, cached
 
 
 def _pooled(top: torch.nn.Module, A: np.ndarray) -> np.ndarray:
@@ -219,6 +294,9 @@ def finetune(
     train_bn: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     store: Any = None,
+    augment: str = "none",
+    views: int | None = None,
+    log: Callable[[str], None] | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune the top of ``backbone`` on labelled images and write one ONNX model.
@@ -244,6 +322,14 @@ def finetune(
         model cache) and each image's activation map is cached in the store's activation space
         of its own, so a re-run or a new image computes only what is new; None (the default)
         computes them with torch in memory, each run
+    augment : ``"none"`` or ``"light"`` (:mod:`featurebank.finetune.augment`): each training
+        image also gets ``views`` augmented views, each run once through the frozen bottom (and
+        cached in a store space of its own with ``store``); each epoch trains every image on one
+        of its views (the plain one included) drawn at random
+    views : augmented views per training image (default
+        :data:`~featurebank.finetune.augment.DEFAULT_VIEWS`; only with ``augment``)
+    log : called with a line of news as the run goes (the cache's work, the probe's accuracy
+        before training starts); None: silent
     progress : progress bars on stderr
 
     Raises FineTuneError (one class, classes with too few images, images without labels, a
@@ -262,7 +348,15 @@ def finetune(
 
     from featurebank.export.onnx_export import _check_output_path
 
+    from featurebank.finetune.augment import DEFAULT_VIEWS, recipe
+
     out = _check_output_path(out)  # before hours of training: the export's own rule for its output path
+    rec = recipe(augment)
+    if rec is None and views is not None:
+        raise FineTuneError(f"views={views} needs an augmentation: pass augment='light' (--augment light) or drop views")
+    n_views = 0 if rec is None else (DEFAULT_VIEWS if views is None else views)
+    if rec is not None and (isinstance(n_views, bool) or not isinstance(n_views, int) or not 1 <= n_views <= 64):
+        raise FineTuneError(f"views must be an integer from 1 to 64; got {views!r}")
     if val is None and not (isinstance(val_split, (int, float)) and 0 < val_split < 1):
         raise FineTuneError(f"val_split must be between 0 and 1 (exclusive); got {val_split!r}")
 
@@ -299,25 +393,38 @@ def finetune(
     bottom, top = split_backbone(model, unfreeze)
     pre = spec.preprocessing
 
+    tr_keys, va_keys = _content_keys(tr_paths), _content_keys(va_paths)
+    train_fp, val_fp = _fingerprint(tr_keys, tr_labels), _fingerprint(va_keys, va_labels)
     embedded = cached = None
     if store is None:
         A_tr, _ = _bottom_activations(bottom, tr_paths, pre, progress)
         A_va, verify_pixels = _bottom_activations(bottom, va_paths, pre, progress, keep_pixels=4)
+        A_views = [_bottom_activations(bottom, tr_paths, pre, progress, view=(tr_keys, v, rec))[0]
+                   for v in range(1, n_views + 1)]
     else:
         from featurebank.decoding import decode_image
 
-        (A_tr, A_va), embedded, cached = _store_activations(
-            spec, loaded, weights, unfreeze, seed, store, [(tr_paths, tr_labels), (va_paths, va_labels)], progress)
+        (A_tr, A_va), embedded, cached, A_views = _store_activations(
+            spec, loaded, weights, unfreeze, seed, store, [(tr_paths, tr_labels), (va_paths, va_labels)], progress,
+            augment=(tr_keys, rec, n_views) if rec is not None else None)
         verify_pixels = np.stack([decode_image(p, pre, mode=DECODE_MODE) for p in va_paths[:4]])
     head, probe = fit_probe_head(_pooled(top, A_tr), y_tr)
     j = int(np.flatnonzero(probe.Cs_ == probe.C_)[0])
     probe_cv_accuracy = float(np.mean(probe.cv_scores_[:, j]))
     probe_val_accuracy = float(np.mean(probe.predict(_pooled(top, A_va).astype(np.float32)) == y_va))
+    if log is not None:
+        if embedded is not None:
+            log(f"frozen layers: {embedded} images embedded, {cached} from the store {store}"
+                + (f" (counting each of the {n_views} augmented views)" if n_views else ""))
+        log(f"linear probe: cross-validated accuracy {probe_cv_accuracy:.4f}, validation accuracy "
+            f"{probe_val_accuracy:.4f}; fine-tuning from {unfreeze} (up to {epochs} epochs)")
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + ".ckpt")
     lr_backbone = lr / 10
-    trained = train_top(A_tr, y_tr, top, head, epochs=epochs, lr_head=lr, lr_backbone=lr_backbone, seed=seed,
-                        val=(A_va, y_va), train_bn=train_bn, checkpoint_dir=ckpt, progress=progress)
+    trained = train_top([A_tr, *A_views] if A_views else A_tr, y_tr, top, head, epochs=epochs, lr_head=lr, lr_backbone=lr_backbone, seed=seed,
+                        val=(A_va, y_va), train_bn=train_bn, checkpoint_dir=ckpt, progress=progress,
+                        run_info={"train": train_fp, "val": val_fp, "augment": rec, "unfreeze": unfreeze,
+                                  "backbone": spec.name, "weights_sha256": loaded.weights_sha256})
 
     net = FineTunedNet(bottom, top, head).eval()
     with torch.no_grad():
@@ -332,9 +439,9 @@ def finetune(
         "finetuned_weights_sha256": state_dict_sha256(net.state_dict()),
         "recipe": {"unfreeze": unfreeze, "epochs": epochs, "lr_head": lr, "lr_backbone": lr_backbone,
                    "seed": seed, "train_bn": bool(train_bn), "val_split": None if val is not None else val_split,
-                   "decode_mode": DECODE_MODE, "init": "linear probe (LP-FT)",
+                   "decode_mode": DECODE_MODE, "init": "linear probe (LP-FT)", "augment": rec, "views": n_views,
                    "best_epoch": trained.best_epoch, "stopped": trained.stopped},
-        "data_fingerprint": {"train": _fingerprint(tr_paths, tr_labels), "val": _fingerprint(va_paths, va_labels),
+        "data_fingerprint": {"train": train_fp, "val": val_fp,
                              "n_train": len(tr_paths), "n_val": len(va_paths)},
         "validation": {"accuracy": val_accuracy, "probe_accuracy": probe_val_accuracy,
                        "probe_cv_accuracy": probe_cv_accuracy},

@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -218,6 +218,16 @@ def _deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
+def _gather(views: list[np.ndarray], idx: np.ndarray, pick: np.ndarray | None) -> np.ndarray:
+    """Rows ``idx`` of the training activations, each from its view ``pick[i]`` (view 0 without views)."""
+    if pick is None:
+        return np.ascontiguousarray(views[0][idx])
+    out = np.empty((len(idx), *views[0].shape[1:]), views[0].dtype)
+    for j, i in enumerate(idx):
+        out[j] = views[pick[i]][i]
+    return out
+
+
 def _evaluate(top: nn.Module, head: nn.Module, A: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
     top.eval()
     head.eval()
@@ -253,6 +263,7 @@ def train_top(
     patience: int | None = 3,
     warmup_epochs: float = 1.0,
     keep_last: int = 2,
+    run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``top`` and ``head`` in place on cached activations; they end with the best weights.
@@ -260,7 +271,10 @@ def train_top(
     Parameters
     ----------
     activations : ndarray of shape (n_samples, C, H, W), float32 or float16
-        The frozen bottom's output for each training image (a memmap works).
+        The frozen bottom's output for each training image (a memmap works); or a list of
+        such arrays of one shape, the **views** of each image (view 0 the plain image, the
+        others augmented: :mod:`featurebank.finetune.augment`): each epoch, each image trains
+        on one of its views drawn at random (seeded by ``seed`` and the epoch).
     y : ndarray of shape (n_samples,), integer class indices 0..head.out_features-1.
     top, head : the trainable part (from :func:`~featurebank.finetune.model.split_backbone`) and
         the linear head (from :func:`~featurebank.finetune.head.fit_probe_head`).
@@ -278,6 +292,9 @@ def train_top(
     patience : stop after this many epochs without a better validation accuracy (None: never).
     warmup_epochs : linear warm-up length, in epochs (fractions allowed).
     keep_last : how many epoch checkpoints to keep.
+    run_info : JSON-able facts that identify the run beyond these arguments (the data's content
+        fingerprint, the augmentation recipe): recorded in the checkpoints, and a checkpoint
+        whose facts differ is not resumed.
     progress : show a tqdm bar (epoch, loss, validation accuracy, images/s) on stderr.
 
     Raises FineTuneError on bad arguments or a checkpoint of another recipe, network or data;
@@ -287,7 +304,15 @@ def train_top(
     if not isinstance(head, nn.Linear):
         raise FineTuneError(f"head must be a torch.nn.Linear; got {type(head).__name__}")
     n_classes = head.out_features
-    A, y = _check_arrays("activations", activations, y, n_classes)
+    views = list(activations) if isinstance(activations, (list, tuple)) else [activations]
+    if not views:
+        raise FineTuneError("activations is an empty list; give one array, or one per view")
+    A, y = _check_arrays("activations", views[0], y, n_classes)
+    for v, Av in enumerate(views[1:], start=1):
+        if getattr(Av, "shape", None) != A.shape or Av.dtype != A.dtype:
+            raise FineTuneError(f"view {v} has activations of shape {getattr(Av, 'shape', None)} "
+                                f"{getattr(Av, 'dtype', type(Av).__name__)}, view 0 {A.shape} {A.dtype}: every view "
+                                "must hold the same images from the same bottom")
     lr_backbone = lr_head / 10 if lr_backbone is None else lr_backbone
     _check_positive(lr_head=lr_head, lr_backbone=lr_backbone)
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("keep_last", keep_last, 1)):
@@ -313,9 +338,10 @@ def train_top(
         "epochs": epochs, "lr_head": float(lr_head), "lr_backbone": float(lr_backbone),
         "weight_decay": float(weight_decay), "batch_size": batch_size, "seed": seed, "train_bn": bool(train_bn),
         "patience": patience, "warmup_epochs": float(warmup_epochs),
-        "train_labels_sha256": _labels_sha256(A, y),
+        "train_labels_sha256": _labels_sha256(A, y), "views": len(views),
         "val_labels_sha256": _labels_sha256(A_val, y_val) if val is not None else None,
         "start_weights_sha256": _state_sha256(_model_state(top, head)),
+        "run_info": json.loads(json.dumps(dict(run_info or {}), sort_keys=True)),
     }
 
     opt = torch.optim.AdamW(_param_groups(top, head, lr_backbone, lr_head, weight_decay), lr=lr_head)
@@ -369,12 +395,14 @@ def train_top(
                 good_state = _model_state(top, head)
                 bar.set_description(f"epoch {epoch}/{epochs}")
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()
+                # which view of each image this epoch (a generator of its own: one view draws nothing)
+                pick = (np.random.default_rng([seed, epoch]).integers(0, len(views), n) if len(views) > 1 else None)
                 set_train_modes(top, head, train_bn)
                 t0 = time.perf_counter()
                 loss_sum, correct = 0.0, 0
                 for s in range(0, n, batch_size):
                     idx = order[s : s + batch_size]
-                    a = torch.from_numpy(np.ascontiguousarray(A[idx])).float()
+                    a = torch.from_numpy(_gather(views, idx, pick)).float()
                     t = torch.from_numpy(y[idx])
                     factor = _lr_factor(step, total_steps, warmup)
                     for g in opt.param_groups:
