@@ -56,9 +56,14 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         description="Hold out a fixed stratified test split of SOURCE (or use --test-source), then for each shot "
         "count draw k labelled images per class from the rest (--repeats seeded draws) and train a linear probe "
         "and a prototype classifier on the model's vectors and on raw downscaled pixels (no transfer). Prints a "
-        "table and from how many labels per class transfer wins; --out writes fewshot.json and fewshot.png.",
+        "table and from how many labels per class transfer wins; --out writes fewshot.json and fewshot.png. "
+        "--finetune adds a curve of the backbone fine-tuned on the same draws, scored on the same test split (from "
+        "how many labels per class it overtakes the probe), --scratch the same network trained from random weights; "
+        "each of their points is a training run, so they are opt-in, take at most 100 labels per class and 1-3 "
+        "draws, and print an ETA.",
         epilog="examples:\n  featurebank fewshot photos/ --store store/ --shots 1,2,5,10,20,all --out fewshot/\n"
-        "  featurebank fewshot train/ --test-source test/ --model lite0.onnx --store store/ --pixels rgb",
+        "  featurebank fewshot train/ --test-source test/ --model lite0.onnx --store store/ --pixels rgb\n"
+        "  featurebank fewshot photos/ --store store/ --shots 1,5,10,50 --finetune --scratch --out fewshot/",
     )
     p.add_argument("source", metavar="SOURCE", help="labelled images: class subfolders, or a list file with labels")
     p.add_argument("--store", required=True, metavar="DIR", help="store directory (created if missing; vectors are reused)")
@@ -72,8 +77,20 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--pixel-size", type=int, default=32, help="the raw-pixel baseline's side in pixels (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test split and of the draws")
     p.add_argument("--out", default=None, metavar="DIR", help="write fewshot.json and fewshot.png there")
+    g = p.add_argument_group("fine-tuning curves (opt-in: each point is a training run)")
+    g.add_argument("--finetune", action="store_true",
+                   help="add a curve of the --backbone fine-tuned on each draw (needs --backbone, not --model; "
+                   "shot counts at most 100; 'all' is not trained)")
+    g.add_argument("--scratch", action="store_true",
+                   help="add a curve of the same network trained from random weights, every layer, same recipe")
+    g.add_argument("--finetune-repeats", type=int, default=None, metavar="N",
+                   help="draws per shot count for these curves, 1-3 (the probe's first N; default: min(--repeats, 3))")
+    g.add_argument("--unfreeze", default=None, metavar="LAYER",
+                   help="with --finetune: the first layer that trains (default: the last stage)")
+    g.add_argument("--epochs", type=int, default=None, metavar="N", help="the most epochs of each run (default: 10)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bar (default: one on stderr when it is a terminal)")
+                   help="no progress bar and, with --finetune/--scratch, no run/ETA lines (default: bars on stderr "
+                   "when it is a terminal, run/ETA lines always)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_fewshot)
 
@@ -99,11 +116,24 @@ def _fewshot(args: argparse.Namespace) -> int:
     from featurebank.cli.embed_cmds import resolve_model
     from featurebank.studies import fewshot_study
 
+    curves = {"finetune": args.finetune, "scratch": args.scratch, "finetune_repeats": args.finetune_repeats,
+              "unfreeze": args.unfreeze, "epochs": args.epochs}
+    if args.finetune or args.scratch:
+        # the training runs need the torch network, so the study gets the backbone, not an ONNX path
+        if args.normalize or args.precision:
+            raise ValueError("--normalize and --precision change only an ONNX export; with --finetune/--scratch "
+                             "give --backbone NAME (with --layer, --pool, --weights) without them")
+        if args.layers and len(args.layers) > 1:
+            raise ValueError(f"a few-shot study needs one layer; got --layer {', '.join(args.layers)}: give --layer once")
+        model = {"model": args.model, "backbone": args.backbone, "layer": args.layers[0] if args.layers else None,
+                 "pool": args.pool, "weights": args.weights}
+    else:
+        model = {"model": resolve_model(args)}
     result = fewshot_study(
-        args.source, store=args.store, model=resolve_model(args), shots=args.shots, repeats=args.repeats,
+        args.source, store=args.store, **model, shots=args.shots, repeats=args.repeats,
         test_size=_int_or_float(args.test_size), test_source=args.test_source, pixels=args.pixels,
         pixel_size=args.pixel_size, seed=args.seed, out_dir=args.out, decode_mode=args.decode_mode,
-        device=args.device, progress=args.progress,
+        device=args.device, progress=args.progress, **curves,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0

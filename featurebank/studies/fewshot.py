@@ -26,6 +26,11 @@ __all__ = ["fewshot_study", "FewshotResult"]
 
 FEATURES = ("transfer", "pixels")
 CLASSIFIERS = ("linear_probe", "prototype")
+#: the opt-in curves of training runs (``finetune=True``, ``scratch=True``): their rows'
+#: ``features``, all with ``classifier`` "finetune"
+CURVES = ("finetuned", "scratch")
+MAX_FINETUNE_SHOTS = 100
+MAX_FINETUNE_REPEATS = 3
 
 
 def _parse_shots(shots: Sequence[int | str] | str) -> list[int | str]:
@@ -70,6 +75,15 @@ class FewshotResult:
         mean accuracy beats raw pixels' at every larger count too (None if it does not win
         at the largest count)
     transfer_wins_at : classifier -> the shot counts at which transfer's mean is higher
+    finetune : None unless fine-tuning curves were asked for (``finetune=True`` or
+        ``scratch=True``); then their settings, ``runs`` and ``seconds`` (training runs and
+        their wall time), and the comparisons, each over the draws both curves share (the
+        first ``repeats`` of the probe's): ``finetune_beats_probe_from`` (the smallest count
+        from which the fine-tuned mean beats the transfer linear probe's at every larger
+        trained count, None if not at the largest), ``finetune_wins_at``, and
+        ``pretrained_vs_scratch`` (shot count -> the ``finetuned`` and ``scratch`` means and
+        ``pretrained_higher``: whether the pretrained network fine-tuned beats the same
+        network trained from random weights)
     """
 
     model: dict[str, Any]
@@ -93,6 +107,7 @@ class FewshotResult:
     convergence_warnings: int = 0
     environment: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    finetune: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +124,7 @@ class FewshotResult:
             "rows": self.rows,
             "transfer_beats_pixels_from": self.transfer_beats_pixels_from,
             "transfer_wins_at": self.transfer_wins_at,
+            "finetune": self.finetune,
             "draws": self.draws,
             "convergence_warnings": self.convergence_warnings,
             "timings_s": self.timings,
@@ -127,9 +143,14 @@ class FewshotResult:
         def cell(r):
             return "n/a" if r["accuracy_mean"] is None else f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f}"
 
-        rows = [[str(k), *(cell(self.row(f, c, k)) for f in FEATURES for c in CLASSIFIERS)] for k in self.shots]
-        header = ["shots/class", *(f"{f} {c}" for f in FEATURES for c in CLASSIFIERS)]
+        columns = [(f, c) for f in FEATURES for c in CLASSIFIERS] + [(f, "finetune") for f in self._curves()]
+        rows = [[str(k), *(cell(self.row(f, c, k)) for f, c in columns)] for k in self.shots]
+        header = ["shots/class", *(f"{f} {c}" for f, c in columns)]
         return format_table(rows, header)
+
+    def _curves(self) -> list[str]:
+        present = {r["features"] for r in self.rows}
+        return [f for f in CURVES if f in present]
 
     def summary(self) -> str:
         lines = [
@@ -143,8 +164,10 @@ class FewshotResult:
             lines.append(f"{c}: transfer beats raw pixels at every count from "
                          + ("- (not at the largest)" if k is None else f"{k} labels per class")
                          + f"; higher mean at: {wins}")
-        if any(r.get("skipped") for r in self.rows):
-            lines.append("n/a: " + next(r["skipped"] for r in self.rows if r.get("skipped")))
+        if self.finetune is not None:
+            lines.extend(_finetune_summary(self.finetune))
+        reasons = dict.fromkeys(r["skipped"] for r in self.rows if r.get("skipped"))
+        lines.extend(f"n/a: {why}" for why in reasons)
         if self.files:
             lines.append("wrote " + ", ".join(self.files.values()))
         return "\n".join(lines)
@@ -167,35 +190,208 @@ def _plot(result: FewshotResult):
             label = f"{'transfer' if f == 'transfer' else 'raw pixels'}, {c.replace('_', ' ')}"
             ax.plot(x, m, styles[c], marker="o", color=colours[f], label=label)
             ax.fill_between(x, m - s, m + s, color=colours[f], alpha=0.15, linewidth=0)
+    curve_style = {"finetuned": ("tab:green", "fine-tuned"), "scratch": ("tab:red", "from scratch (random weights)")}
+    for f in result._curves():
+        rows = [result.row(f, "finetune", k) for k in result.shots]
+        m = np.array([np.nan if r["accuracy_mean"] is None else r["accuracy_mean"] for r in rows])
+        s = np.array([np.nan if r["accuracy_std"] is None else r["accuracy_std"] for r in rows])
+        colour, label = curve_style[f]
+        if f == "finetuned":
+            label += f" from {result.finetune['unfreeze']}"
+        ax.plot(x, m, "-", marker="s", color=colour, label=f"{label} ({result.finetune['repeats']} draws)")
+        ax.fill_between(x, m - s, m + s, color=colour, alpha=0.15, linewidth=0)
     ax.axhline(1.0 / len(result.classes), color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xscale("log")
     ax.set_xticks(x, labels=[f"all\n({v:.0f})" if k == "all" else str(k) for k, v in zip(result.shots, x)])
     ax.minorticks_off()
     ax.set_xlabel("labelled images per class")
     ax.set_ylabel(f"test accuracy (mean +- std of {result.repeats} draws)")
-    ax.set_title(f"{result.model['backbone']} {result.model['layer']} vs raw pixels (test n={result.n_test})")
+    tuned = " and fine-tuned" if result._curves() else ""
+    ax.set_title(f"{result.model['backbone']} {result.model['layer']}{tuned} vs raw pixels (test n={result.n_test})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return fig
 
 
-def _wins(rows: list[dict[str, Any]], shots: list[int | str], classifier: str) -> list[int | str]:
-    means = {(r["features"], r["shots"]): r["accuracy_mean"] for r in rows if r["classifier"] == classifier}
-    return [k for k in shots if means[("transfer", k)] is not None and means[("pixels", k)] is not None
-            and means[("transfer", k)] > means[("pixels", k)]]
+def _means(rows: list[dict[str, Any]], features: str, classifier: str, n: int | None = None) -> dict[int | str, float | None]:
+    """Shot count -> mean accuracy of the (features, classifier) rows over their first ``n``
+    draws (all with None), leaving out runs that could not be trained."""
+    out: dict[int | str, float | None] = {}
+    for r in rows:
+        if (r["features"], r["classifier"]) == (features, classifier):
+            done = [a for a in r["accuracy_runs"][:n] if a is not None]
+            out[r["shots"]] = float(np.mean(done)) if done else None
+    return out
 
 
-def _crossover(rows: list[dict[str, Any]], shots: list[int | str], classifier: str) -> int | str | None:
-    def mean(f, k):
-        return next(r["accuracy_mean"] for r in rows if (r["features"], r["classifier"], r["shots"]) == (f, classifier, k))
+def _higher(a: dict[int | str, float | None], b: dict[int | str, float | None], k: int | str) -> bool:
+    return a.get(k) is not None and b.get(k) is not None and a[k] > b[k]
 
+
+def _wins(a: dict[int | str, float | None], b: dict[int | str, float | None], shots: list[int | str]) -> list[int | str]:
+    """The shot counts at which ``a``'s mean is higher than ``b``'s."""
+    return [k for k in shots if _higher(a, b, k)]
+
+
+def _crossover(a: dict[int | str, float | None], b: dict[int | str, float | None], shots: list[int | str]) -> int | str | None:
+    """The smallest shot count from which ``a`` beats ``b`` at every larger count too."""
     found = None
     for k in reversed(shots):
-        t, p = mean("transfer", k), mean("pixels", k)
-        if t is None or p is None or not t > p:
+        if not _higher(a, b, k):
             break
         found = k
     return found
+
+
+def _finetune_summary(ft: dict[str, Any]) -> list[str]:
+    lines = [f"fine-tuning curves: {ft['runs']} training runs in {ft['seconds']:.0f} s, {ft['repeats']} draws per count "
+             f"(the probe's first), at most {ft['epochs']} epochs each (lr {ft['lr_head']:g} head, "
+             f"{ft['lr_backbone']:g} below it); early stopping on 20% of the draw from {ft['val_min_shots']} per class"]
+    if "finetuned" in ft["curves"]:
+        wins = ", ".join(str(w) for w in ft["finetune_wins_at"]) or "none"
+        k = ft["finetune_beats_probe_from"]
+        lines.append(f"fine-tuned ({ft['backbone']} from {ft['unfreeze']}, {ft['weights_source']}): beats the transfer "
+                     "linear probe at every count from "
+                     + ("- (not at the largest)" if k is None else f"{k} labels per class") + f"; higher mean at: {wins}")
+    if "finetuned" in ft["curves"] and "scratch" in ft["curves"]:
+        parts = []
+        for k, c in ft["pretrained_vs_scratch"].items():
+            verdict = "pretrained higher" if c["pretrained_higher"] else "pretrained NOT higher"
+            parts.append(f"{k}: {c['finetuned']:.4f} vs {c['scratch']:.4f} ({verdict})")
+        lines.append("pretrained vs the same network from random weights: " + "; ".join(parts))
+    return lines
+
+
+def _check_curve_args(curves: list[str], model: Any, shots: list[int | str], repeats: int,
+                      finetune_repeats: int | None, unfreeze: str | None, epochs: int | None) -> tuple[int, int]:
+    """(draws per shot count, epochs) of the fine-tuning curves, each argument checked."""
+    if not curves:
+        given = [n for n, v in (("finetune_repeats", finetune_repeats), ("unfreeze", unfreeze), ("epochs", epochs))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} set the fine-tuning curves; pass finetune=True or scratch=True "
+                             "(--finetune / --scratch)")
+        return 0, 0
+    if model is not None:
+        raise ValueError("fine-tuning needs a torch network: pass backbone= (--backbone NAME, with --weights) instead "
+                         "of model= (--model); an ONNX file cannot be trained")
+    if unfreeze is not None and "finetuned" not in curves:
+        raise ValueError("unfreeze sets where the pretrained network's training starts (the from-scratch curve trains "
+                         "every layer); pass finetune=True (--finetune) or drop unfreeze")
+    over = [k for k in shots if k != "all" and k > MAX_FINETUNE_SHOTS]
+    if over:
+        raise ValueError(f"fine-tuning curves take at most {MAX_FINETUNE_SHOTS} labels per class (each point is a "
+                         f"training run); got shots={over[0]}: lower the shot counts or leave out --finetune/--scratch")
+    if all(k == "all" for k in shots):
+        raise ValueError(f"fine-tuning curves need shot counts of at most {MAX_FINETUNE_SHOTS} (e.g. 1,5,10); "
+                         "'all' is not trained")
+    most = min(repeats, MAX_FINETUNE_REPEATS)
+    n = most if finetune_repeats is None else finetune_repeats
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise ValueError(f"finetune_repeats must be an int from 1 to {most} (at most {MAX_FINETUNE_REPEATS}, and "
+                         f"at most repeats={repeats}); got finetune_repeats={finetune_repeats!r}")
+    epochs = 10 if epochs is None else epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int; got epochs={epochs!r}")
+    return n, epochs
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _run_curves(nets: dict[str, Any], *, epochs: int, repeats: int, shots: list[int | str],
+                draws: dict[str, list[list[int]]], pool_paths: list[str], y_pool: np.ndarray, test_paths: list[str],
+                y_test: np.ndarray, classes: np.ndarray, seed: int, progress: bool | None) -> dict[str, Any]:
+    """One training run per (curve, shot count, draw): the first ``repeats`` draws of the
+    probe's, scored on the same test split. The frozen bottom runs once over the images any
+    of those draws holds and over the test split."""
+    from featurebank.finetune.curve import LR_HEAD, VAL_FRACTION, VAL_MIN_SHOTS, finetune_point
+
+    say = progress is not False  # plain lines (runs done, ETA): wanted in a log file too
+    bars = sys.stderr.isatty() if progress is None else bool(progress)
+    ints = [k for k in shots if k != "all"]
+    index = {c: i for i, c in enumerate(classes.tolist())}
+    yp = np.asarray([index[c] for c in y_pool.tolist()], np.int64)
+    yt = np.asarray([index[c] for c in y_test.tolist()], np.int64)
+    used = sorted({i for k in ints for d in draws[str(k)][:repeats] for i in d})
+    pos = {i: j for j, i in enumerate(used)}
+
+    t0 = time.perf_counter()
+    acts = {f: (net.activations([pool_paths[i] for i in used], progress=bars), net.activations(test_paths, progress=bars))
+            for f, net in nets.items()}
+    t_act = time.perf_counter() - t0
+    plan = [(k, r, f) for k in ints for r in range(repeats) for f in nets]
+    if say:
+        print(f"fine-tuning curves: {len(plan)} training runs ({' and '.join(nets)}: {len(ints)} shot counts x "
+              f"{repeats} draws), each up to {epochs} epochs; the ETA follows the first run", file=sys.stderr)
+
+    def work(k: int) -> float:  # a run costs about its training images x epochs, plus one pass over the test split
+        return k * len(classes) * epochs + len(yt)
+
+    spent = {f: [0.0, 0.0] for f in nets}  # seconds, work
+    done: dict[tuple[str, int], list[tuple[Any, np.ndarray]]] = {}
+    for n, (k, r, f) in enumerate(plan, 1):
+        ix = np.asarray(draws[str(k)][r], np.int64)
+        A, A_test = acts[f]
+        with one_blas_thread():  # the head's probe fit, as the study's own probes
+            point = finetune_point(nets[f], A[[pos[i] for i in ix]], yp[ix], A_test, yt, epochs=epochs, seed=seed)
+        done.setdefault((f, k), []).append((point, ix))
+        spent[f][0] += point.seconds
+        spent[f][1] += work(k)
+        if say:
+            overall = sum(s for s, _ in spent.values()) / sum(w for _, w in spent.values())
+            eta = sum(work(kk) * (spent[ff][0] / spent[ff][1] if spent[ff][1] else overall) for kk, _, ff in plan[n:])
+            print(f"fine-tuning {n}/{len(plan)} runs ({f}, {k} per class, draw {r + 1}: accuracy {point.accuracy:.3f} "
+                  f"in {point.seconds:.1f} s), ETA {_duration(eta)}", file=sys.stderr)
+
+    points: dict[tuple[str, int | str], dict[str, Any]] = {}
+    for f in nets:
+        points[(f, "all")] = {"repeats": 1, "accuracy_runs": [None], "accuracy_mean": None, "accuracy_std": None,
+                              "skipped": f"fine-tuning curves stop at {MAX_FINETUNE_SHOTS} labels per class (each "
+                              "point is a training run); not trained on all"}
+        for k in ints:
+            runs = done[(f, k)]
+            acc = [p.accuracy for p, _ in runs]
+            points[(f, k)] = {
+                "repeats": len(runs), "accuracy_runs": acc, "accuracy_mean": float(np.mean(acc)),
+                "accuracy_std": float(np.std(acc)), "start_accuracy_runs": [p.start_accuracy for p, _ in runs],
+                "head_init": runs[0][0].head_init, "best_epoch_runs": [p.best_epoch for p, _ in runs],
+                "seconds_runs": [p.seconds for p, _ in runs],
+                "train_pool_indices": [ix[p.train_index].tolist() for p, ix in runs],
+                "val_pool_indices": [ix[p.val_index].tolist() for p, ix in runs],
+            }
+    first = next(iter(nets.values()))
+    pretrained = nets.get("finetuned")
+    return {
+        "curves": list(nets), "backbone": first.backbone,
+        "weights_source": pretrained.weights_source if pretrained is not None else None,
+        "unfreeze": pretrained.unfreeze if pretrained is not None else None,
+        "scratch_weights_source": nets["scratch"].weights_source if "scratch" in nets else None,
+        "epochs": epochs, "lr_head": LR_HEAD, "lr_backbone": LR_HEAD / 10, "repeats": repeats,
+        "val_min_shots": VAL_MIN_SHOTS, "val_fraction": VAL_FRACTION, "runs": len(plan),
+        "seconds": time.perf_counter() - t0, "activation_seconds": t_act, "points": points,
+    }
+
+
+def _compare_curves(ft: dict[str, Any], rows: list[dict[str, Any]], shots: list[int | str]) -> dict[str, Any]:
+    """The curves' settings with the comparisons, over the draws the curves share with the probe."""
+    ints = [k for k in shots if k != "all"]
+    out = {k: v for k, v in ft.items() if k != "points"}
+    if "finetuned" in ft["curves"]:
+        tuned, probe = _means(rows, "finetuned", "finetune"), _means(rows, "transfer", "linear_probe", ft["repeats"])
+        out["finetune_beats_probe_from"] = _crossover(tuned, probe, ints)
+        out["finetune_wins_at"] = _wins(tuned, probe, ints)
+        if "scratch" in ft["curves"]:
+            scratch = _means(rows, "scratch", "finetune")
+            out["pretrained_vs_scratch"] = {
+                str(k): {"finetuned": tuned[k], "scratch": scratch[k], "pretrained_higher": bool(tuned[k] > scratch[k])}
+                for k in ints}
+    return out
 
 
 def fewshot_study(
@@ -218,6 +414,11 @@ def fewshot_study(
     decode_mode: str | None = None,
     device: str = "auto",
     progress: bool | None = None,
+    finetune: bool = False,
+    scratch: bool = False,
+    finetune_repeats: int | None = None,
+    unfreeze: str | None = None,
+    epochs: int | None = None,
 ) -> FewshotResult:
     """Accuracy against the number of labelled images per class, transfer vs raw pixels.
 
@@ -245,6 +446,19 @@ def fewshot_study(
     seed : seeds the test split, the draws and the probes' inner splits
     out_dir : when given, ``fewshot.json`` and ``fewshot.png`` are written there
     decode_mode, device : as in :func:`~featurebank.embed_into_store.embed_images`
+    progress : progress bars on stderr (None: when it is a terminal); the fine-tuning curves'
+        one-line reports (runs done, ETA) are printed unless ``progress=False``
+    finetune : add a curve of ``backbone`` fine-tuned (``"finetuned"`` rows, classifier
+        ``"finetune"``): each point is a training run (:func:`~featurebank.finetune.curve.finetune_point`)
+        on the same draw and scored on the same test split as the probe. Needs ``backbone``
+        (a torch network), not ``model``; shot counts at most 100; ``"all"`` is not trained
+        (its row says so).
+    scratch : add a curve of the same network trained from seeded random weights, every
+        layer, with the same recipe (``"scratch"`` rows)
+    finetune_repeats : draws per shot count for the curves (the first of the probe's draws),
+        1 to 3; default ``min(repeats, 3)``
+    unfreeze : the first layer the fine-tuned curve trains (default the last stage)
+    epochs : the most epochs of each training run (default 10)
 
     Returns
     -------
@@ -253,7 +467,9 @@ def fewshot_study(
     Notes
     -----
     With one image per class the probe's C cannot be chosen on held-out data, so the
-    linear probe is not trained at ``k=1`` (its row says so); the prototype classifier is.
+    linear probe is not trained at ``k=1`` (its row says so); the prototype classifier is,
+    and so are the fine-tuning curves, whose head then starts from a logistic regression with
+    C fixed at 1.
     """
     from sklearn.exceptions import ConvergenceWarning
 
@@ -272,6 +488,17 @@ def fewshot_study(
         raise ValueError(f"pixels must be one of {', '.join(PIXEL_MODES)}; got pixels={pixels!r}")
     shot_list = _parse_shots(shots)
     decode_mode = decode_mode or DEFAULT_DECODE_MODE
+    curves = [f for f, on in zip(CURVES, (finetune, scratch)) if on]
+    ft_repeats, epochs = _check_curve_args(curves, model, shot_list, repeats, finetune_repeats, unfreeze, epochs)
+    nets = {}
+    if curves:  # built before any embedding: a bad backbone, weights or unfreeze fails at once
+        from featurebank.finetune.curve import curve_network
+
+        if finetune:
+            nets["finetuned"] = curve_network(backbone or "efficientnet_lite0", weights=weights, unfreeze=unfreeze,
+                                              seed=seed)
+        if scratch:
+            nets["scratch"] = curve_network(backbone or "efficientnet_lite0", scratch=True, seed=seed)
 
     images = list_labelled(source)
     check_labels(images.labels)
@@ -378,6 +605,12 @@ def fewshot_study(
     bar.close()
     t_fit = time.perf_counter() - t
 
+    ft = None
+    if curves:
+        ft = _run_curves(nets, epochs=epochs, repeats=ft_repeats, shots=shot_list, draws=draws, pool_paths=pool_paths,
+                         y_pool=y_pool, test_paths=test_paths, y_test=y_test, classes=classes, seed=seed,
+                         progress=progress)
+
     rows = []
     for k in shot_list:
         for f in FEATURES:
@@ -391,6 +624,11 @@ def fewshot_study(
                 if (c, k) in skipped:
                     row["skipped"] = skipped[(c, k)]
                 rows.append(row)
+        for f in curves:
+            rows.append({"features": f, "classifier": "finetune", "shots": k, "shots_per_class": per_class[k],
+                         **ft["points"][(f, k)]})
+    if ft is not None:
+        ft = _compare_curves(ft, rows, shot_list)
 
     result = FewshotResult(
         model={"path": str(model), "backbone": card.backbone, "layer": out.layer, "pool": out.pooling, "dim": int(out.dim),
@@ -399,10 +637,12 @@ def fewshot_study(
         n_pool=int(len(y_pool)), n_test=int(len(y_test)), test_protocol=protocol,
         pixels={"mode": pixels, "size": int(pixel_size), "standardised": "per image (zero mean, unit variance)"},
         draws=draws, pool_keys=pool_keys, test_keys=list(test_keys), pool_paths=pool_paths, test_paths=list(test_paths),
-        transfer_beats_pixels_from={c: _crossover(rows, shot_list, c) for c in CLASSIFIERS},
-        transfer_wins_at={c: _wins(rows, shot_list, c) for c in CLASSIFIERS},
-        timings={"embed": t_embed, "pixels": t_pixels, "fit": t_fit, "total": time.perf_counter() - t_start},
-        convergence_warnings=n_warn, environment=environment(),
+        transfer_beats_pixels_from={c: _crossover(_means(rows, "transfer", c), _means(rows, "pixels", c), shot_list)
+                                    for c in CLASSIFIERS},
+        transfer_wins_at={c: _wins(_means(rows, "transfer", c), _means(rows, "pixels", c), shot_list) for c in CLASSIFIERS},
+        timings={"embed": t_embed, "pixels": t_pixels, "fit": t_fit,
+                 **({"finetune": ft["seconds"]} if ft is not None else {}), "total": time.perf_counter() - t_start},
+        convergence_warnings=n_warn, environment=environment(), finetune=ft,
     )
     if out_dir is not None:
         out_path = Path(out_dir)
