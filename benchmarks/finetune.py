@@ -34,7 +34,11 @@ Rows (each writes ``<results-dir>/<row>.json``; a row whose JSON exists is skipp
   "activations" are the preprocessed pixels); epoch cap ``--epochs-scratch``.
 * ``small-set``: probe vs ft-blocks.6 on the small set.
 
-Augmentation is not exercised (the fine-tuning job has no augmentation yet).
+* ``ft-blocks.6-train-bn``: ft-blocks.6 with the batch norm of the trainable top in train mode
+  (fastai) instead of inference mode (Keras's guide): which default ``--train-bn`` gets.
+* ``ft-blocks.6-augment``: ft-blocks.6 with ``--augment light`` and ``--views`` augmented views
+  per training image (each run once through the frozen bottom; each epoch trains each image on
+  one of its views): augmentation on the default configuration only.
 
     python benchmarks/finetune.py                                  # ~3 h on 2 cores (estimate)
     python benchmarks/finetune.py --rows probe ft-blocks.6
@@ -60,8 +64,8 @@ sys.path.insert(0, str(HERE))
 from _machine import machine_info  # noqa: E402
 from studies import FMNIST_CLASSES, FMNIST_DIR, _read_idx, _stratified_subset  # noqa: E402
 
-ROWS = ("probe", "ft-blocks.6", "ft-blocks.5", "ft-blocks.4", "epoch-cost", "scratch-10", "scratch-100",
-        "small-set")
+ROWS = ("probe", "ft-blocks.6", "ft-blocks.5", "ft-blocks.4", "epoch-cost", "ft-blocks.6-train-bn",
+        "ft-blocks.6-augment", "scratch-10", "scratch-100", "small-set")
 BACKBONE = "efficientnet_lite0"
 BATCH = 32
 LR_HEAD = 1e-3  # featurebank finetune's defaults
@@ -150,21 +154,35 @@ def build(weights: str | None, unfreeze: str, seed: int):
     return spec.preprocessing, bottom, top, loaded.weights_sha256
 
 
-def pixels(paths: list[str], pre) -> np.ndarray:
-    """The model input (N, 3, 224, 224) float32 for ``paths``, as the embedder preprocesses."""
+def pixels(paths: list[str], pre, view: tuple[list[str], int, dict] | None = None) -> np.ndarray:
+    """The model input (N, 3, 224, 224) float32 for ``paths``, as the embedder preprocesses;
+    with ``view`` = (content keys, index, recipe), that augmented view of each image."""
     from featurebank.decoding import decode_image, to_model_input
+    from featurebank.finetune.augment import augmented_view
 
-    return to_model_input(np.stack([decode_image(p, pre, mode=DECODE_MODE) for p in paths]), pre, "float")
+    if view is None:
+        decoded = [decode_image(p, pre, mode=DECODE_MODE) for p in paths]
+    else:
+        keys, v, rec = view
+        decoded = [augmented_view(p, pre, k, v, rec, mode=DECODE_MODE) for p, k in zip(paths, keys)]
+    return to_model_input(np.stack(decoded), pre, "float")
 
 
-def activations(bottom, paths: list[str], pre, what: str) -> np.ndarray:
+def content_keys(paths: list[str]) -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+
+def activations(bottom, paths: list[str], pre, what: str, view=None) -> np.ndarray:
     """The frozen bottom's output for ``paths`` (what the store caches), with progress."""
     import torch
 
     out, t0 = [], time.perf_counter()
     with torch.no_grad():
         for s in range(0, len(paths), BATCH):
-            out.append(bottom(torch.from_numpy(pixels(paths[s: s + BATCH], pre))).numpy())
+            v = None if view is None else (view[0][s: s + BATCH], view[1], view[2])
+            out.append(bottom(torch.from_numpy(pixels(paths[s: s + BATCH], pre, v))).numpy())
             done = min(s + BATCH, len(paths))
             if (s // BATCH) % 20 == 0 or done == len(paths):
                 rate = done / (time.perf_counter() - t0)
@@ -198,9 +216,11 @@ def test_accuracy(bottom, top, head, paths: list[str], y: np.ndarray, pre) -> fl
 
 
 def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, epochs: int, seed: int,
-          ckpt: Path, label: str) -> dict:
-    """featurebank finetune's recipe from ``unfreeze``: cache the bottom's activations, LP head,
-    train_top with early stopping on a stratified validation split; then the test accuracy."""
+          ckpt: Path, label: str, train_bn: bool = False, augment: str = "none", views: int = 0) -> dict:
+    """featurebank finetune's recipe from ``unfreeze``: cache the bottom's activations (and, with
+    ``augment``, of ``views`` augmented views of each training image), LP head, train_top with
+    early stopping on a stratified validation split; then the test accuracy."""
+    from featurebank.finetune.augment import recipe
     from featurebank.finetune.head import fit_probe_head
     from featurebank.finetune.train import train_top
 
@@ -209,13 +229,20 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
     tr_p, tr_y, va_p, va_y = split(paths, y, VAL_SPLIT, seed)
     A_tr = activations(bottom, tr_p, pre, f"{label} frozen layers (train)")
     A_va = activations(bottom, va_p, pre, f"{label} frozen layers (val)")
+    rec = recipe(augment)
+    A_views = []
+    if rec is not None:
+        keys = content_keys(tr_p)
+        A_views = [activations(bottom, tr_p, pre, f"{label} frozen layers (train, view {v})", view=(keys, v, rec))
+                   for v in range(1, views + 1)]
     t_cache = time.perf_counter() - t0
     head, probe = fit_probe_head(pooled(top, A_tr), tr_y)
     probe_val = float(np.mean(probe.predict(pooled(top, A_va).astype(np.float32)) == va_y))
     t_probe = time.perf_counter() - t0 - t_cache
     log(f"  {label}: LP head fitted (val acc {probe_val:.4f}); training up to {epochs} epochs")
-    trained = train_top(A_tr, tr_y, top, head, epochs=epochs, lr_head=LR_HEAD, lr_backbone=LR_BACKBONE, seed=seed,
-                        val=(A_va, va_y), checkpoint_dir=ckpt, progress=True)
+    trained = train_top([A_tr, *A_views] if A_views else A_tr, tr_y, top, head, epochs=epochs, lr_head=LR_HEAD,
+                        lr_backbone=LR_BACKBONE, seed=seed, val=(A_va, va_y), train_bn=train_bn, checkpoint_dir=ckpt,
+                        progress=True)
     t_train = time.perf_counter() - t0 - t_cache - t_probe
     for h in trained.history:
         log(f"  {label} epoch {h['epoch']}: train loss {h['train_loss']}, val acc {h['val_accuracy']}, "
@@ -230,7 +257,8 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
         "lp_head_val_accuracy": probe_val, "best_val_accuracy": trained.best_val_accuracy,
         "test_accuracy": acc, "history": trained.history,
         "recipe": {"lr_head": LR_HEAD, "lr_backbone": LR_BACKBONE, "val_split": VAL_SPLIT, "batch_size": BATCH,
-                   "patience": 3, "train_bn": False, "init": "linear probe (LP-FT)", "augment": "none"},
+                   "patience": 3, "train_bn": train_bn, "init": "linear probe (LP-FT)", "augment": rec,
+                   "views": len(A_views)},
         "seconds": {"frozen_layers": t_cache, "probe_head": t_probe, "train": t_train,
                     "total_to_model": t1 - t0, "test_eval": time.perf_counter() - t1},
     }
@@ -367,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10, help="epoch cap of ft-blocks.6 / ft-blocks.5 / small-set")
     ap.add_argument("--epochs-blocks4", type=int, default=6, help="epoch cap of ft-blocks.4")
     ap.add_argument("--epochs-scratch", type=int, default=15, help="epoch cap of the from-scratch rows")
+    ap.add_argument("--views", type=int, default=4, help="augmented views per image in ft-blocks.6-augment "
+                    "(featurebank finetune's default)")
     ap.add_argument("--cost-images", type=int, default=1024, help="training images in the epoch-cost row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results-dir", type=Path, default=HERE / "results" / "finetune")
@@ -408,10 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         if row == "probe":
             res = probe_row(train_p, train_y, test_p, test_y, args.seed)
         elif row.startswith("ft-"):
-            unfreeze = row[3:]
+            unfreeze = row[3:].split("-")[0]
             res = lp_ft(train_p, train_y, test_p, test_y, unfreeze=unfreeze, weights=None, seed=args.seed,
                         epochs=args.epochs_blocks4 if unfreeze == "blocks.4" else args.epochs,
-                        ckpt=ckpts / row, label=row)
+                        ckpt=ckpts / row, label=row, train_bn=row.endswith("-train-bn"),
+                        augment="light" if row.endswith("-augment") else "none",
+                        views=args.views if row.endswith("-augment") else 0)
         elif row == "epoch-cost":
             n = min(args.cost_images, len(train_p))
             sub = _stratified_subset(train_y, n, args.seed)
