@@ -164,3 +164,51 @@ def test_bad_views_exit_2_before_any_work(argv, message, texture_dir, tmp_path, 
                  "--no-progress", *argv, "-o", str(tmp_path / "m.onnx")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.ckpt").exists()
+
+
+
+def test_cached_views_and_the_full_forward_on_augmented_pixels_agree_on_the_first_steps_gradients(augmented,
+                                                                                                  texture_dir):
+    """The cached path (view 1 read from the store, computed by the exported ONNX bottom) against
+    the reference: the same augmented pixels through the whole torch network, the bottom under no_grad."""
+    from featurebank.artifact import space_fingerprint
+    from featurebank.decoding import to_model_input
+    from featurebank.export.weights import build_backbone
+    from featurebank.finetune.train import batch_loss, set_train_modes
+    from featurebank.store import open_store
+
+    first, root = augmented
+    train = sorted(str(p) for p in texture_dir.glob("*/*.jpg") if str(p) not in set(first.val_paths))[:12]
+    keys = [_key(p) for p in train]
+    t = torch.tensor([sorted(first.classes).index(os.path.basename(os.path.dirname(p))) for p in train])
+    with open_store(root / "store", create=False) as st:
+        view1 = next(s for s in st.spaces() if s.info.get("view") == 1)
+        assert view1.fingerprint == space_fingerprint(view1.output.fingerprint, "fast",
+                                                      view={"augment": recipe("light"), "view": 1})
+        rows, found = view1.get(keys)
+    assert found.all()
+    cached = rows.reshape((len(rows), *view1.output.shape))
+
+    spec = get_backbone("test_efficientnet")
+    net = build_backbone(spec, "random", seed=0).model
+    bottom, top = split_backbone(net, "blocks.4")  # the job's default for test_efficientnet (its last stage)
+    pixels = np.stack([augmented_view(p, spec.preprocessing, k, 1, recipe("light"), mode="fast")
+                       for p, k in zip(train, keys)])
+    x = torch.from_numpy(to_model_input(pixels, spec.preprocessing, "float"))
+    grads = []
+    for path in ("cached", "full"):
+        top.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        head = torch.nn.Linear(256, 3)
+        set_train_modes(top, head, False)
+        if path == "cached":
+            a = torch.from_numpy(cached)
+        else:
+            with torch.no_grad():
+                a = bottom(x)
+        loss, _ = batch_loss(top, head, a, t)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in [*top.named_parameters(), *head.named_parameters()]})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5, msg=name)
