@@ -50,6 +50,8 @@ __all__ = [
     "CARD_SCHEMA",
     "POOLINGS",
     "PRECISIONS",
+    "QUANTIZED_PRECISIONS",
+    "CARD_PRECISIONS",
     "INPUT_FORMATS",
     "CLASS_OUTPUTS",
     "INTERPOLATIONS",
@@ -73,7 +75,13 @@ CARD_SCHEMA = 1
 METADATA_PREFIX = "featurebank."
 
 POOLINGS = ("avg", "max", "gem", "token", "none")
+#: Float precisions: any export or cut may be written in them.
 PRECISIONS = ("fp32", "fp16")
+#: Integer precisions: written only by calibrated quantization (featurebank.export.quantize),
+#: whose card then carries ``quantization`` (settings, calibration, the CPU kernel class).
+QUANTIZED_PRECISIONS = ("int8",)
+#: Every precision a model card may state.
+CARD_PRECISIONS = PRECISIONS + QUANTIZED_PRECISIONS
 INPUT_FORMATS = ("float", "uint8")
 #: The outputs of a model that classifies by itself (a fused or a fine-tuned model), whose
 #: card lists the class names in ``classes``: ``probabilities`` (n_samples, n_classes)
@@ -115,6 +123,18 @@ def space_fingerprint(output_fingerprint: str, decode_mode: str, view: Mapping[s
     if view is not None:
         payload["view"] = dict(view)
     return fingerprint_of(payload)
+
+
+def _check_quantization(precision: str, quantization: Mapping[str, Any] | None) -> None:
+    if precision in QUANTIZED_PRECISIONS:
+        if not quantization or not quantization.get("kernel_class"):
+            raise ModelCardError(
+                f"precision {precision!r} needs its quantization record (settings, calibration, kernel_class); "
+                "write int8 models with featurebank.export.quantize"
+            )
+    elif quantization:
+        raise ModelCardError(f"a quantization record is only valid with precision {', '.join(QUANTIZED_PRECISIONS)}; "
+                             f"got precision {precision!r}")
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
@@ -241,10 +261,19 @@ class OutputSpec:
         weights_source: str,
         preprocessing: Preprocessing,
         precision: str,
+        quantization: Mapping[str, Any] | None = None,
     ) -> "OutputSpec":
-        """Build an output spec and compute its vector-space fingerprint."""
+        """Build an output spec and compute its vector-space fingerprint.
+
+        ``quantization`` (JSON-able; required for, and only for, an ``int8`` precision): the
+        quantization settings, calibration and CPU kernel class (see
+        :mod:`featurebank.export.quantize`). It enters the fingerprint, so the vectors of a
+        quantized model never share a space with the float model's, nor with another
+        calibration's or another kernel class's.
+        """
         _choice(pooling, POOLINGS, "pooling")
-        _choice(precision, PRECISIONS, "precision")
+        _choice(precision, CARD_PRECISIONS, "precision")
+        _check_quantization(precision, quantization)
         if shape is None:
             if dim is None:
                 raise ModelCardError("OutputSpec.make needs dim or shape")
@@ -262,6 +291,8 @@ class OutputSpec:
                 "shape": list(shape),
                 "preprocessing": preprocessing.to_dict(),
                 "precision": precision,
+                # only when set, so that the fingerprints of float outputs stay what they were
+                **({"quantization": dict(quantization)} if quantization else {}),
             }
         )
         return cls(name=name, layer=layer, pooling=pooling, normalize=bool(normalize), shape=shape, fingerprint=fp)
@@ -301,7 +332,8 @@ class ModelCard:
     input_name : name of the graph input
     input_format : ``"float"`` (NCHW float32, normalised) or ``"uint8"`` (NHWC uint8 pixels,
         already resized and cropped; the graph scales and normalises)
-    precision : ``"fp32"`` or ``"fp16"`` (weights and compute; inputs/outputs stay float32)
+    precision : ``"fp32"`` or ``"fp16"`` (weights and compute; inputs/outputs stay float32), or
+        ``"int8"`` (static QDQ quantization; see ``quantization``)
     featurebank_version : version that wrote the file
     verification : parity figures measured at export (excluded from fingerprints)
     classes : class names of a classifying model, in the order of its ``probabilities``
@@ -310,6 +342,10 @@ class ModelCard:
         (:data:`CLASS_OUTPUTS`). Empty for a model that only embeds.
     finetune : provenance of a fine-tuned model (parent backbone and weights hash, fine-tuned
         weights hash, recipe, training-data fingerprint, validation metrics); empty otherwise
+    quantization : for ``precision="int8"`` only: the quantization settings, nodes kept in
+        fp32, calibration method, count and content fingerprint, and the CPU kernel class
+        (:mod:`featurebank._cpu`) the gates were measured on; empty otherwise. The gate
+        figures themselves are in ``verification["gates"]``.
     fingerprint : identity of this artifact (computed; changes when any field changes)
     """
 
@@ -327,6 +363,7 @@ class ModelCard:
     verification: Mapping[str, Any] = field(default_factory=dict)
     classes: tuple[str, ...] = ()
     finetune: Mapping[str, Any] = field(default_factory=dict)
+    quantization: Mapping[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
 
     def __post_init__(self) -> None:
@@ -334,7 +371,8 @@ class ModelCard:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(set(self.classes)) != len(self.classes):
             raise ModelCardError(f"model card classes must be distinct; got {list(self.classes)}")
-        _choice(self.precision, PRECISIONS, "precision")
+        _choice(self.precision, CARD_PRECISIONS, "precision")
+        _check_quantization(self.precision, self.quantization)
         object.__setattr__(self, "outputs", tuple(self.outputs))
         if not self.outputs:
             raise ModelCardError("a model card needs at least one output")
@@ -373,6 +411,7 @@ class ModelCard:
             # only when set, so that the fingerprints of cards written before these fields stay valid
             **({"classes": list(self.classes)} if self.classes else {}),
             **({"finetune": dict(self.finetune)} if self.finetune else {}),
+            **({"quantization": dict(self.quantization)} if self.quantization else {}),
             "fingerprint": self.fingerprint,
         }
 
@@ -444,6 +483,7 @@ class ModelCard:
                 verification=d.get("verification", {}),
                 classes=tuple(d.get("classes", ())),
                 finetune=d.get("finetune", {}),
+                quantization=d.get("quantization", {}),
                 fingerprint=d.get("fingerprint", ""),
             )
         except KeyError as exc:

@@ -23,8 +23,11 @@ Each one also subclasses the builtin it means, so ``except KeyError`` or
     ├── IndexFileError            (ValueError)  a saved similarity index is missing parts or corrupt
     ├── UnknownIdError            (KeyError)    id not present in a similarity index
     ├── ClusterError              (RuntimeError) Ray missing, cluster unreachable, or a node cannot see the store
-    └── FineTuneError             (ValueError)  fine-tuning cannot run: unsupported network, bad labels, foreign checkpoint
-        └── TrainingDivergedError               the loss became NaN/inf: the learning rate diverged
+    ├── FineTuneError             (ValueError)  fine-tuning cannot run: unsupported network, bad labels, foreign checkpoint
+    │   └── TrainingDivergedError               the loss became NaN/inf: the learning rate diverged
+    ├── QuantizationError         (ValueError)  INT8 quantization cannot run: too few calibration images, unknown node
+    │   └── QuantizationGateError               the INT8 model missed a gate (feature cosine, neighbours, speed)
+    └── KernelClassError          (RuntimeError) an INT8 model opened on a CPU of another integer-kernel class
 
 The CLI turns any ``FeaturebankError`` into a one-line message and exit code 2.
 """
@@ -54,6 +57,9 @@ __all__ = [
     "ClusterError",
     "FineTuneError",
     "TrainingDivergedError",
+    "QuantizationError",
+    "QuantizationGateError",
+    "KernelClassError",
 ]
 
 
@@ -163,3 +169,23 @@ class FineTuneError(FeaturebankError, ValueError):
 class TrainingDivergedError(FineTuneError):
     """The training loss became NaN or infinite: the learning rate diverged. The last good
     checkpoint is kept."""
+
+
+class QuantizationError(FeaturebankError, ValueError):
+    """INT8 quantization cannot run as asked: too few distinct calibration images to keep the
+    gate images apart, an unknown calibration method, a node name the graph lacks."""
+
+
+class QuantizationGateError(QuantizationError):
+    """The quantized model missed a gate measured on held-out images (feature cosine to fp32,
+    nearest-neighbour agreement, or speed); nothing was written. ``misses`` lists
+    ``(gate, measured, threshold)``."""
+
+    def __init__(self, message: str, *, misses: tuple[tuple[str, float, float], ...] = ()) -> None:
+        super().__init__(message)
+        self.misses = tuple(misses)
+
+
+class KernelClassError(FeaturebankError, RuntimeError):
+    """An INT8 model was quantized and gated on a CPU whose integer kernels differ from this
+    one's (e.g. AVX2 without VNNI vs AVX-512 VNNI), so its vectors would differ here."""

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from featurebank.artifact import INPUT_FORMATS, POOLINGS, PRECISIONS
+from featurebank.artifact import CARD_PRECISIONS, INPUT_FORMATS, POOLINGS, PRECISIONS
+
+# The int8 options default to None and only the ones given are passed on, so the defaults live
+# once, in featurebank.export.quantize (imported lazily: it costs 0.3 s of `--help`); the help
+# texts quote them and tests/export/test_quantize.py pins the quotes.
 
 
 def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
@@ -26,7 +30,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
         description="Cut BACKBONE at one or more layers, add a pooling head, and write one self-describing "
         "ONNX file (preprocessing, layer, pooling, dim and weights hash in its metadata), verified against "
         "the source model.",
-        epilog="example:\n  featurebank export efficientnet_lite0 --layer blocks.5 --pool gem --normalize -o lite0-b5.onnx",
+        epilog="examples:\n  featurebank export efficientnet_lite0 --layer blocks.5 --pool gem --normalize -o lite0-b5.onnx\n"
+        "  featurebank export efficientnet_lite0 --input uint8 --precision int8 --calibrate photos/ -o lite0-int8.onnx",
     )
     p.add_argument("backbone", metavar="BACKBONE", nargs="?", default="efficientnet_lite0",
                    help="registry, timm or torchvision/<name> backbone (default: efficientnet_lite0)")
@@ -34,12 +39,30 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="layer to cut at (repeat for one output per layer; default: the backbone's default layer)")
     p.add_argument("--pool", choices=POOLINGS, default=None, help="pooling head (default: avg, token for ViTs, none for logits)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors inside the graph")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights and activations of the graph")
+    p.add_argument("--precision", choices=CARD_PRECISIONS, default="fp32",
+                   help="weights and activations of the graph (int8 needs --calibrate)")
     p.add_argument("--input", dest="input_format", choices=INPUT_FORMATS, default="float",
                    help="float: NCHW normalised float32; uint8: NHWC uint8 pixels, the graph normalises")
     p.add_argument("--weights", default=None, metavar="PATH|hub|random",
                    help="weights file (.pth/.safetensors), 'hub' to download, 'random' (default: the registry's source)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    q = p.add_argument_group("int8", "static quantization calibrated on your images, refused unless the gates pass")
+    q.add_argument("--calibrate", action="append", metavar="SOURCE",
+                   help="images of your data (folder or .txt/.csv/.parquet list; repeatable): some calibrate, the "
+                   "rest (at least 100) are held out for the gates")
+    q.add_argument("--calibration-size", type=int, default=None, metavar="N",
+                   help="images to calibrate on (default: 64)")
+    q.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default=None,
+                   help="how activation ranges are found (default: minmax)")
+    q.add_argument("--exclude-node", dest="nodes_to_exclude", action="append", default=[], metavar="NODE",
+                   help="graph node to keep in fp32 (repeatable; names from an ONNX viewer)")
+    q.add_argument("--min-cosine", type=float, default=None,
+                   help="gate: median cosine of int8 to fp32 vectors on the held-out images (default: 0.99)")
+    q.add_argument("--min-knn-agreement", type=float, default=None,
+                   help="gate: share of each held-out image's top-10 neighbours that int8 and fp32 agree on "
+                   "(default: 0.9)")
+    q.add_argument("--min-speedup", type=float, default=None,
+                   help="gate: int8 / fp32 model-only images/s on this CPU; 0 records it without gating (default: 1.0)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
@@ -112,15 +135,46 @@ def _describe(card, path: str) -> None:
         print(f"  output {o.name}: layer {o.layer}, pool {o.pooling}{', L2' if o.normalize else ''}, dim {o.dim}{check}")
     print(f"  input {card.input_name}: {card.input_format}, preprocessing {json.dumps(card.preprocessing.to_dict())}")
     print(f"  weights {card.weights_source} sha256 {card.weights_sha256[:16]}..., precision {card.precision}")
+    if card.quantization:
+        q, gates = card.quantization, card.verification.get("gates", {})
+        st = q["settings"]
+        print(f"  int8 for kernel class {q['kernel_class']}: {st['activation_type']} x {st['weight_type']}, "
+              f"{'per-channel' if st['per_channel'] else 'per-tensor'}, reduce_range {st['reduce_range']}; "
+              f"{q['calibration_method']} calibration on {q['calibration_size']} images"
+              + (f"; fp32 nodes {', '.join(q['nodes_to_exclude'])}" if q["nodes_to_exclude"] else ""))
+        for name, fig in gates.get("outputs", {}).items():
+            print(f"  gates {name} on {fig['n']} held-out images: cosine to fp32 median {fig['median_cosine']:.4f}, "
+                  f"p1 {fig['p1_cosine']:.4f}, min {fig['min_cosine']:.4f}; top-{fig['k']} neighbour agreement "
+                  f"{fig['knn_agreement']:.3f}")
+        if "speed" in gates:
+            sp = gates["speed"]
+            print(f"  speed: {sp['int8_images_per_s']:.1f} images/s int8 vs {sp['fp32_images_per_s']:.1f} fp32 "
+                  f"({sp['speedup']:.2f}x, model only)")
     print(f"  fingerprint {card.fingerprint}")
 
 
 def _export(args: argparse.Namespace) -> int:
     from featurebank.export.onnx_export import export_backbone
 
+    given = dict(calibration_size=args.calibration_size, calibration_method=args.calibration_method,
+                 min_cosine=args.min_cosine, min_knn_agreement=args.min_knn_agreement, min_speedup=args.min_speedup)
+    quantize = {k: v for k, v in given.items() if v is not None}
+    if args.nodes_to_exclude:
+        quantize["nodes_to_exclude"] = args.nodes_to_exclude
+    if args.precision == "int8":
+        if not args.calibrate:
+            raise ValueError("--precision int8 needs --calibrate SOURCE: images of your data to calibrate on and to "
+                             "gate the int8 model with")
+        from featurebank.embedder.sources import list_images
+
+        quantize["calibrate"] = list_images(args.calibrate).paths
+    elif args.calibrate or quantize:
+        flags = ["--calibrate"] * bool(args.calibrate) + ["--" + k.replace("_", "-") for k in quantize]
+        raise ValueError(f"{', '.join(flags).replace('--nodes-to-exclude', '--exclude-node')} only apply to "
+                         "--precision int8")
     card = export_backbone(
         args.backbone, args.output, layers=args.layers, pool=args.pool, normalize=args.normalize,
-        precision=args.precision, input_format=args.input_format, weights=args.weights,
+        precision=args.precision, input_format=args.input_format, weights=args.weights, **quantize,
     )
     _describe(card, args.output)
     return 0

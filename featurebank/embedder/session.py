@@ -3,6 +3,11 @@
 ``device="auto"`` uses CUDA when onnxruntime can run it and the CPU otherwise, and says which
 one runs. ``device="cuda"`` fails loudly (:class:`~featurebank.errors.ProviderError`) when
 CUDA is not what runs: no silent fallback that changes speed by 20x without a word.
+
+An INT8 model is opened only on a CPU of the integer-kernel class its card was gated on
+(:mod:`featurebank._cpu`): the same u8s8 graph saturates on AVX2 without VNNI and not on a
+VNNI host, so it would give other vectors. ``allow_kernel_mismatch=True`` (or the environment
+variable ``FEATUREBANK_ALLOW_KERNEL_MISMATCH=1``) turns the refusal into a warning.
 """
 
 from __future__ import annotations
@@ -17,11 +22,16 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from featurebank.artifact import ModelCard
+from featurebank._cpu import cpu_kernel_class
+from featurebank.artifact import QUANTIZED_PRECISIONS, ModelCard
 from featurebank.embedder.devices import DEVICES
-from featurebank.errors import NotOnnxModelError, ProviderError
+from featurebank.errors import KernelClassError, NotOnnxModelError, ProviderError
 
-__all__ = ["ModelRunner", "open_model", "physical_cores", "cuda_status"]
+__all__ = ["ModelRunner", "open_model", "physical_cores", "cuda_status", "check_kernel_class", "ALLOW_KERNEL_MISMATCH_ENV"]
+
+#: Environment variable that, set to 1, makes an INT8 model on another CPU kernel class warn
+#: instead of refusing (for every open_model call that does not say).
+ALLOW_KERNEL_MISMATCH_ENV = "FEATUREBANK_ALLOW_KERNEL_MISMATCH"
 
 log = logging.getLogger("featurebank")
 
@@ -67,6 +77,28 @@ def cuda_status() -> tuple[bool, str]:
     if running != "CUDAExecutionProvider":
         return False, "onnxruntime-gpu is installed but CUDA did not start (no GPU, or CUDA 12/13 / cuDNN 9 libraries missing)"
     return True, "CUDA provider starts"
+
+
+def check_kernel_class(card: ModelCard, path: str, *, allow_kernel_mismatch: bool | None = None) -> None:
+    """Refuse (:class:`KernelClassError`) an INT8 model gated on a CPU of another kernel class.
+
+    ``allow_kernel_mismatch`` : True to log a warning instead; None reads
+    ``FEATUREBANK_ALLOW_KERNEL_MISMATCH`` (``1``/``true``/``yes``). Float models always pass.
+    """
+    if card.precision not in QUANTIZED_PRECISIONS:
+        return
+    gated_on, here = card.quantization.get("kernel_class"), cpu_kernel_class()
+    if gated_on == here:
+        return
+    if allow_kernel_mismatch is None:
+        allow_kernel_mismatch = os.environ.get(ALLOW_KERNEL_MISMATCH_ENV, "").strip().lower() in ("1", "true", "yes")
+    message = (f"{path!r} is an {card.precision} model quantized and gated on a {gated_on} CPU, but this CPU is "
+               f"{here}, whose integer kernels give other vectors")
+    if allow_kernel_mismatch:
+        log.warning("%s; running it anyway (allowed by allow_kernel_mismatch / %s)", message, ALLOW_KERNEL_MISMATCH_ENV)
+        return
+    raise KernelClassError(f"{message}: re-export it on this machine (featurebank export --precision int8 --calibrate "
+                           f"SOURCE), or set {ALLOW_KERNEL_MISMATCH_ENV}=1 (allow_kernel_mismatch=True) to only warn")
 
 
 def _providers_for(device: str) -> list[str]:
@@ -122,6 +154,7 @@ def open_model(
     device: str = "auto",
     threads: int | None = None,
     spin: bool = False,
+    allow_kernel_mismatch: bool | None = None,
 ) -> ModelRunner:
     """Open a featurebank ONNX model for inference.
 
@@ -132,6 +165,9 @@ def open_model(
     threads : intra-op threads; default all cores this process may use
     spin : let onnxruntime's threads busy-wait between ops. Off by default: the decode
         workers share the cores, and spinning threads would steal their time.
+    allow_kernel_mismatch : for an INT8 model gated on a CPU of another integer-kernel class:
+        True warns, False refuses (:class:`~featurebank.errors.KernelClassError`), None (the
+        default) refuses unless ``FEATUREBANK_ALLOW_KERNEL_MISMATCH=1``
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}; got device={device!r}")
@@ -150,6 +186,7 @@ def open_model(
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise NotOnnxModelError(f"onnxruntime cannot load {path!r}: {str(exc).splitlines()[0][:300]}") from None
     card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    check_kernel_class(card, path, allow_kernel_mismatch=allow_kernel_mismatch)
     running = session.get_providers()[0]
     if device == "cuda" and running != "CUDAExecutionProvider":
         raise ProviderError(

@@ -13,6 +13,9 @@ The recipe:
    (:func:`featurebank.export.parity.compare_outputs`); a mismatch raises
    :class:`~featurebank.errors.ExportParityError`;
 7. write atomically: nothing is left at the output path unless every step passed.
+
+``precision="int8"`` exports fp32 to a temporary file first, then quantizes it with
+calibration images and gates (:func:`featurebank.export.quantize.quantize_model`).
 """
 
 from __future__ import annotations
@@ -20,17 +23,26 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
 import torch
 
 from featurebank._atomic import write_bytes_atomic
-from featurebank.artifact import INPUT_FORMATS, POOLINGS, PRECISIONS, ModelCard, OutputSpec, write_model_card
+from featurebank.artifact import (
+    CARD_PRECISIONS,
+    INPUT_FORMATS,
+    POOLINGS,
+    QUANTIZED_PRECISIONS,
+    ModelCard,
+    OutputSpec,
+    write_model_card,
+)
 from featurebank.errors import ExportParityError, UnknownLayerError
 from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
 from featurebank.export.layers import LayerInfo, list_layers, resolve_layers, truncate
+from featurebank.export.quantize import DEFAULT_CALIBRATION_SIZE, MIN_HOLDOUT, quantize_model
 from featurebank.export.parity import PATCH_POOLINGS, compare_outputs, normalise_pixels, pool_reference, seeded_pixels
 from featurebank.export.registry import DEFAULT_BACKBONE, get_backbone
 from featurebank.export.weights import build_backbone
@@ -78,6 +90,8 @@ def export_backbone(
     weights: str | os.PathLike[str] | None = None,
     verify_pixels: np.ndarray | None = None,
     seed: int = 0,
+    calibrate: Sequence[str | os.PathLike[str]] | None = None,
+    **quantize: Any,
 ) -> ModelCard:
     """Export ``backbone`` cut at ``layers`` to ``output`` and return its model card.
 
@@ -90,13 +104,18 @@ def export_backbone(
     pool : ``avg`` | ``max`` | ``gem`` | ``token`` | ``none``; default ``avg`` for feature
         maps, ``token`` for ViT tokens, ``none`` for logits
     normalize : L2-normalise each output vector inside the graph
-    precision : ``fp32`` or ``fp16`` (weights and compute; inputs/outputs stay float32)
+    precision : ``fp32`` or ``fp16`` (weights and compute; inputs/outputs stay float32), or
+        ``int8`` (needs ``calibrate``)
     input_format : ``float`` (NCHW float32, normalised) or ``uint8`` (NHWC uint8 pixels,
         resized and cropped; the graph scales and normalises)
     weights : None (the registry's source), a weights file, ``"hub"`` or ``"random"``
     verify_pixels : optional (N, H, W, 3) uint8 images (already resized and cropped) added to
         the seeded parity inputs, e.g. real photos
     seed : seeds the random weights of test models and the parity inputs
+    calibrate : with ``precision="int8"`` only: image files of your data to calibrate on and
+        to gate with (see :func:`~featurebank.export.quantize.quantize_model`, whose keyword
+        arguments ``calibration_size``, ``calibration_method``, ``nodes_to_exclude``,
+        ``min_cosine``, ``min_knn_agreement``, ``min_speedup`` ... pass through ``quantize``)
 
     Returns
     -------
@@ -106,10 +125,24 @@ def export_backbone(
     Raises
     ------
     UnknownBackboneError, UnknownLayerError, WeightsMismatchError, WeightsNotFoundError,
-    ExportParityError, OSError (output not writable)
+    ExportParityError, OSError (output not writable), QuantizationError, QuantizationGateError
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be {' or '.join(map(repr, PRECISIONS))}; got precision={precision!r}")
+    if precision not in CARD_PRECISIONS:
+        raise ValueError(f"precision must be {' or '.join(map(repr, CARD_PRECISIONS))}; got precision={precision!r}")
+    if precision in QUANTIZED_PRECISIONS:
+        if not calibrate:
+            raise ValueError(f"precision={precision!r} needs calibration images of your data: pass calibrate=[image "
+                             "paths] (--calibrate SOURCE, a folder or list of at least "
+                             f"{DEFAULT_CALIBRATION_SIZE + MIN_HOLDOUT} images)")
+        out_path = _check_output_path(output)
+        with tempfile.TemporaryDirectory(prefix=".featurebank-export-", dir=out_path.parent) as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_backbone(backbone, fp32, layers=layers, pool=pool, normalize=normalize, precision="fp32",
+                            input_format=input_format, weights=weights, verify_pixels=verify_pixels, seed=seed)
+            return quantize_model(fp32, out_path, calibrate, seed=seed, **quantize)
+    if calibrate is not None or quantize:
+        given = ", ".join(["calibrate"] * (calibrate is not None) + sorted(quantize))
+        raise ValueError(f"{given} only apply to precision='int8'; got precision={precision!r}")
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format must be {' or '.join(map(repr, INPUT_FORMATS))}; got input_format={input_format!r}")
     if pool is not None and pool not in POOLINGS:

@@ -1,0 +1,545 @@
+"""INT8 models that keep their features: static QDQ quantization, calibrated on the user's own
+images, gated on images kept apart from the calibration, refused when a gate is missed.
+
+The recipe (:func:`quantize_model`):
+
+1. the images are hashed (sha256 of the file, the store's content key) and deduplicated by
+   content, shuffled with ``seed`` and split: ``calibration_size`` images calibrate, the rest
+   (at least ``min_holdout``) are held out for the gates, so no calibration image (not even
+   one copied under another name) is ever a gate image. Both lists of keys go in the card;
+2. each image is decoded with the model card's own preprocessing
+   (:func:`featurebank.decoding.decode_image` / :func:`~featurebank.decoding.to_model_input`),
+   in the graph's input format (uint8 NHWC pixels or normalised float NCHW);
+3. ``onnxruntime.quantization.quantize_static`` writes a QDQ graph with per-channel int8
+   weights and uint8 activations, with the settings chosen for this CPU's integer-kernel
+   class (:func:`settings_for`). The graph's own uint8 -> float preprocessing prefix and its
+   pooling / L2 head (nodes named ``featurebank_input/...`` and ``featurebank_head/...``) stay
+   fp32, as do the ``nodes_to_exclude`` the caller names;
+4. gates, on the held-out images: per output, the cosine of each INT8 vector to its fp32
+   vector (median, p1 and min are recorded, the median is gated) and the agreement of each
+   image's top-10 nearest neighbours among the other held-out images (cosine similarity),
+   INT8 vs fp32; then the model-only speed, INT8 vs fp32 images/s on the same batches. A miss
+   raises :class:`~featurebank.errors.QuantizationGateError` saying which gate and by how
+   much; nothing is written at the output path (the file is written atomically at the end).
+
+Settings per CPU class. onnxruntime's documentation of ``quantize_static`` (its docstring in
+onnxruntime 1.31, "Choosing parameters for CPU inference", and
+https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html) says: on x86
+without VNNI use ``activation_type=QUInt8, weight_type=QInt8`` with ``reduce_range=True``
+("quantizes weights to 7-bit to reduce the risk of integer saturation on CPUs that typically
+lack the VNNI dot-product instruction"); with VNNI the same types with ``reduce_range=False``
+("VNNI-capable cores typically accumulate 8-bit products without saturation"); QDQ is the
+preferred format on CPU since 1.11; ``per_channel=True`` "can improve accuracy for models with
+weight distributions that vary across output channels". The saturation is the AVX2 kernels'
+``vpmaddubsw``, which sums two uint8 x int8 products into a saturating int16 (see
+:mod:`featurebank._cpu`); the same model file therefore gives different vectors on an AVX2 and
+a VNNI host, which is why the kernel class enters the card and the fingerprint, and why
+:func:`featurebank.embedder.session.open_model` refuses an INT8 model on another class.
+
+The flags are not trusted blindly: :func:`u8s8_is_exact` runs one ``QLinearConv`` whose
+uint8 x int8 pair sums overflow int16 and checks the result, so a host whose flags claim VNNI
+but whose kernels saturate still gets ``reduce_range``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from featurebank._atomic import write_bytes_atomic
+from featurebank._cpu import KERNEL_CLASSES, cpu_kernel_class
+from featurebank._files import open_image_file
+from featurebank.artifact import DECODE_MODES, ModelCard, OutputSpec, read_model_card, write_model_card
+from featurebank.decoding import decode_image, to_model_input
+from featurebank.errors import QuantizationError, QuantizationGateError
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "DEFAULT_CALIBRATION_SIZE",
+    "DEFAULT_MIN_COSINE",
+    "DEFAULT_MIN_KNN_AGREEMENT",
+    "MIN_HOLDOUT",
+    "QuantSettings",
+    "settings_for",
+    "u8s8_is_exact",
+    "split_images",
+    "feature_agreement",
+    "quantize_model",
+]
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIBRATION_SIZE = 64
+#: Held-out images the gates need at the least (the issue's floor: a neighbour agreement over
+#: fewer images says little).
+MIN_HOLDOUT = 100
+DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_KNN_AGREEMENT = 0.90
+KNN = 10
+#: Graph nodes featurebank adds around the network (see featurebank.export.heads); always fp32.
+_FP32_PREFIXES = ("featurebank_input/", "featurebank_head/")
+_VNNI_CLASSES = ("amx", "avx512-vnni", "avx-vnni")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The ``quantize_static`` settings chosen for one CPU kernel class.
+
+    activation_type, weight_type : ``"uint8"`` / ``"int8"`` (onnxruntime's QUInt8 / QInt8)
+    per_channel : one weight scale per output channel
+    reduce_range : 7-bit weights, so that AVX2's saturating int16 pair sums cannot clip
+    quant_format : ``"QDQ"``
+    reason : why these settings, in one line
+    """
+
+    kernel_class: str
+    activation_type: str
+    weight_type: str
+    per_channel: bool
+    reduce_range: bool
+    quant_format: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def settings_for(kernel_class: str, *, u8s8_exact: bool | None = None) -> QuantSettings:
+    """The quantization settings that are correct on a CPU of ``kernel_class``.
+
+    ``u8s8_exact`` : what :func:`u8s8_is_exact` measured on the host (None: not measured,
+    trust the class). A VNNI class whose kernels were measured to saturate gets the AVX2
+    settings.
+
+    >>> settings_for("avx2").reduce_range, settings_for("avx512-vnni").reduce_range
+    (True, False)
+    """
+    if kernel_class not in KERNEL_CLASSES:
+        raise ValueError(f"kernel_class must be one of {', '.join(KERNEL_CLASSES)}; got kernel_class={kernel_class!r}")
+    common = dict(kernel_class=kernel_class, activation_type="uint8", weight_type="int8", per_channel=True,
+                  quant_format="QDQ")
+    if kernel_class in _VNNI_CLASSES and u8s8_exact is not False:
+        return QuantSettings(**common, reduce_range=False,
+                             reason=f"{kernel_class}: VNNI accumulates uint8 x int8 products in int32 without "
+                                    "saturation, so full 8-bit weights")
+    if kernel_class in _VNNI_CLASSES:
+        return QuantSettings(**common, reduce_range=True,
+                             reason=f"{kernel_class} flags, but the u8s8 probe saturated: 7-bit weights (reduce_range)")
+    if kernel_class == "avx2":
+        return QuantSettings(**common, reduce_range=True,
+                             reason="avx2 without VNNI: vpmaddubsw sums uint8 x int8 pairs into a saturating int16, "
+                                    "so 7-bit weights (reduce_range), onnxruntime's documented answer")
+    return QuantSettings(**common, reduce_range=True,
+                         reason="other: integer kernels unknown, so the conservative 7-bit weights (reduce_range)")
+
+
+def u8s8_is_exact() -> bool:
+    """Whether this host's uint8 x int8 convolution kernel is exact where int16 pair sums overflow.
+
+    One ``QLinearConv`` (16 input channels of 250, 3x3 weights of 127: each pair of products
+    is 63500 > 32767) compared with the exact integer result. Takes a few milliseconds.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = np.full((1, 16, 4, 4), 250, np.uint8)
+    inits = [
+        numpy_helper.from_array(np.full((4, 16, 3, 3), 127, np.int8), "w"),
+        numpy_helper.from_array(np.float32(1.0), "xs"), numpy_helper.from_array(np.uint8(0), "xz"),
+        numpy_helper.from_array(np.ones(4, np.float32), "ws"), numpy_helper.from_array(np.zeros(4, np.int8), "wz"),
+        numpy_helper.from_array(np.float32(20000.0), "ys"), numpy_helper.from_array(np.uint8(0), "yz"),
+    ]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "u8s8_probe", [helper.make_tensor_value_info("x", TensorProto.UINT8, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x})[0]
+    expected = round(250 * 127 * 16 * 9 / 20000.0)  # the centre pixel sees the full 3x3 window
+    return int(y[0, 0, 2, 2]) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# images: content keys, split, decoding
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Image:
+    path: str
+    key: str  # sha256 of the file's bytes (the store's content key)
+    data: bytes
+
+
+def _read_images(paths: Sequence[str | os.PathLike[str]]) -> list[_Image]:
+    """Read and hash each image once, keeping the first path of each distinct content."""
+    seen: set[str] = set()
+    out: list[_Image] = []
+    for p in paths:
+        path = os.path.abspath(os.fspath(p))
+        with open_image_file(path) as f:
+            data = f.read()
+        key = hashlib.sha256(data).hexdigest()
+        if key not in seen:
+            seen.add(key)
+            out.append(_Image(path, key, data))
+    return out
+
+
+def split_images(keys: Sequence[str], calibration_size: int, *, min_holdout: int = MIN_HOLDOUT,
+                 seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of ``keys`` (distinct content keys) to calibrate on and to hold out for the gates.
+
+    The order is a seeded permutation of the keys sorted, so the split depends on the images'
+    content and ``seed``, not on listing order. Raises :class:`QuantizationError` with the count
+    needed when fewer than ``calibration_size + min_holdout`` distinct images are given.
+    """
+    n = len(keys)
+    if len(set(keys)) != n:
+        raise ValueError("keys must be distinct content keys")
+    need = calibration_size + min_holdout
+    if n < need:
+        raise QuantizationError(
+            f"INT8 calibration needs at least {need} distinct images ({calibration_size} to calibrate + {min_holdout} "
+            f"held out for the gates); got {n}: add {need - n} images or lower the calibration size"
+        )
+    order = sorted(range(n), key=lambda i: keys[i])
+    perm = np.random.default_rng(seed).permutation(n)
+    shuffled = [order[i] for i in perm]
+    return shuffled[:calibration_size], shuffled[calibration_size:]
+
+
+def _decode(images: Sequence[_Image], card: ModelCard, decode_mode: str) -> np.ndarray:
+    c, h, w = card.preprocessing.input_size
+    out = np.empty((len(images), h, w, c), np.uint8)
+    for i, im in enumerate(images):
+        decode_image(im.data, card, mode=decode_mode, out=out[i], name=im.path)
+    return out
+
+
+def _batches(pixels: np.ndarray, card: ModelCard, batch_size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(pixels), batch_size):
+        yield to_model_input(np.ascontiguousarray(pixels[i : i + batch_size]), card)
+
+
+def _calibration_reader(pixels: np.ndarray, card: ModelCard, batch_size: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        """Feeds the calibration images, decoded with the card's preprocessing, batch by batch."""
+
+        def __init__(self) -> None:
+            self.rewind()
+
+        def get_next(self):
+            batch = next(self._it, None)
+            return None if batch is None else {card.input_name: batch}
+
+        def rewind(self) -> None:
+            self._it = _batches(pixels, card, batch_size)
+
+    return _Reader()
+
+
+# ---------------------------------------------------------------------------------------
+# gates
+# ---------------------------------------------------------------------------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _neighbours(x: np.ndarray, k: int) -> np.ndarray:
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def feature_agreement(reference: np.ndarray, candidate: np.ndarray, *, k: int = KNN) -> dict[str, float]:
+    """How closely ``candidate`` vectors follow ``reference`` vectors of the same images.
+
+    reference, candidate : ndarray of shape (n_samples, ...) (flattened per sample)
+
+    Returns ``{"median_cosine", "p1_cosine", "min_cosine", "knn_agreement", "n", "k"}``:
+    the cosine of each candidate vector to its reference vector, and the mean fraction of each
+    sample's top-``k`` nearest neighbours among the other samples (cosine similarity) that the
+    candidate vectors share with the reference ones.
+
+    >>> rng = np.random.default_rng(0); x = rng.normal(size=(30, 8))
+    >>> feature_agreement(x, x)["knn_agreement"]
+    1.0
+    """
+    if reference.shape != candidate.shape:
+        raise ValueError(f"reference and candidate differ in shape: {reference.shape} vs {candidate.shape}")
+    n = len(reference)
+    if n <= k:
+        raise ValueError(f"the neighbour agreement needs more than k={k} samples; got n_samples={n}")
+    a, b = _unit(reference), _unit(candidate)
+    cos = np.sum(a * b, axis=1)
+    na, nb = _neighbours(a, k), _neighbours(b, k)
+    shared = [len(set(na[i]).intersection(nb[i])) for i in range(n)]
+    return {
+        "median_cosine": float(np.median(cos)),
+        "p1_cosine": float(np.percentile(cos, 1)),
+        "min_cosine": float(cos.min()),
+        "knn_agreement": float(np.mean(shared) / k),
+        "n": int(n),
+        "k": int(k),
+    }
+
+
+def _session(model: bytes | str, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _embed(sess, card: ModelCard, pixels: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    names = [o.name for o in card.outputs]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in _batches(pixels, card, batch_size):
+        for n, v in zip(names, sess.run(names, {card.input_name: batch})):
+            parts[n].append(np.asarray(v, np.float32))
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def _speed(fp32, int8, card: ModelCard, pixels: np.ndarray, batch_size: int, rounds: int = 3) -> dict[str, float]:
+    """Model-only images/s of both sessions on the same batches: interleaved rounds, best of each."""
+    batches = list(_batches(pixels, card, batch_size))
+    names = [o.name for o in card.outputs]
+    best = {"fp32": np.inf, "int8": np.inf}
+    for sess in (fp32, int8):  # warm-up: first runs allocate
+        sess.run(names, {card.input_name: batches[0]})
+    for _ in range(rounds):
+        for label, sess in (("fp32", fp32), ("int8", int8)):
+            t0 = time.perf_counter()
+            for b in batches:
+                sess.run(names, {card.input_name: b})
+            best[label] = min(best[label], time.perf_counter() - t0)
+    n = len(pixels)
+    fp32_ips, int8_ips = n / best["fp32"], n / best["int8"]
+    return {"fp32_images_per_s": round(fp32_ips, 2), "int8_images_per_s": round(int8_ips, 2),
+            "speedup": round(int8_ips / fp32_ips, 3), "images": int(n), "batch_size": int(batch_size)}
+
+
+# ---------------------------------------------------------------------------------------
+# the export
+# ---------------------------------------------------------------------------------------
+
+
+class _DropPreprocessHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_preprocess_hint() -> Iterator[None]:
+    """quantize_static logs "Please consider pre-processing" on the root logger each call. Its
+    pre-processing (symbolic shape inference, graph optimisation) renames nodes, which would break
+    ``nodes_to_exclude`` given in the exported graph's names; featurebank's exports are already
+    constant-folded, so the hint does not apply."""
+    root, hint = logging.getLogger(), _DropPreprocessHint()
+    root.addFilter(hint)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint)
+
+
+def _check_unit(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1]; got {name}={value!r}")
+    return float(value)
+
+
+def _exclusions(proto: onnx.ModelProto, nodes_to_exclude: Sequence[str]) -> list[str]:
+    names = [n.name for n in proto.graph.node]
+    known = set(names)
+    for name in nodes_to_exclude:
+        if name not in known:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise QuantizationError(f"nodes_to_exclude names node {name!r}, which the graph lacks{hint}")
+    auto = [n for n in names if n.startswith(_FP32_PREFIXES)]
+    return sorted(set(auto) | set(nodes_to_exclude))
+
+
+def quantize_model(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    images: Sequence[str | os.PathLike[str]],
+    *,
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+    calibration_method: str = "minmax",
+    nodes_to_exclude: Sequence[str] = (),
+    min_cosine: float = DEFAULT_MIN_COSINE,
+    min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
+    min_speedup: float = 1.0,
+    min_holdout: int = MIN_HOLDOUT,
+    max_holdout: int = 500,
+    decode_mode: str = "exact",
+    kernel_class: str | None = None,
+    batch_size: int = 16,
+    threads: int | None = None,
+    seed: int = 0,
+) -> ModelCard:
+    """Quantize the fp32 featurebank model ``model`` to INT8 at ``output``, gated; return its card.
+
+    Parameters
+    ----------
+    model : an fp32 ONNX file written by ``featurebank export`` (or ``cut``)
+    output : the INT8 ONNX file to write (only if every gate passes)
+    images : image files of the user's data (duplicates by content count once); needs at least
+        ``calibration_size + min_holdout`` distinct images
+    calibration_size : images to calibrate on; the others are held out for the gates
+    calibration_method : ``minmax``, ``entropy`` or ``percentile`` (onnxruntime's calibrators)
+    nodes_to_exclude : graph node names kept in fp32 (e.g. the first convolution)
+    min_cosine : gate on the median cosine of INT8 to fp32 vectors of the held-out images
+    min_knn_agreement : gate on the mean top-10 nearest-neighbour agreement, INT8 vs fp32
+    min_speedup : gate on INT8 / fp32 model-only images/s (default 1.0: INT8 must be faster);
+        0 records the speed without gating it
+    min_holdout, max_holdout : fewest held-out images the gates accept; most they use
+    decode_mode : how the images are decoded (``exact`` or ``fast``)
+    kernel_class : the CPU class to choose settings for; default this CPU's (tests pin it)
+    batch_size, threads, seed : calibration/gate batch size, onnxruntime intra-op threads
+        (default: onnxruntime's), seed of the calibration / held-out split
+
+    Raises
+    ------
+    QuantizationError : too few distinct images, unknown node, a float model card missing
+    QuantizationGateError : a gate missed (which, by how much); nothing written
+    """
+    from onnxruntime import __version__ as ort_version
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}; "
+                         f"got calibration_method={calibration_method!r}")
+    if isinstance(calibration_size, bool) or not isinstance(calibration_size, int) or calibration_size < 1:
+        raise ValueError(f"calibration_size must be a positive integer; got calibration_size={calibration_size!r}")
+    if isinstance(min_holdout, bool) or not isinstance(min_holdout, int) or min_holdout <= KNN:
+        raise ValueError(f"min_holdout must be an integer above {KNN}; got min_holdout={min_holdout!r}")
+    if max_holdout < min_holdout:
+        raise ValueError(f"max_holdout must be at least min_holdout={min_holdout}; got max_holdout={max_holdout!r}")
+    min_cosine = _check_unit(min_cosine, "min_cosine")
+    min_knn_agreement = _check_unit(min_knn_agreement, "min_knn_agreement")
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or min_speedup < 0:
+        raise ValueError(f"min_speedup must be a number >= 0; got min_speedup={min_speedup!r}")
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}; got decode_mode={decode_mode!r}")
+    if isinstance(nodes_to_exclude, str):
+        nodes_to_exclude = [nodes_to_exclude]
+    src_card = read_model_card(model)
+    if src_card.precision != "fp32":
+        raise QuantizationError(f"only an fp32 model can be quantized; {os.fspath(model)!r} is {src_card.precision}: "
+                                "export it with --precision fp32 first")
+    out_path = Path(output)
+    if out_path.is_dir():
+        raise IsADirectoryError(21, "output path is a directory; give a file name like model-int8.onnx", str(out_path))
+    kernel_class = kernel_class or cpu_kernel_class()
+    settings = settings_for(kernel_class, u8s8_exact=u8s8_is_exact() if kernel_class == cpu_kernel_class() else None)
+
+    found = _read_images(images)
+    cal_idx, held_idx = split_images([im.key for im in found], calibration_size, min_holdout=min_holdout, seed=seed)
+    calibration = [found[i] for i in cal_idx]
+    held = [found[i] for i in held_idx][:max_holdout]
+    cal_pixels = _decode(calibration, src_card, decode_mode)
+    held_pixels = _decode(held, src_card, decode_mode)
+
+    src = onnx.load(os.fspath(model))
+    excluded = _exclusions(src, nodes_to_exclude)
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[calibration_method]
+    with tempfile.TemporaryDirectory(prefix=".featurebank-int8-", dir=out_path.parent if str(out_path.parent) else ".") as tmp:
+        q_path = Path(tmp) / "int8.onnx"
+        with _quiet_preprocess_hint():
+            quantize_static(
+                os.fspath(model), str(q_path), _calibration_reader(cal_pixels, src_card, batch_size),
+                quant_format=QuantFormat.QDQ, per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                calibrate_method=method,
+            )
+        quantized = onnx.load(str(q_path))
+
+    quantization = {
+        "kernel_class": kernel_class,
+        "settings": settings.to_dict(),
+        "calibration_method": calibration_method,
+        "calibration_size": len(calibration),
+        "calibration_sha256": hashlib.sha256("".join(sorted(im.key for im in calibration)).encode()).hexdigest(),
+        "decode_mode": decode_mode,
+        "nodes_to_exclude": sorted(set(nodes_to_exclude)),
+    }
+    outputs = tuple(
+        OutputSpec.make(name=o.name, layer=o.layer, pooling=o.pooling, normalize=o.normalize, shape=o.shape,
+                        backbone=src_card.backbone, weights_sha256=src_card.weights_sha256,
+                        weights_source=src_card.weights_source, preprocessing=src_card.preprocessing,
+                        precision="int8", quantization=quantization)
+        for o in src_card.outputs
+    )
+
+    fp32_sess = _session(os.fspath(model), threads)
+    int8_sess = _session(quantized.SerializeToString(), threads)
+    ref = _embed(fp32_sess, src_card, held_pixels, batch_size)
+    got = _embed(int8_sess, src_card, held_pixels, batch_size)
+    figures = {name: feature_agreement(ref[name], got[name]) for name in ref}
+    speed = _speed(fp32_sess, int8_sess, src_card, held_pixels[: max(batch_size, 64)], batch_size)
+    thresholds = {"min_cosine": min_cosine, "min_knn_agreement": min_knn_agreement, "min_speedup": float(min_speedup)}
+    misses: list[tuple[str, float, float]] = []
+    for name, fig in figures.items():
+        label = "" if len(figures) == 1 else f" ({name})"
+        if fig["median_cosine"] < min_cosine:
+            misses.append((f"median cosine to fp32{label}", fig["median_cosine"], min_cosine))
+        if fig["knn_agreement"] < min_knn_agreement:
+            misses.append((f"top-{KNN} neighbour agreement{label}", fig["knn_agreement"], min_knn_agreement))
+    if speed["speedup"] < min_speedup:
+        misses.append(("speed-up over fp32", speed["speedup"], float(min_speedup)))
+    if misses:
+        said = "; ".join(f"{gate} {value:.4f} < {limit:g} (short by {limit - value:.4f})" for gate, value, limit in misses)
+        raise QuantizationGateError(
+            f"INT8 model refused, nothing written to {os.fspath(output)!r}: {said}, measured on {len(held)} held-out "
+            f"images on a {kernel_class} CPU; try another calibration method, keep layers in fp32 (nodes_to_exclude), "
+            "or relax the gate",
+            misses=tuple(misses),
+        )
+
+    card = ModelCard(
+        backbone=src_card.backbone, weights_source=src_card.weights_source, weights_sha256=src_card.weights_sha256,
+        weights_license=src_card.weights_license, outputs=outputs, preprocessing=src_card.preprocessing,
+        input_name=src_card.input_name, input_format=src_card.input_format, precision="int8",
+        classes=src_card.classes, finetune=src_card.finetune, quantization=quantization,
+        verification={
+            "fp32": dict(src_card.verification),
+            "gates": {"thresholds": thresholds, "outputs": figures, "speed": speed, "held_out": len(held)},
+            "onnxruntime": ort_version,
+            "calibration_keys": sorted(im.key for im in calibration),
+            "held_out_keys": sorted(im.key for im in held),
+        },
+    )
+    write_model_card(quantized, card)
+    onnx.checker.check_model(quantized)
+    write_bytes_atomic(out_path, quantized.SerializeToString())
+    return card

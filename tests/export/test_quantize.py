@@ -1,0 +1,379 @@
+"""INT8 export: the CPU's integer-kernel class, the settings it selects, calibration on real
+photos, the gates on held-out photos (refused exports write nothing), fingerprints and the
+session's kernel-class check. The model is timm's tiny random-weight EfficientNet (uint8 input,
+conftest's ``tiny_model``); the images are real photo crops from scikit-image, as JPEGs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from featurebank import _cpu
+from featurebank._cpu import KERNEL_CLASSES, cpu_kernel_class, flags_of_cpuinfo, kernel_class_of_flags
+from featurebank.artifact import (
+    ModelCard,
+    OutputSpec,
+    Preprocessing,
+    read_model_card,
+    space_fingerprint,
+    write_model_card,
+)
+from featurebank.cli import main
+from featurebank.decoding import decode_image
+from featurebank.embedder.session import open_model
+from featurebank.errors import KernelClassError, ModelCardError, QuantizationError, QuantizationGateError
+from featurebank.export.onnx_export import export_backbone
+from featurebank.export.quantize import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_SIZE,
+    DEFAULT_MIN_COSINE,
+    DEFAULT_MIN_KNN_AGREEMENT,
+    MIN_HOLDOUT,
+    feature_agreement,
+    quantize_model,
+    settings_for,
+    split_images,
+    u8s8_is_exact,
+)
+
+# Real /proc/cpuinfo texts (abridged to the lines that matter, flags lines verbatim in the
+# parts that decide), one per kernel class.
+SAPPHIRE_RAPIDS = """processor	: 0
+vendor_id	: GenuineIntel
+model name	: Intel(R) Xeon(R) Platinum 8480+
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush dts acpi mmx fxsr sse sse2 ss ht tm pbe syscall nx pdpe1gb rdtscp lm constant_tsc art arch_perfmon pebs bts rep_good nopl xtopology nonstop_tsc cpuid aperfmperf tsc_known_freq pni pclmulqdq dtes64 monitor ds_cpl vmx smx est tm2 ssse3 sdbg fma cx16 xtpr pdcm pcid dca sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand lahf_lm abm 3dnowprefetch cpuid_fault epb cat_l3 cat_l2 cdp_l3 invpcid_single intel_ppin cdp_l2 ssbd mba ibrs ibpb stibp ibrs_enhanced tpr_shadow flexpriority ept vpid ept_ad fsgsbase tsc_adjust bmi1 avx2 smep bmi2 erms invpcid cqm rdt_a avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb intel_pt avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local split_lock_detect avx_vnni avx512_bf16 wbnoinvd dtherm ida arat pln pts hfi vnmi avx512vbmi umip pku ospke waitpkg avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg tme avx512_vpopcntdq la57 rdpid bus_lock_detect cldemote movdiri movdir64b enqcmd fsrm md_clear serialize tsxldtrk pconfig arch_lbr ibt amx_bf16 avx512_fp16 amx_tile amx_int8 flush_l1d arch_capabilities
+bogomips	: 4000.00
+"""
+CASCADE_LAKE = """processor	: 0
+vendor_id	: GenuineIntel
+model name	: Intel(R) Xeon(R) Gold 6230 CPU @ 2.10GHz
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush dts acpi mmx fxsr sse sse2 ss ht tm pbe syscall nx pdpe1gb rdtscp lm constant_tsc art arch_perfmon pebs bts rep_good nopl xtopology nonstop_tsc cpuid aperfmperf pni pclmulqdq dtes64 monitor ds_cpl vmx smx est tm2 ssse3 sdbg fma cx16 xtpr pdcm pcid dca sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand lahf_lm abm 3dnowprefetch cpuid_fault epb cat_l3 cdp_l3 invpcid_single intel_ppin ssbd mba ibrs ibpb stibp ibrs_enhanced fsgsbase tsc_adjust bmi1 hle avx2 smep bmi2 erms invpcid rtm cqm mpx rdt_a avx512f avx512dq rdseed adx smap clflushopt clwb intel_pt avx512cd avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local dtherm ida arat pln pts pku ospke avx512_vnni md_clear flush_l1d arch_capabilities
+"""
+ALDER_LAKE = """processor	: 0
+vendor_id	: GenuineIntel
+model name	: 12th Gen Intel(R) Core(TM) i7-1260P
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush dts acpi mmx fxsr sse sse2 ss ht tm pbe syscall nx pdpe1gb rdtscp lm constant_tsc art arch_perfmon pebs bts rep_good nopl xtopology nonstop_tsc cpuid aperfmperf tsc_known_freq pni pclmulqdq dtes64 monitor ds_cpl vmx smx est tm2 ssse3 sdbg fma cx16 xtpr pdcm pcid sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand lahf_lm abm 3dnowprefetch cpuid_fault epb ssbd ibrs ibpb stibp ibrs_enhanced tpr_shadow vnmi flexpriority ept vpid ept_ad fsgsbase tsc_adjust bmi1 avx2 smep bmi2 erms invpcid rdseed adx smap clflushopt clwb intel_pt sha_ni xsaveopt xsavec xgetbv1 xsaves split_lock_detect avx_vnni dtherm ida arat pln pts hwp hwp_notify hwp_act_window hwp_epp hwp_pkg_req hfi umip pku ospke waitpkg gfni vaes vpclmulqdq rdpid movdiri movdir64b fsrm md_clear serialize arch_lbr ibt flush_l1d arch_capabilities
+"""
+EPYC_ROME = """processor	: 0
+vendor_id	: AuthenticAMD
+model name	: AMD EPYC 7B12
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid extd_apicid tsc_known_freq pni pclmulqdq ssse3 fma cx16 sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw topoext ssbd ibrs ibpb stibp vmmcall fsgsbase tsc_adjust bmi1 avx2 smep bmi2 rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec xgetbv1 clzero xsaveerptr arat npt nrip_save umip rdpid
+"""
+SKYLAKE_SP = """processor	: 0
+vendor_id	: GenuineIntel
+model name	: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush dts acpi mmx fxsr sse sse2 ss ht tm pbe syscall nx pdpe1gb rdtscp lm constant_tsc art arch_perfmon pebs bts rep_good nopl xtopology nonstop_tsc cpuid aperfmperf pni pclmulqdq dtes64 monitor ds_cpl vmx smx est tm2 ssse3 sdbg fma cx16 xtpr pdcm pcid dca sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand lahf_lm abm 3dnowprefetch cpuid_fault epb cat_l3 cdp_l3 invpcid_single pti intel_ppin ssbd mba ibrs ibpb stibp tpr_shadow vnmi flexpriority ept vpid ept_ad fsgsbase tsc_adjust bmi1 hle avx2 smep bmi2 erms invpcid rtm cqm mpx rdt_a avx512f avx512dq rdseed adx smap clflushopt clwb intel_pt avx512cd avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local dtherm ida arat pln pts pku ospke md_clear flush_l1d arch_capabilities
+"""
+GRAVITON2 = """processor	: 0
+BogoMIPS	: 243.75
+Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
+CPU implementer	: 0x41
+"""
+OLD_XEON = """processor	: 0
+model name	: Intel(R) Xeon(R) CPU E5-2670 0 @ 2.60GHz
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush dts acpi mmx fxsr sse sse2 ss ht tm pbe syscall nx pdpe1gb rdtscp lm constant_tsc arch_perfmon pebs bts rep_good nopl xtopology nonstop_tsc cpuid aperfmperf pni pclmulqdq dtes64 monitor ds_cpl vmx smx est tm2 ssse3 cx16 xtpr pdcm pcid dca sse4_1 sse4_2 x2apic popcnt tsc_deadline_timer aes xsave avx lahf_lm
+"""
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [(SAPPHIRE_RAPIDS, "amx"), (CASCADE_LAKE, "avx512-vnni"), (ALDER_LAKE, "avx-vnni"), (EPYC_ROME, "avx2"),
+     (SKYLAKE_SP, "avx2"), (GRAVITON2, "other"), (OLD_XEON, "other"), ("", "other")],
+    ids=["sapphire-rapids", "cascade-lake", "alder-lake", "epyc-rome", "skylake-sp-no-vnni", "graviton2", "sandy-bridge",
+         "empty"],
+)
+def test_kernel_class_of_real_cpuinfo_texts(text, expected):
+    assert kernel_class_of_flags(flags_of_cpuinfo(text)) == expected
+
+
+def test_kernel_class_of_this_machine_and_of_a_machine_without_cpuinfo(monkeypatch, tmp_path):
+    with open("/proc/cpuinfo") as f:
+        flags = flags_of_cpuinfo(f.read())
+    assert cpu_kernel_class() == kernel_class_of_flags(flags) in KERNEL_CLASSES
+    # this session's machine: AMD EPYC family 26 (Zen 5), whose flags include avx512_vnni
+    if "avx512_vnni" in flags and "amx_int8" not in flags:
+        assert cpu_kernel_class() == "avx512-vnni"
+    monkeypatch.setattr(_cpu, "CPUINFO", str(tmp_path / "missing"))
+    _cpu.cpu_flags.cache_clear()
+    try:
+        assert cpu_kernel_class() == "other"
+    finally:
+        _cpu.cpu_flags.cache_clear()
+
+
+def test_settings_per_kernel_class():
+    for cls in ("amx", "avx512-vnni", "avx-vnni"):
+        s = settings_for(cls)
+        assert (s.reduce_range, s.activation_type, s.weight_type, s.per_channel, s.quant_format) == (
+            False, "uint8", "int8", True, "QDQ")
+        assert settings_for(cls, u8s8_exact=False).reduce_range is True  # flags claim VNNI, kernels saturate
+    for cls in ("avx2", "other"):
+        assert settings_for(cls).reduce_range is True and settings_for(cls).per_channel is True
+    assert "saturating int16" in settings_for("avx2").reason
+    with pytest.raises(ValueError, match=r"kernel_class must be one of amx, avx512-vnni, avx-vnni, avx2, other; "
+                                         r"got kernel_class='sse4'"):
+        settings_for("sse4")
+
+
+def test_u8s8_probe_agrees_with_the_kernel_class():
+    # vpdpbusd (VNNI) is exact; AVX2's vpmaddubsw saturates the int16 pair sums the probe makes
+    assert u8s8_is_exact() is (cpu_kernel_class() in ("amx", "avx512-vnni", "avx-vnni"))
+
+
+# ---------------------------------------------------------------------------------------
+# real photo crops
+# ---------------------------------------------------------------------------------------
+
+
+def _write_crops(folder, n, seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import skimage.data as data
+    photos = [np.ascontiguousarray(getattr(data, name)()[..., :3])
+              for name in ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry")]
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        s = int(rng.integers(48, 120))
+        y, x = rng.integers(0, img.shape[0] - s), rng.integers(0, img.shape[1] - s)
+        path = folder / f"{i:03d}.jpg"
+        Image.fromarray(img[y : y + s, x : x + s]).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """130 distinct real photo crops plus 6 byte-identical copies under other names."""
+    root = tmp_path_factory.mktemp("crops")
+    paths = _write_crops(root, 130, seed=0)
+    for i in range(6):
+        shutil.copy(paths[i], root / f"copy_{i}.jpg")
+        paths.append(root / f"copy_{i}.jpg")
+    return paths
+
+
+LENIENT = dict(calibration_size=16, min_cosine=0.9, min_knn_agreement=0.5, min_speedup=0.0, threads=1)
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory, tiny_model, crops):
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8.onnx"
+    card = quantize_model(tiny_model, out, crops, **LENIENT)
+    return out, card
+
+
+def test_quantized_tiny_model_passes_lenient_gates_and_matches_fp32(int8_model, tiny_model, crops):
+    path, card = int8_model
+    assert card == read_model_card(path)
+    assert card.precision == "int8" and card.input_format == "uint8"
+    q = card.quantization
+    assert q["kernel_class"] == cpu_kernel_class()
+    assert q["settings"] == settings_for(cpu_kernel_class(), u8s8_exact=u8s8_is_exact()).to_dict()
+    assert (q["calibration_method"], q["calibration_size"], q["nodes_to_exclude"]) == ("minmax", 16, [])
+    gates = card.verification["gates"]
+    assert gates["held_out"] == 130 - 16 and gates["thresholds"]["min_cosine"] == 0.9
+    fig = gates["outputs"]["embedding"]
+    assert fig["n"] == 114 and fig["k"] == 10
+    assert fig["min_cosine"] <= fig["p1_cosine"] <= fig["median_cosine"] and fig["median_cosine"] >= 0.9
+    assert gates["speed"]["int8_images_per_s"] > 0 and gates["speed"]["fp32_images_per_s"] > 0
+
+    # the written file, run by the embedder's own session, reproduces the recorded gate figures
+    int8, fp32 = open_model(path, device="cpu", threads=1), open_model(tiny_model, device="cpu", threads=1)
+    by_key = _paths_by_key(crops)
+    held = [by_key[k] for k in card.verification["held_out_keys"]]
+    pixels = np.stack([decode_image(p, card, mode="exact") for p in held])
+    got = feature_agreement(fp32.run(pixels)["embedding"], int8.run(pixels)["embedding"])
+    assert got["median_cosine"] == pytest.approx(fig["median_cosine"], abs=1e-5)
+    assert got["knn_agreement"] == pytest.approx(fig["knn_agreement"], abs=0.02)
+
+
+def _paths_by_key(paths):
+    import hashlib
+
+    return {hashlib.sha256(open(p, "rb").read()).hexdigest(): p for p in paths}
+
+
+def test_calibration_images_are_never_gate_images(int8_model, crops):
+    _, card = int8_model
+    cal, held = card.verification["calibration_keys"], card.verification["held_out_keys"]
+    distinct = set(_paths_by_key(crops))  # the 6 copies share their originals' keys
+    assert len(distinct) == 130 and len(cal) == 16 and len(held) == 114
+    assert not set(cal) & set(held)
+    assert set(cal) | set(held) == distinct
+    # the split follows the content and the seed, not the listing order
+    keys = sorted(distinct)
+    assert split_images(keys, 16) == split_images(keys, 16)
+    cal_a, _ = split_images(keys, 16, seed=0)
+    cal_b, _ = split_images(keys, 16, seed=1)
+    assert {keys[i] for i in cal_a} == set(cal) and {keys[i] for i in cal_a} != {keys[i] for i in cal_b}
+
+
+def test_prefix_and_head_stay_fp32_and_named_nodes_are_excluded(tiny_model, crops, tmp_path):
+    src = onnx.load(str(tiny_model))
+    first_conv = next(n.name for n in src.graph.node if n.op_type == "Conv")
+    out = tmp_path / "excl.onnx"
+    card = quantize_model(tiny_model, out, crops, nodes_to_exclude=[first_conv], **LENIENT)
+    assert card.quantization["nodes_to_exclude"] == [first_conv]
+    g = onnx.load(str(out)).graph
+    inits = {i.name for i in g.initializer}
+    nodes = {n.name: n for n in g.node}
+    # the uint8 -> float prefix reads the raw uint8 input, unquantized
+    assert nodes["featurebank_input/Cast"].input[0] == "pixels"
+    assert not [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "pixels"]
+    assert nodes["featurebank_head/GlobalAveragePool"].op_type == "GlobalAveragePool"
+    # the excluded convolution keeps its float weights; the others read dequantized int8 ones
+    assert nodes[first_conv].input[1] in inits
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    others = [n for n in g.node if n.op_type == "Conv" and n.name != first_conv]
+    assert len(others) == 16 and {producer.get(n.input[1]) for n in others} == {"DequantizeLinear"}
+    assert producer.get(nodes[first_conv].input[0]) != "DequantizeLinear"
+    with pytest.raises(QuantizationError, match=r"nodes_to_exclude names node 'node_Conv_20', which the graph lacks; "
+                                                r"closest: node_Conv_2\d\d, node_Conv_2\d\d"):
+        quantize_model(tiny_model, tmp_path / "never.onnx", crops, nodes_to_exclude=["node_Conv_20"], **LENIENT)
+    assert not (tmp_path / "never.onnx").exists()
+
+
+def test_export_missing_a_gate_is_refused_and_writes_nothing(tiny_model, crops, tmp_path):
+    out = tmp_path / "strict.onnx"
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(QuantizationGateError, match=r"^INT8 model refused, nothing written to .*strict\.onnx': median "
+                       r"cosine to fp32 0\.\d{4} < 1 \(short by 0\.\d{4}\); top-10 neighbour agreement 0\.\d{4} < 1 "
+                       r"\(short by 0\.\d{4}\), measured on 114 held-out images") as info:
+        quantize_model(tiny_model, out, crops, **{**LENIENT, "min_cosine": 1.0, "min_knn_agreement": 1.0})
+    assert [gate for gate, _, _ in info.value.misses] == ["median cosine to fp32", "top-10 neighbour agreement"]
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary file
+    with pytest.raises(QuantizationGateError, match=r"speed-up over fp32 \d+\.\d{4} < 1000 \(short by"):
+        quantize_model(tiny_model, out, crops, **{**LENIENT, "min_speedup": 1000.0})
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_too_few_images_refused_with_the_count_needed(tiny_model, crops, tmp_path):
+    # 40 distinct images (the copies of the first 6 count once)
+    few = crops[:40] + crops[130:]
+    with pytest.raises(QuantizationError, match=r"^INT8 calibration needs at least 116 distinct images \(16 to "
+                       r"calibrate \+ 100 held out for the gates\); got 40: add 76 images or lower the calibration size$"):
+        quantize_model(tiny_model, tmp_path / "few.onnx", few, **LENIENT)
+    assert not (tmp_path / "few.onnx").exists()
+
+
+def test_int8_vectors_have_their_own_space(int8_model, tiny_model, crops, tmp_path):
+    _, card = int8_model
+    fp32 = read_model_card(tiny_model)
+    assert card.outputs[0].fingerprint != fp32.outputs[0].fingerprint
+    for mode in ("exact", "fast"):
+        assert space_fingerprint(card.outputs[0].fingerprint, mode) != space_fingerprint(fp32.outputs[0].fingerprint, mode)
+    # the kernel class is part of it: the same export gated for an AVX2 host is another space
+    other = "avx2" if cpu_kernel_class() != "avx2" else "avx512-vnni"
+    avx2 = quantize_model(tiny_model, tmp_path / "other.onnx", crops, kernel_class=other, **LENIENT)
+    assert avx2.quantization["kernel_class"] == other
+    assert avx2.quantization["settings"]["reduce_range"] is (other == "avx2")
+    assert avx2.outputs[0].fingerprint != card.outputs[0].fingerprint
+    # and so is the calibration
+    recal = quantize_model(tiny_model, tmp_path / "seed1.onnx", crops, seed=1, **LENIENT)
+    assert recal.quantization["calibration_sha256"] != card.quantization["calibration_sha256"]
+    assert recal.outputs[0].fingerprint != card.outputs[0].fingerprint
+
+
+def test_card_rules_for_int8():
+    pre = Preprocessing(input_size=(3, 8, 8), interpolation="bilinear", crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    common = dict(name="e", layer="l", pooling="avg", normalize=False, dim=3, backbone="b", weights_sha256="0" * 64,
+                  weights_source="x", preprocessing=pre)
+    fp32 = OutputSpec.make(**common, precision="fp32")
+    # a float output's fingerprint is what it was before int8 existed (stores keep their vectors)
+    assert fp32.fingerprint == OutputSpec.make(**common, precision="fp32", quantization=None).fingerprint
+    with pytest.raises(ModelCardError, match=r"precision 'int8' needs its quantization record"):
+        OutputSpec.make(**common, precision="int8")
+    with pytest.raises(ModelCardError, match=r"a quantization record is only valid with precision int8; got "
+                                             r"precision 'fp32'"):
+        ModelCard(backbone="b", weights_source="x", weights_sha256="0" * 64, weights_license="mit", outputs=(fp32,),
+                  preprocessing=pre, quantization={"kernel_class": "avx2"})
+    old = ModelCard(backbone="b", weights_source="x", weights_sha256="0" * 64, weights_license="mit", outputs=(fp32,),
+                    preprocessing=pre)
+    assert "featurebank.quantization" not in old.to_metadata()
+    assert ModelCard.from_metadata(old.to_metadata()).fingerprint == old.fingerprint
+
+
+def _with_kernel_class(src, dst, kernel_class):
+    proto = onnx.load(str(src))
+    card = read_model_card(proto)
+    q = {**card.quantization, "kernel_class": kernel_class}
+    write_model_card(proto, dataclasses.replace(card, quantization=q, fingerprint=""))
+    onnx.save(proto, str(dst))
+
+
+def test_session_refuses_an_int8_model_of_another_kernel_class(int8_model, tmp_path, monkeypatch, caplog):
+    path, _ = int8_model
+    assert open_model(path, device="cpu", threads=1).card.precision == "int8"
+    other = "avx2" if cpu_kernel_class() != "avx2" else "avx512-vnni"
+    moved = tmp_path / "moved.onnx"
+    _with_kernel_class(path, moved, other)
+    monkeypatch.delenv("FEATUREBANK_ALLOW_KERNEL_MISMATCH", raising=False)
+    with pytest.raises(KernelClassError, match=rf"moved\.onnx' is an int8 model quantized and gated on a {other} CPU, "
+                       rf"but this CPU is {cpu_kernel_class()}, whose integer kernels give other vectors: re-export it "
+                       r"on this machine .* or set FEATUREBANK_ALLOW_KERNEL_MISMATCH=1"):
+        open_model(moved, device="cpu", threads=1)
+    with caplog.at_level(logging.WARNING, logger="featurebank"):
+        runner = open_model(moved, device="cpu", threads=1, allow_kernel_mismatch=True)
+    assert runner.card.quantization["kernel_class"] == other
+    assert f"gated on a {other} CPU" in caplog.text and "running it anyway" in caplog.text
+    monkeypatch.setenv("FEATUREBANK_ALLOW_KERNEL_MISMATCH", "1")
+    assert open_model(moved, device="cpu", threads=1).card.precision == "int8"
+    with pytest.raises(KernelClassError):
+        open_model(moved, device="cpu", threads=1, allow_kernel_mismatch=False)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_int8_needs_calibrate_and_float_paths_refuse_int8_flags(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "test_efficientnet", "--weights", "random", "--precision", "int8",
+                       "-o", str(tmp_path / "m.onnx"))
+    assert code == 2 and "--precision int8 needs --calibrate SOURCE" in err
+    code, _, err = run(capsys, "export", "test_efficientnet", "--weights", "random", "--calibrate", str(tmp_path),
+                       "--min-cosine", "0.5", "-o", str(tmp_path / "m.onnx"))
+    assert code == 2 and "--calibrate, --min-cosine only apply to --precision int8" in err
+    with pytest.raises(ValueError, match=r"precision='int8' needs calibration images of your data: pass calibrate="):
+        export_backbone("test_efficientnet", tmp_path / "m.onnx", weights="random", precision="int8")
+    with pytest.raises(SystemExit) as info:  # cut writes float graphs only
+        main(["cut", str(tmp_path / "x.onnx"), "--precision", "int8", "--at", "t", "-o", "y.onnx"])
+    assert info.value.code == 2 and "invalid choice: 'int8' (choose from 'fp32', 'fp16')" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_help_quotes_the_library_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"images to calibrate on (default: {DEFAULT_CALIBRATION_SIZE})" in out
+    assert f"(default: {DEFAULT_MIN_COSINE})" in out and f"(default: {DEFAULT_MIN_KNN_AGREEMENT})" in out
+    assert "{" + ",".join(CALIBRATION_METHODS) + "}" in out and "(default: minmax)" in out and "(default: 1.0)" in out
+    assert MIN_HOLDOUT == 100
+
+
+def test_cli_exports_an_int8_model_from_a_folder(capsys, tmp_path, crops):
+    out = tmp_path / "tiny-int8.onnx"
+    folder = crops[0].parent
+    code, stdout, err = run(capsys, "export", "test_efficientnet", "--weights", "random", "--input", "uint8",
+                            "--precision", "int8", "--calibrate", str(folder), "--calibration-size", "16",
+                            "--calibration-method", "percentile", "--min-cosine", "0.5", "--min-knn-agreement", "0.3",
+                            "--min-speedup", "0", "-o", str(out))
+    assert code == 0, err
+    card = read_model_card(out)
+    assert card.precision == "int8" and card.quantization["calibration_method"] == "percentile"
+    assert f"int8 for kernel class {cpu_kernel_class()}: uint8 x int8, per-channel" in stdout
+    assert "gates embedding on 114 held-out images: cosine to fp32 median 0." in stdout
+    assert "images/s int8 vs" in stdout
