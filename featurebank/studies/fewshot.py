@@ -79,8 +79,9 @@ class FewshotResult:
         ``scratch=True``); then their settings, ``runs`` and ``seconds`` (training runs and
         their wall time), and the comparisons, each over the draws both curves share (the
         first ``repeats`` of the probe's): ``finetune_beats_probe_from`` (the smallest count
-        from which the fine-tuned mean beats the transfer linear probe's at every larger
-        trained count, None if not at the largest), ``finetune_wins_at``, and
+        at which the fine-tuned mean beats the transfer linear probe's and is not lower at any
+        larger trained count, ties allowed as both saturate; None if behind or level at the
+        largest), ``finetune_wins_at``, and
         ``pretrained_vs_scratch`` (shot count -> the ``finetuned`` and ``scratch`` means and
         ``pretrained_higher``: whether the pretrained network fine-tuned beats the same
         network trained from random weights)
@@ -233,13 +234,17 @@ def _wins(a: dict[int | str, float | None], b: dict[int | str, float | None], sh
     return [k for k in shots if _higher(a, b, k)]
 
 
-def _crossover(a: dict[int | str, float | None], b: dict[int | str, float | None], shots: list[int | str]) -> int | str | None:
-    """The smallest shot count from which ``a`` beats ``b`` at every larger count too."""
+def _crossover(a: dict[int | str, float | None], b: dict[int | str, float | None], shots: list[int | str], *,
+               ties: bool = False) -> int | str | None:
+    """The smallest shot count from which ``a`` beats ``b`` at every larger count too; with
+    ``ties``, from which ``a`` beats ``b`` and is not behind at any larger count (both curves
+    saturate: at 100% accuracy neither can beat the other)."""
     found = None
     for k in reversed(shots):
-        if not _higher(a, b, k):
+        if _higher(a, b, k):
+            found = k
+        elif not (ties and a.get(k) is not None and a.get(k) == b.get(k)):
             break
-        found = k
     return found
 
 
@@ -250,9 +255,11 @@ def _finetune_summary(ft: dict[str, Any]) -> list[str]:
     if "finetuned" in ft["curves"]:
         wins = ", ".join(str(w) for w in ft["finetune_wins_at"]) or "none"
         k = ft["finetune_beats_probe_from"]
-        lines.append(f"fine-tuned ({ft['backbone']} from {ft['unfreeze']}, {ft['weights_source']}): beats the transfer "
-                     "linear probe at every count from "
-                     + ("- (not at the largest)" if k is None else f"{k} labels per class") + f"; higher mean at: {wins}")
+        lines.append(f"fine-tuned ({ft['backbone']} from {ft['unfreeze']}, {ft['weights_source']}): overtakes the "
+                     "transfer linear probe "
+                     + ("- (behind or level at the largest count)" if k is None
+                        else f"from {k} labels per class (higher there, never lower at a larger count)")
+                     + f"; higher mean at: {wins}")
     if "finetuned" in ft["curves"] and "scratch" in ft["curves"]:
         parts = []
         for k, c in ft["pretrained_vs_scratch"].items():
@@ -384,7 +391,7 @@ def _compare_curves(ft: dict[str, Any], rows: list[dict[str, Any]], shots: list[
     out = {k: v for k, v in ft.items() if k != "points"}
     if "finetuned" in ft["curves"]:
         tuned, probe = _means(rows, "finetuned", "finetune"), _means(rows, "transfer", "linear_probe", ft["repeats"])
-        out["finetune_beats_probe_from"] = _crossover(tuned, probe, ints)
+        out["finetune_beats_probe_from"] = _crossover(tuned, probe, ints, ties=True)
         out["finetune_wins_at"] = _wins(tuned, probe, ints)
         if "scratch" in ft["curves"]:
             scratch = _means(rows, "scratch", "finetune")
