@@ -79,8 +79,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="write fewshot.json and fewshot.png there")
     g = p.add_argument_group("fine-tuning curves (opt-in: each point is a training run)")
     g.add_argument("--finetune", action="store_true",
-                   help="add a curve of the --backbone fine-tuned on each draw (needs --backbone, not --model; "
-                   "shot counts at most 100; 'all' is not trained)")
+                   help="add a curve of the --backbone (default efficientnet_lite0; not --model, an ONNX file cannot "
+                   "train) fine-tuned on each draw; shot counts at most 100; 'all' is not trained")
     g.add_argument("--scratch", action="store_true",
                    help="add a curve of the same network trained from random weights, every layer, same recipe")
     g.add_argument("--finetune-repeats", type=int, default=None, metavar="N",
