@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="how activation ranges are found (default: minmax)")
     q.add_argument("--exclude-node", dest="nodes_to_exclude", action="append", default=[], metavar="NODE",
                    help="graph node to keep in fp32 (repeatable; names from an ONNX viewer)")
+    q.add_argument("--search-budget", dest="search_budget_s", type=float, default=None, metavar="SECONDS",
+                   help="first measure which convolution groups lose most and keep them in fp32, within about "
+                   "this many seconds (default: no search)")
     q.add_argument("--min-cosine", type=float, default=None,
                    help="gate: median cosine of int8 to fp32 vectors on the held-out images (default: 0.99)")
     q.add_argument("--min-knn-agreement", type=float, default=None,
@@ -157,7 +160,8 @@ def _export(args: argparse.Namespace) -> int:
     from featurebank.export.onnx_export import export_backbone
 
     given = dict(calibration_size=args.calibration_size, calibration_method=args.calibration_method,
-                 min_cosine=args.min_cosine, min_knn_agreement=args.min_knn_agreement, min_speedup=args.min_speedup)
+                 min_cosine=args.min_cosine, min_knn_agreement=args.min_knn_agreement, min_speedup=args.min_speedup,
+                 search_budget_s=args.search_budget_s)
     quantize = {k: v for k, v in given.items() if v is not None}
     if args.nodes_to_exclude:
         quantize["nodes_to_exclude"] = args.nodes_to_exclude

@@ -76,6 +76,8 @@ __all__ = [
     "split_images",
     "feature_agreement",
     "quantize_model",
+    "conv_groups",
+    "search_exclusions",
 ]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -369,6 +371,111 @@ def _quiet_preprocess_hint() -> Iterator[None]:
         root.removeFilter(hint)
 
 
+def _quantize(model, card: ModelCard, cal_pixels: np.ndarray, excluded: Sequence[str], settings: QuantSettings,
+              calibration_method: str, batch_size: int, tmp_dir: Path, cache: Path | None = None) -> onnx.ModelProto:
+    """One ``quantize_static`` run; ``cache`` (a JSON path) reuses the activation ranges of an earlier run."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[calibration_method]
+    with tempfile.TemporaryDirectory(prefix=".featurebank-int8-", dir=tmp_dir) as tmp:
+        q_path = Path(tmp) / "int8.onnx"
+        with _quiet_preprocess_hint():
+            quantize_static(
+                os.fspath(model), str(q_path), _calibration_reader(cal_pixels, card, batch_size),
+                quant_format=QuantFormat.QDQ, per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(excluded),
+                calibrate_method=method, calibration_cache_path=cache,
+            )
+        return onnx.load(str(q_path))
+
+
+def conv_groups(proto: onnx.ModelProto) -> dict[str, list[str]]:
+    """The graph's convolution nodes grouped by the network module their weight belongs to.
+
+    A weight initializer named ``extractor.blocks.3.0.conv_dw.weight`` puts its Conv node in
+    group ``blocks.3`` (a stage), ``extractor.conv_stem.weight`` in ``conv_stem``; a weight
+    without a dotted module path makes a group of its own node. Groups keep graph order.
+    """
+    groups: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        if node.op_type != "Conv" or node.name.startswith(_FP32_PREFIXES):
+            continue
+        parts = node.input[1].split(".")
+        if parts[0] == "extractor":
+            parts = parts[1:]
+        if len(parts) >= 3 and parts[0] == "blocks":
+            key = ".".join(parts[:2])
+        elif len(parts) >= 2:
+            key = parts[0]
+        else:
+            key = node.name
+        groups.setdefault(key, []).append(node.name)
+    return groups
+
+
+def search_exclusions(
+    model: str | os.PathLike[str],
+    card: ModelCard,
+    cal_pixels: np.ndarray,
+    *,
+    settings: QuantSettings,
+    calibration_method: str,
+    fixed: Sequence[str] = (),
+    target_cosine: float = DEFAULT_MIN_COSINE,
+    budget_s: float = 300.0,
+    batch_size: int = 16,
+    threads: int | None = None,
+    tmp_dir: Path = Path("."),
+) -> tuple[list[str], dict[str, Any]]:
+    """Which convolution groups (:func:`conv_groups`) to keep in fp32, measured.
+
+    Measured on the calibration images only (never on the gate images): the median cosine of
+    the INT8 vectors to the fp32 ones with everything quantized, then with each group alone
+    kept in fp32 (its gain), then greedily keeping the groups of largest positive gain until
+    the median cosine reaches ``target_cosine``. Stops early when ``budget_s`` seconds are
+    spent. The activation ranges are computed once (onnxruntime's calibration cache).
+
+    Returns (node names to keep in fp32, a record for the card: base and per-group medians,
+    the groups chosen, seconds spent).
+    """
+    t0 = time.perf_counter()
+    proto = onnx.load(os.fspath(model))
+    groups = conv_groups(proto)
+    fp32_sess = _session(os.fspath(model), threads)
+    ref = _embed(fp32_sess, card, cal_pixels, batch_size)
+    record: dict[str, Any] = {"measured_on": "calibration images", "target_cosine": target_cosine}
+    with tempfile.TemporaryDirectory(prefix=".featurebank-int8-search-", dir=tmp_dir) as tmp:
+        cache = Path(tmp) / "ranges.json"
+
+        def score(extra: Sequence[str]) -> float:
+            excluded = _exclusions(proto, sorted(set(fixed) | set(extra)))
+            q = _quantize(model, card, cal_pixels, excluded, settings, calibration_method, batch_size, Path(tmp), cache)
+            got = _embed(_session(q.SerializeToString(), threads), card, cal_pixels, batch_size)
+            return min(float(np.median(np.sum(_unit(ref[n]) * _unit(got[n]), axis=1))) for n in ref)
+
+        base = score([])
+        record["base_median_cosine"] = round(base, 5)
+        gains: dict[str, float] = {}
+        for name, nodes in groups.items():
+            if time.perf_counter() - t0 > budget_s:
+                record["stopped"] = f"budget of {budget_s:g} s spent after {len(gains)} of {len(groups)} groups"
+                break
+            gains[name] = round(score(nodes) - base, 5)
+        record["gains"] = gains
+        chosen: list[str] = []
+        best = base
+        for name in sorted((g for g in gains if gains[g] > 0), key=lambda g: -gains[g]):
+            if best >= target_cosine or time.perf_counter() - t0 > budget_s:
+                break
+            trial = score([n for g in chosen + [name] for n in groups[g]])
+            if trial > best:
+                chosen.append(name)
+                best = trial
+        record.update(chosen=chosen, median_cosine=round(best, 5), seconds=round(time.perf_counter() - t0, 1))
+    return [n for g in chosen for n in groups[g]], record
+
+
 def _check_unit(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1]; got {name}={value!r}")
@@ -405,6 +512,7 @@ def quantize_model(
     batch_size: int = 16,
     threads: int | None = None,
     seed: int = 0,
+    search_budget_s: float = 0.0,
 ) -> ModelCard:
     """Quantize the fp32 featurebank model ``model`` to INT8 at ``output``, gated; return its card.
 
@@ -426,6 +534,9 @@ def quantize_model(
     kernel_class : the CPU class to choose settings for; default this CPU's (tests pin it)
     batch_size, threads, seed : calibration/gate batch size, onnxruntime intra-op threads
         (default: onnxruntime's), seed of the calibration / held-out split
+    search_budget_s : above 0, first search which convolution groups to keep in fp32
+        (:func:`search_exclusions`, on the calibration images, within about this many seconds);
+        its measurements go in the card's ``quantization["search"]``
 
     Raises
     ------
@@ -433,7 +544,6 @@ def quantize_model(
     QuantizationGateError : a gate missed (which, by how much); nothing written
     """
     from onnxruntime import __version__ as ort_version
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if calibration_method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}; "
@@ -471,18 +581,16 @@ def quantize_model(
 
     src = onnx.load(os.fspath(model))
     excluded = _exclusions(src, nodes_to_exclude)
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[calibration_method]
-    with tempfile.TemporaryDirectory(prefix=".featurebank-int8-", dir=out_path.parent if str(out_path.parent) else ".") as tmp:
-        q_path = Path(tmp) / "int8.onnx"
-        with _quiet_preprocess_hint():
-            quantize_static(
-                os.fspath(model), str(q_path), _calibration_reader(cal_pixels, src_card, batch_size),
-                quant_format=QuantFormat.QDQ, per_channel=settings.per_channel, reduce_range=settings.reduce_range,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                calibrate_method=method,
-            )
-        quantized = onnx.load(str(q_path))
+    search = None
+    if search_budget_s:
+        excluded_by_search, search = search_exclusions(
+            model, src_card, cal_pixels, settings=settings, calibration_method=calibration_method,
+            fixed=nodes_to_exclude, target_cosine=min_cosine, budget_s=search_budget_s, batch_size=batch_size,
+            threads=threads, tmp_dir=out_path.parent if str(out_path.parent) else Path("."))
+        nodes_to_exclude = sorted(set(nodes_to_exclude) | set(excluded_by_search))
+        excluded = _exclusions(src, nodes_to_exclude)
+    quantized = _quantize(model, src_card, cal_pixels, excluded, settings, calibration_method, batch_size,
+                          out_path.parent if str(out_path.parent) else Path("."))
 
     quantization = {
         "kernel_class": kernel_class,
@@ -492,6 +600,7 @@ def quantize_model(
         "calibration_sha256": hashlib.sha256("".join(sorted(im.key for im in calibration)).encode()).hexdigest(),
         "decode_mode": decode_mode,
         "nodes_to_exclude": sorted(set(nodes_to_exclude)),
+        **({"search": search} if search else {}),
     }
     outputs = tuple(
         OutputSpec.make(name=o.name, layer=o.layer, pooling=o.pooling, normalize=o.normalize, shape=o.shape,
@@ -521,7 +630,7 @@ def quantize_model(
         said = "; ".join(f"{gate} {value:.4f} < {limit:g} (short by {limit - value:.4f})" for gate, value, limit in misses)
         raise QuantizationGateError(
             f"INT8 model refused, nothing written to {os.fspath(output)!r}: {said}, measured on {len(held)} held-out "
-            f"images on a {kernel_class} CPU; try another calibration method, keep layers in fp32 (nodes_to_exclude), "
+            f"images on a CPU of kernel class {kernel_class}; try another calibration method, keep layers in fp32 (nodes_to_exclude), "
             "or relax the gate",
             misses=tuple(misses),
         )

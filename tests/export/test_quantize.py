@@ -37,8 +37,10 @@ from featurebank.export.quantize import (
     DEFAULT_MIN_COSINE,
     DEFAULT_MIN_KNN_AGREEMENT,
     MIN_HOLDOUT,
+    conv_groups,
     feature_agreement,
     quantize_model,
+    search_exclusions,
     settings_for,
     split_images,
     u8s8_is_exact,
@@ -249,7 +251,7 @@ def test_export_missing_a_gate_is_refused_and_writes_nothing(tiny_model, crops, 
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(QuantizationGateError, match=r"^INT8 model refused, nothing written to .*strict\.onnx': median "
                        r"cosine to fp32 0\.\d{4} < 1 \(short by 0\.\d{4}\); top-10 neighbour agreement 0\.\d{4} < 1 "
-                       r"\(short by 0\.\d{4}\), measured on 114 held-out images") as info:
+                       r"\(short by 0\.\d{4}\), measured on 114 held-out images on a CPU of kernel class ") as info:
         quantize_model(tiny_model, out, crops, **{**LENIENT, "min_cosine": 1.0, "min_knn_agreement": 1.0})
     assert [gate for gate, _, _ in info.value.misses] == ["median cosine to fp32", "top-10 neighbour agreement"]
     assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary file
@@ -377,3 +379,26 @@ def test_cli_exports_an_int8_model_from_a_folder(capsys, tmp_path, crops):
     assert f"int8 for kernel class {cpu_kernel_class()}: uint8 x int8, per-channel" in stdout
     assert "gates embedding on 114 held-out images: cosine to fp32 median 0." in stdout
     assert "images/s int8 vs" in stdout
+
+
+def test_exclusion_search_measures_each_conv_group_on_calibration_images(tiny_model, crops, tmp_path):
+    proto = onnx.load(str(tiny_model))
+    groups = conv_groups(proto)
+    assert list(groups)[0] == "conv_stem" and "blocks.0" in groups
+    assert sum(len(v) for v in groups.values()) == sum(n.op_type == "Conv" for n in proto.graph.node)
+    card = read_model_card(tiny_model)
+    pixels = np.stack([decode_image(p, card) for p in crops[:16]])
+    nodes, record = search_exclusions(tiny_model, card, pixels, settings=settings_for(cpu_kernel_class()),
+                                      calibration_method="minmax", target_cosine=0.99999, budget_s=120, threads=1,
+                                      tmp_dir=tmp_path)
+    assert set(record["gains"]) == set(groups) and record["measured_on"] == "calibration images"
+    assert all(record["gains"][g] > 0 for g in record["chosen"])
+    assert nodes == [n for g in record["chosen"] for n in groups[g]]
+    assert record["median_cosine"] >= record["base_median_cosine"]
+    assert os.listdir(tmp_path) == []  # the range cache and trial models are gone
+    # through quantize_model: the search's record and nodes land in the card
+    out = tmp_path / "searched.onnx"
+    q = quantize_model(tiny_model, out, crops, search_budget_s=120, **LENIENT)
+    search = q.quantization["search"]
+    assert search["target_cosine"] == LENIENT["min_cosine"] and set(search["gains"]) == set(groups)
+    assert q.quantization["nodes_to_exclude"] == sorted(n for g in search["chosen"] for n in groups[g])
