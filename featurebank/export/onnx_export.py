@@ -42,8 +42,8 @@ from featurebank.artifact import (
 from featurebank.errors import ExportParityError, UnknownLayerError
 from featurebank.export.heads import HeadSpec, add_heads, convert_to_fp16
 from featurebank.export.layers import LayerInfo, list_layers, resolve_layers, truncate
-from featurebank.export.quantize import DEFAULT_CALIBRATION_SIZE, MIN_HOLDOUT, quantize_model
 from featurebank.export.parity import PATCH_POOLINGS, compare_outputs, normalise_pixels, pool_reference, seeded_pixels
+from featurebank.export.quantize import DEFAULT_CALIBRATION_SIZE, MIN_HOLDOUT, quantize_model
 from featurebank.export.registry import DEFAULT_BACKBONE, get_backbone
 from featurebank.export.weights import build_backbone
 
