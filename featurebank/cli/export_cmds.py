@@ -53,12 +53,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     q.add_argument("--calibration-size", type=int, default=None, metavar="N",
                    help="images to calibrate on (default: 64)")
     q.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default=None,
-                   help="how activation ranges are found (default: minmax)")
+                   help="how activation ranges are found (default: percentile)")
     q.add_argument("--exclude-node", dest="nodes_to_exclude", action="append", default=[], metavar="NODE",
                    help="graph node to keep in fp32 (repeatable; names from an ONNX viewer)")
     q.add_argument("--search-budget", dest="search_budget_s", type=float, default=None, metavar="SECONDS",
-                   help="first measure which convolution groups lose most and keep them in fp32, within about "
-                   "this many seconds (default: no search)")
+                   help="first measure which network stages lose most and keep them in fp32, within about this "
+                   "many seconds; 0: no search (default: 300.0)")
     q.add_argument("--min-cosine", type=float, default=None,
                    help="gate: median cosine of int8 to fp32 vectors on the held-out images (default: 0.99)")
     q.add_argument("--min-knn-agreement", type=float, default=None,

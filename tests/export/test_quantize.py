@@ -33,9 +33,11 @@ from featurebank.errors import KernelClassError, ModelCardError, QuantizationErr
 from featurebank.export.onnx_export import export_backbone
 from featurebank.export.quantize import (
     CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_METHOD,
     DEFAULT_CALIBRATION_SIZE,
     DEFAULT_MIN_COSINE,
     DEFAULT_MIN_KNN_AGREEMENT,
+    DEFAULT_SEARCH_BUDGET_S,
     MIN_HOLDOUT,
     conv_groups,
     feature_agreement,
@@ -165,7 +167,8 @@ def crops(tmp_path_factory):
     return paths
 
 
-LENIENT = dict(calibration_size=16, min_cosine=0.9, min_knn_agreement=0.5, min_speedup=0.0, threads=1)
+LENIENT = dict(calibration_size=16, calibration_method="minmax", search_budget_s=0, min_cosine=0.9,
+               min_knn_agreement=0.5, min_speedup=0.0, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +247,27 @@ def test_prefix_and_head_stay_fp32_and_named_nodes_are_excluded(tiny_model, crop
                                                 r"closest: node_Conv_2\d\d, node_Conv_2\d\d"):
         quantize_model(tiny_model, tmp_path / "never.onnx", crops, nodes_to_exclude=["node_Conv_20"], **LENIENT)
     assert not (tmp_path / "never.onnx").exists()
+
+
+def _activation_scales(path):
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    return {i.name: float(numpy_helper.to_array(i)) for i in g.initializer
+            if i.name.endswith("_scale") and numpy_helper.to_array(i).size == 1}
+
+
+@pytest.mark.slow  # entropy: a KL search over 2048 histogram bins per tensor, ~18 s here
+def test_entropy_calibration_is_not_minmax_in_disguise(tiny_model, crops, tmp_path):
+    # quantize_static's own entropy settings (128 bins for 128 quantized bins) reproduce MinMax exactly
+    minmax = quantize_model(tiny_model, tmp_path / "minmax.onnx", crops, **LENIENT)
+    entropy = quantize_model(tiny_model, tmp_path / "entropy.onnx", crops, **{**LENIENT, "calibration_method": "entropy",
+                                                                             "min_cosine": 0.0, "min_knn_agreement": 0.0})
+    a, b = _activation_scales(tmp_path / "minmax.onnx"), _activation_scales(tmp_path / "entropy.onnx")
+    assert a.keys() == b.keys() and len(a) > 20
+    assert sum(a[k] != b[k] for k in a) > len(a) // 2
+    assert entropy.quantization["calibration_method"] == "entropy" != minmax.quantization["calibration_method"]
+    assert entropy.outputs[0].fingerprint != minmax.outputs[0].fingerprint
 
 
 def test_export_missing_a_gate_is_refused_and_writes_nothing(tiny_model, crops, tmp_path):
@@ -362,7 +386,8 @@ def test_cli_help_quotes_the_library_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert f"images to calibrate on (default: {DEFAULT_CALIBRATION_SIZE})" in out
     assert f"(default: {DEFAULT_MIN_COSINE})" in out and f"(default: {DEFAULT_MIN_KNN_AGREEMENT})" in out
-    assert "{" + ",".join(CALIBRATION_METHODS) + "}" in out and "(default: minmax)" in out and "(default: 1.0)" in out
+    assert "{" + ",".join(CALIBRATION_METHODS) + "}" in out and f"(default: {DEFAULT_CALIBRATION_METHOD})" in out
+    assert f"0: no search (default: {DEFAULT_SEARCH_BUDGET_S})" in out and "(default: 1.0)" in out
     assert MIN_HOLDOUT == 100
 
 
@@ -370,14 +395,16 @@ def test_cli_exports_an_int8_model_from_a_folder(capsys, tmp_path, crops):
     out = tmp_path / "tiny-int8.onnx"
     folder = crops[0].parent
     code, stdout, err = run(capsys, "export", "test_efficientnet", "--weights", "random", "--input", "uint8",
-                            "--precision", "int8", "--calibrate", str(folder), "--calibration-size", "16",
+                            "--precision", "int8", "--calibrate", str(folder), "--calibration-size", "24",  # 16 + 8 broke percentile
                             "--calibration-method", "percentile", "--min-cosine", "0.5", "--min-knn-agreement", "0.3",
                             "--min-speedup", "0", "-o", str(out))
     assert code == 0, err
     card = read_model_card(out)
     assert card.precision == "int8" and card.quantization["calibration_method"] == "percentile"
     assert f"int8 for kernel class {cpu_kernel_class()}: uint8 x int8, per-channel" in stdout
-    assert "gates embedding on 114 held-out images: cosine to fp32 median 0." in stdout
+    assert "gates embedding on 106 held-out images: cosine to fp32 median 0." in stdout
+    assert set(card.quantization["search"]["gains"]) == {"bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
+                                                         "blocks.4", "bn2"}  # the default search ran
     assert "images/s int8 vs" in stdout
 
 
@@ -407,7 +434,7 @@ def test_exclusion_search_measures_each_conv_group_on_calibration_images(tiny_mo
     assert os.listdir(tmp_path) == []  # the range cache and trial models are gone
     # through quantize_model: the search's record and nodes land in the card
     out = tmp_path / "searched.onnx"
-    q = quantize_model(tiny_model, out, crops, search_budget_s=120, **{**LENIENT, "calibration_size": 24})
+    q = quantize_model(tiny_model, out, crops, **{**LENIENT, "calibration_size": 24, "search_budget_s": 120})
     search = q.quantization["search"]
     assert search["target_cosine"] == LENIENT["min_cosine"] + 0.005 and set(search["gains"]) == set(groups)
     assert q.quantization["nodes_to_exclude"] == sorted(n for g in search["chosen"] for n in groups[g])
