@@ -249,6 +249,17 @@ def test_prefix_and_head_stay_fp32_and_named_nodes_are_excluded(tiny_model, crop
     assert not (tmp_path / "never.onnx").exists()
 
 
+def test_float_input_model_is_calibrated_with_normalised_float_batches(tmp_path, crops):
+    fp32 = tmp_path / "float.onnx"
+    export_backbone("test_efficientnet", fp32, weights="random", input_format="float")
+    card = quantize_model(fp32, tmp_path / "float-int8.onnx", crops, **LENIENT)
+    assert card.input_format == "float" and card.verification["gates"]["outputs"]["embedding"]["median_cosine"] >= 0.9
+    g = onnx.load(str(tmp_path / "float-int8.onnx")).graph
+    assert [i.type.tensor_type.elem_type for i in g.input] == [onnx.TensorProto.FLOAT]
+    # the normalised float input feeds the first convolution through its own Q/DQ pair
+    assert [n.op_type for n in g.node if "pixels" in n.input] == ["QuantizeLinear"]
+
+
 def _activation_scales(path):
     from onnx import numpy_helper
 
@@ -403,7 +414,7 @@ def test_cli_exports_an_int8_model_from_a_folder(capsys, tmp_path, crops):
     assert card.precision == "int8" and card.quantization["calibration_method"] == "percentile"
     assert f"int8 for kernel class {cpu_kernel_class()}: uint8 x int8, per-channel" in stdout
     assert "gates embedding on 106 held-out images: cosine to fp32 median 0." in stdout
-    assert set(card.quantization["search"]["gains"]) == {"bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
+    assert set(card.verification["search"]["gains"]) == {"bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
                                                          "blocks.4", "bn2"}  # the default search ran
     assert "images/s int8 vs" in stdout
 
@@ -435,6 +446,6 @@ def test_exclusion_search_measures_each_conv_group_on_calibration_images(tiny_mo
     # through quantize_model: the search's record and nodes land in the card
     out = tmp_path / "searched.onnx"
     q = quantize_model(tiny_model, out, crops, **{**LENIENT, "calibration_size": 24, "search_budget_s": 120})
-    search = q.quantization["search"]
+    search = q.verification["search"]
     assert search["target_cosine"] == LENIENT["min_cosine"] + 0.005 and set(search["gains"]) == set(groups)
     assert q.quantization["nodes_to_exclude"] == sorted(n for g in search["chosen"] for n in groups[g])
