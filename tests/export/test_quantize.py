@@ -316,10 +316,27 @@ def test_int8_vectors_have_their_own_space(int8_model, tiny_model, crops, tmp_pa
     assert avx2.quantization["kernel_class"] == other
     assert avx2.quantization["settings"]["reduce_range"] is (other == "avx2")
     assert avx2.outputs[0].fingerprint != card.outputs[0].fingerprint
-    # and so is the calibration
+    # and so is the calibration; the same export again is the same space
     recal = quantize_model(tiny_model, tmp_path / "seed1.onnx", crops, seed=1, **LENIENT)
     assert recal.quantization["calibration_sha256"] != card.quantization["calibration_sha256"]
     assert recal.outputs[0].fingerprint != card.outputs[0].fingerprint
+    again = quantize_model(tiny_model, tmp_path / "again.onnx", crops, **LENIENT)
+    assert again.outputs[0].fingerprint == card.outputs[0].fingerprint
+
+
+def test_int8_and_fp32_vectors_never_share_a_store_space(int8_model, tiny_model, crops, tmp_path):
+    from featurebank import embed_images, open_store
+
+    path, card = int8_model
+    store = tmp_path / "store"
+    v8 = embed_images(crops[:12], path, store=store, device="cpu", threads=1, progress=False)
+    v32 = embed_images(crops[:12], tiny_model, store=store, device="cpu", threads=1, progress=False)
+    spaces = {sp.fingerprint for sp in open_store(store).spaces()}
+    assert spaces == {space_fingerprint(card.outputs[0].fingerprint, "fast"),
+                      space_fingerprint(read_model_card(tiny_model).outputs[0].fingerprint, "fast")}
+    a, b = v8.vectors["embedding"], v32.vectors["embedding"]
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert 0.9 < np.median(cos) < 1.0  # close, but other vectors
 
 
 def test_card_rules_for_int8():
