@@ -9,7 +9,8 @@ Two fingerprints, on purpose:
 
 * ``OutputSpec.fingerprint`` identifies a *vector space*: the same backbone weights, cut at
   the same layer, pooled and normalised the same way, fed with the same preprocessing at the
-  same precision give the same vectors. The embedding store keys its cache on it, so a
+  same precision (for int8, with the same quantization: settings, calibration images, CPU
+  kernel class) give the same vectors. The embedding store keys its cache on it, so a
   multi-output export and a single-layer export of the same layer share cached vectors, and
   upgrading featurebank does not throw the cache away.
 * ``ModelCard.fingerprint`` identifies the *artifact*: every field, including the input
