@@ -387,6 +387,43 @@ def epoch_cost(paths, y, unfreeze: str, seed: int) -> dict:
 # -- driver ----------------------------------------------------------------------------------
 
 
+def report(results_dir: Path) -> str:
+    """The Markdown table of RESULTS.md from the rows' JSON files (those that exist)."""
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    probe = rows.get("probe", {}).get("test_accuracy")
+    lines = ["| configuration | test accuracy | vs probe | epochs run (cap) / best | wall time to model | test eval |",
+             "|---|---:|---:|---|---:|---:|"]
+
+    def line(name, r, vs):
+        acc = r["test_accuracy"]
+        diff = "" if vs is None or r is rows.get("probe") else f"{100 * (acc - vs):+.1f} pts"
+        ep = f"{r['epochs_run']} ({r['epoch_cap']}) / {r['best_epoch']}" if "epochs_run" in r else ""
+        sec = r.get("seconds", {})
+        wall = sec.get("total_to_model", sec.get("features_and_fit"))
+        lines.append(f"| {name} | {acc:.4f} | {diff} | {ep} | {wall / 60:.1f} min | {sec.get('test_eval', 0) / 60:.1f} min |")
+
+    names = {"probe": "linear probe (frozen features)", "ft-blocks.6": "fine-tune from blocks.6 (default)",
+             "ft-blocks.5": "fine-tune from blocks.5", "ft-blocks.4": "fine-tune from blocks.4",
+             "ft-blocks.6-train-bn": "blocks.6, --train-bn", "ft-blocks.6-augment": "blocks.6, --augment light",
+             "scratch-100": "from scratch, 100 labels/class", "scratch-10": "from scratch, 10 labels/class"}
+    for key, name in names.items():
+        if key in rows:
+            line(name, rows[key], probe)
+    if "small-set" in rows:
+        r = rows["small-set"]
+        line("small set: linear probe", r["probe"], None)
+        line("small set: fine-tune from blocks.6", r["ft-blocks.6"], r["probe"]["test_accuracy"])
+    if "epoch-cost" in rows:
+        lines += ["", "| trainable part | images | cached epoch (train_top) | top's own fwd+bwd | typical torch loop | "
+                  "cached / own | typical / cached |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in rows["epoch-cost"]["configs"]:
+            s = c["seconds_per_epoch"]
+            lines.append(f"| {c['unfreeze']} + head ({' x '.join(map(str, c['activation_shape']))} in) | {c['n_images']} | "
+                         f"{s['cached_train_top']:.2f} s | {s['top_own_forward_backward']:.2f} s | "
+                         f"{s['typical_torch_loop']:.2f} s | {c['cached_over_own']:.2f}x | {c['typical_over_cached']:.1f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
@@ -402,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", type=Path, default=HERE / "results" / "finetune")
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "featurebank-finetune-cache")
     ap.add_argument("--force", action="store_true", help="re-run rows whose JSON exists")
+    ap.add_argument("--report", action="store_true", help="print the Markdown tables of the rows run so far and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.results_dir))
+        return 0
 
     import torch
 

@@ -91,3 +91,17 @@ def lite0_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "lite0.onnx"
     export_backbone("efficientnet_lite0", path, input_format="uint8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny batches: one torch and one BLAS thread are faster than two on a shared 2-core machine
+    (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+    torch.set_num_threads(before)

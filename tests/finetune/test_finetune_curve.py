@@ -15,16 +15,7 @@ from featurebank.finetune.curve import VAL_MIN_SHOTS, _fixed_c_head, curve_netwo
 TEXTURES = ("grass", "gravel", "brick")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny batches: one torch and one BLAS thread are faster than two on the shared 2-core machine."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

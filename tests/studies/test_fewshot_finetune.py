@@ -20,18 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 NET = {"backbone": "test_efficientnet", "weights": "random"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny batches: one torch and one BLAS thread are faster than two on the shared 2-core machine."""
-    import torch
-
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
