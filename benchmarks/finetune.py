@@ -31,7 +31,8 @@ Rows (each writes ``<results-dir>/<row>.json``; a row whose JSON exists is skipp
   1.2x of the top's own time; >= 10x faster than the typical loop for blocks.6.
 * ``scratch-10`` / ``scratch-100``: the same network from random weights, the same recipe, at
   10 and 100 labels per class, every layer training (cut at ``conv_stem``: the cached
-  "activations" are the preprocessed pixels); epoch cap ``--epochs-scratch``.
+  "activations" are the preprocessed pixels) and batch norm in train mode (a random network
+  has no statistics to keep); epoch cap ``--epochs-scratch``.
 * ``small-set``: probe vs ft-blocks.6 on the small set.
 
 * ``ft-blocks.6-train-bn``: ft-blocks.6 with the batch norm of the trainable top in train mode
@@ -493,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         elif row.startswith("scratch-"):
             n = int(row.split("-")[1])
             p, y = scratch_subset(n)
+            # batch norm in train mode: a random network has no statistics to keep (fewshot --scratch does the same)
             res = lp_ft(p, y, test_p, test_y, unfreeze="conv_stem", weights="random", seed=args.seed,
-                        epochs=args.epochs_scratch, ckpt=ckpts / row, label=row)
+                        epochs=args.epochs_scratch, ckpt=ckpts / row, label=row, train_bn=True)
             res["labels_per_class"] = n
         else:  # small-set
             p, y = small_set(cache)

@@ -13,7 +13,10 @@ Two networks make two curves: the pretrained one (``scratch=False``: the registr
 trained from ``unfreeze``, the last stage by default) and the same architecture from seeded
 random weights (``scratch=True``), which trains every layer (``unfreeze="conv_stem"``: its
 "activations" are the preprocessed pixels, kept in float16 to halve their memory) with the
-same recipe, batch norm in inference mode included.
+same recipe, except batch norm: in train mode for the random network (it has no statistics to
+keep: in inference mode its batch norm would divide by its initial running variance, 1, and
+never normalise; measured on Fashion-MNIST at 100 labels per class, it then stopped at the
+probe-initialised start), in inference mode for the pretrained one, as the job's default.
 
 >>> net = curve_network("efficientnet_lite0")                 # doctest: +SKIP
 >>> A, A_test = net.activations(paths), net.activations(test_paths)  # doctest: +SKIP
@@ -203,7 +206,7 @@ def finetune_point(net: CurveNetwork, A_train: np.ndarray, y_train: np.ndarray, 
     _, start_accuracy = _evaluate(top, head, A_test, y_test, 32)
     val = (A_train[va], y_train[va]) if len(va) else None
     trained = train_top(A_train[tr], y_train[tr], top, head, epochs=epochs, lr_head=lr, lr_backbone=lr / 10, seed=seed,
-                        val=val, progress=False)
+                        val=val, train_bn=net.scratch, progress=False)
     _, accuracy = _evaluate(top, head, A_test, y_test, 32)
     return PointResult(accuracy=float(accuracy), start_accuracy=float(start_accuracy), head_init=head_init,
                        train_index=tr.tolist(), val_index=va.tolist(), best_epoch=int(trained.best_epoch),
