@@ -31,8 +31,9 @@ Rows (each writes ``<results-dir>/<row>.json``; a row whose JSON exists is skipp
   1.2x of the top's own time; >= 10x faster than the typical loop for blocks.6.
 * ``scratch-10`` / ``scratch-100``: the same network from random weights, the same recipe, at
   10 and 100 labels per class, every layer training (cut at ``conv_stem``: the cached
-  "activations" are the preprocessed pixels) and batch norm in train mode (a random network
-  has no statistics to keep); epoch cap ``--epochs-scratch``.
+  "activations" are the preprocessed pixels), batch norm in train mode (a random network
+  has no statistics to keep) and no early stopping (its epoch 0, a probe on random features,
+  is not a trained network): ``--epochs-scratch`` epochs, the last one kept.
 * ``small-set``: probe vs ft-blocks.6 on the small set.
 
 * ``ft-blocks.6-train-bn``: ft-blocks.6 with the batch norm of the trainable top in train mode
@@ -217,7 +218,8 @@ def test_accuracy(bottom, top, head, paths: list[str], y: np.ndarray, pre) -> fl
 
 
 def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, epochs: int, seed: int,
-          ckpt: Path, label: str, train_bn: bool = False, augment: str = "none", views: int = 0) -> dict:
+          ckpt: Path, label: str, train_bn: bool = False, augment: str = "none", views: int = 0,
+          early_stopping: bool = True) -> dict:
     """featurebank finetune's recipe from ``unfreeze``: cache the bottom's activations (and, with
     ``augment``, of ``views`` augmented views of each training image), LP head, train_top with
     early stopping on a stratified validation split; then the test accuracy."""
@@ -242,8 +244,8 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
     t_probe = time.perf_counter() - t0 - t_cache
     log(f"  {label}: LP head fitted (val acc {probe_val:.4f}); training up to {epochs} epochs")
     trained = train_top([A_tr, *A_views] if A_views else A_tr, tr_y, top, head, epochs=epochs, lr_head=LR_HEAD,
-                        lr_backbone=LR_BACKBONE, seed=seed, val=(A_va, va_y), train_bn=train_bn, checkpoint_dir=ckpt,
-                        progress=True)
+                        lr_backbone=LR_BACKBONE, seed=seed, val=(A_va, va_y) if early_stopping else None,
+                        train_bn=train_bn, checkpoint_dir=ckpt, progress=True)
     t_train = time.perf_counter() - t0 - t_cache - t_probe
     for h in trained.history:
         log(f"  {label} epoch {h['epoch']}: train loss {h['train_loss']}, val acc {h['val_accuracy']}, "
@@ -253,12 +255,12 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
     return {
         "unfreeze": unfreeze, "weights": weights or "registry", "weights_sha256": weights_sha,
         "n_train": len(tr_p), "n_val": len(va_p), "n_test": len(test_paths),
-        "epoch_cap": epochs, "epochs_run": len(trained.history) - 1, "best_epoch": trained.best_epoch,
+        "epoch_cap": epochs, "epochs_run": sum(1 for h in trained.history if h["epoch"] > 0), "best_epoch": trained.best_epoch,
         "stopped": trained.stopped, "resumed_from": trained.resumed_from,
         "lp_head_val_accuracy": probe_val, "best_val_accuracy": trained.best_val_accuracy,
         "test_accuracy": acc, "history": trained.history,
         "recipe": {"lr_head": LR_HEAD, "lr_backbone": LR_BACKBONE, "val_split": VAL_SPLIT, "batch_size": BATCH,
-                   "patience": 3, "train_bn": train_bn, "init": "linear probe (LP-FT)", "augment": rec,
+                   "patience": 3 if early_stopping else None, "train_bn": train_bn, "init": "linear probe (LP-FT)", "augment": rec,
                    "views": len(A_views)},
         "seconds": {"frozen_layers": t_cache, "probe_head": t_probe, "train": t_train,
                     "total_to_model": t1 - t0, "test_eval": time.perf_counter() - t1},
@@ -494,9 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         elif row.startswith("scratch-"):
             n = int(row.split("-")[1])
             p, y = scratch_subset(n)
-            # batch norm in train mode: a random network has no statistics to keep (fewshot --scratch does the same)
+            # batch norm in train mode: a random network has no statistics to keep; every epoch runs and the last
+            # is kept: with early stopping, epoch 0 (a probe on random features) would be the candidate to beat
+            # (fewshot --scratch does the same)
             res = lp_ft(p, y, test_p, test_y, unfreeze="conv_stem", weights="random", seed=args.seed,
-                        epochs=args.epochs_scratch, ckpt=ckpts / row, label=row, train_bn=True)
+                        epochs=args.epochs_scratch, ckpt=ckpts / row, label=row, train_bn=True, early_stopping=False)
             res["labels_per_class"] = n
         else:  # small-set
             p, y = small_set(cache)

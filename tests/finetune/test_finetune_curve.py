@@ -96,6 +96,20 @@ def test_below_ten_per_class_every_epoch_trains_on_the_whole_draw(crops, pretrai
     assert (p.best_epoch, p.epochs_run) == (3, 3) and p.head_init == "linear probe (LP-FT)"
 
 
+def test_a_scratch_point_holds_out_nothing_keeps_its_last_epoch_and_trains_batch_norm(crops):
+    scratch = curve_network("test_efficientnet", scratch=True, seed=3)
+    y = crops[1]
+    tr, te = _rows(y, VAL_MIN_SHOTS), _rows(y, 6, offset=VAL_MIN_SHOTS)
+    P = scratch.activations([crops[0][i] for i in np.concatenate([tr, te])])
+    bn = next(m for m in scratch.top.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    p = finetune_point(scratch, P[: len(tr)], y[tr], P[len(tr):], y[te], epochs=2, seed=0)
+    # epoch 0 would be a probe on random features: no hold-out, every epoch, the last one kept
+    assert p.val_index == [] and p.train_index == list(range(30))
+    assert (p.best_epoch, p.epochs_run) == (2, 2)
+    # a copy trained (its batch norm in train mode): the network's own statistics are still the initial ones
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+
+
 def test_one_image_per_class_starts_from_a_fixed_c_logistic_regression(crops, pretrained):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
