@@ -32,8 +32,9 @@ Rows (each writes ``<results-dir>/<row>.json``; a row whose JSON exists is skipp
 * ``scratch-10`` / ``scratch-100``: the same network from random weights, the same recipe, at
   10 and 100 labels per class, every layer training (cut at ``conv_stem``: the cached
   "activations" are the preprocessed pixels), batch norm in train mode (a random network
-  has no statistics to keep) and no early stopping (its epoch 0, a probe on random features,
-  is not a trained network): ``--epochs-scratch`` epochs, the last one kept.
+  has no statistics to keep), a seeded random head and no early stopping (a probe on random
+  features is neither a start nor a trained network): ``--epochs-scratch`` epochs, the last
+  one kept.
 * ``small-set``: probe vs ft-blocks.6 on the small set.
 
 * ``ft-blocks.6-train-bn``: ft-blocks.6 with the batch norm of the trainable top in train mode
@@ -239,10 +240,16 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
         A_views = [activations(bottom, tr_p, pre, f"{label} frozen layers (train, view {v})", view=(keys, v, rec))
                    for v in range(1, views + 1)]
     t_cache = time.perf_counter() - t0
-    head, probe = fit_probe_head(pooled(top, A_tr), tr_y)
-    probe_val = float(np.mean(probe.predict(pooled(top, A_va).astype(np.float32)) == va_y))
+    if early_stopping:
+        head, probe = fit_probe_head(pooled(top, A_tr), tr_y)
+        probe_val = float(np.mean(probe.predict(pooled(top, A_va).astype(np.float32)) == va_y))
+    else:  # from scratch: a probe on random features is no start for a network whose every layer trains
+        import torch
+
+        torch.manual_seed(seed)
+        head, probe_val = torch.nn.Linear(pooled(top, A_tr[:1]).shape[1], int(tr_y.max()) + 1), None
     t_probe = time.perf_counter() - t0 - t_cache
-    log(f"  {label}: LP head fitted (val acc {probe_val:.4f}); training up to {epochs} epochs")
+    log(f"  {label}: head ready (LP val acc {probe_val}); training up to {epochs} epochs")
     trained = train_top([A_tr, *A_views] if A_views else A_tr, tr_y, top, head, epochs=epochs, lr_head=LR_HEAD,
                         lr_backbone=LR_BACKBONE, seed=seed, val=(A_va, va_y) if early_stopping else None,
                         train_bn=train_bn, checkpoint_dir=ckpt, progress=True)
@@ -260,7 +267,8 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
         "lp_head_val_accuracy": probe_val, "best_val_accuracy": trained.best_val_accuracy,
         "test_accuracy": acc, "history": trained.history,
         "recipe": {"lr_head": LR_HEAD, "lr_backbone": LR_BACKBONE, "val_split": VAL_SPLIT, "batch_size": BATCH,
-                   "patience": 3 if early_stopping else None, "train_bn": train_bn, "init": "linear probe (LP-FT)", "augment": rec,
+                   "patience": 3 if early_stopping else None, "train_bn": train_bn, "init": "linear probe (LP-FT)" if early_stopping else "random head",
+                   "augment": rec,
                    "views": len(A_views)},
         "seconds": {"frozen_layers": t_cache, "probe_head": t_probe, "train": t_train,
                     "total_to_model": t1 - t0, "test_eval": time.perf_counter() - t1},
@@ -496,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         elif row.startswith("scratch-"):
             n = int(row.split("-")[1])
             p, y = scratch_subset(n)
-            # batch norm in train mode: a random network has no statistics to keep; every epoch runs and the last
-            # is kept: with early stopping, epoch 0 (a probe on random features) would be the candidate to beat
-            # (fewshot --scratch does the same)
+            # batch norm in train mode: a random network has no statistics to keep; a random head, every epoch,
+            # the last one kept: a probe on random features is neither a start nor a candidate (fewshot --scratch
+            # does the same)
             res = lp_ft(p, y, test_p, test_y, unfreeze="conv_stem", weights="random", seed=args.seed,
                         epochs=args.epochs_scratch, ckpt=ckpts / row, label=row, train_bn=True, early_stopping=False)
             res["labels_per_class"] = n

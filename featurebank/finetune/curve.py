@@ -15,9 +15,11 @@ random weights (``scratch=True``), which trains every layer (``unfreeze="conv_st
 "activations" are the preprocessed pixels, kept in float16 to halve their memory) with the
 same recipe, except batch norm: in train mode for the random network (it has no statistics to
 keep: in inference mode its batch norm would divide by its initial running variance, 1, and
-never normalise), in inference mode for the pretrained one, as the job's default; and no
-early stopping for the random network: its epoch 0 is a probe on random features, which
-early stopping kept on Fashion-MNIST (0.66 at 100 labels per class) instead of a trained network.
+never normalise), in inference mode for the pretrained one, as the job's default; and, for
+the random network, a seeded random head and no early stopping: a probe on random features is
+neither a start for a network whose every layer trains nor a trained network (early stopping
+kept that probe on Fashion-MNIST, 0.66 at 100 labels per class, and with the probe's head the
+first epochs' loss was in the tens).
 
 >>> net = curve_network("efficientnet_lite0")                 # doctest: +SKIP
 >>> A, A_test = net.activations(paths), net.activations(test_paths)  # doctest: +SKIP
@@ -173,7 +175,8 @@ def finetune_point(net: CurveNetwork, A_train: np.ndarray, y_train: np.ndarray, 
         ``lr / 10`` for the top, warm-up then cosine decay, batch norm in inference mode
 
     The head starts from a linear probe on the draw's pooled features (LP-FT); with one image
-    per class, from a logistic regression with C fixed at 1. With :data:`VAL_MIN_SHOTS` or
+    per class, from a logistic regression with C fixed at 1; for a from-scratch network, from
+    seeded random weights. With :data:`VAL_MIN_SHOTS` or
     more images per class, 20% of the draw is held out (stratified, seeded) to choose the best
     epoch; otherwise, and always for a from-scratch network (whose epoch 0, a probe on random
     features, is not a trained network), every epoch trains on the whole draw and the last one
@@ -197,7 +200,11 @@ def finetune_point(net: CurveNetwork, A_train: np.ndarray, y_train: np.ndarray, 
         tr, va = np.arange(len(y_train)), np.zeros(0, np.int64)
     top = copy.deepcopy(net.top)
     features = _pooled(top, np.ascontiguousarray(A_train[tr], np.float32))
-    if np.bincount(y_train[tr]).min() >= 2:
+    if net.scratch:  # every layer trains: a probe on random features is no start for it
+        torch.manual_seed(seed)
+        head = nn.Linear(features.shape[1], len(counts))
+        head_init = "random"
+    elif np.bincount(y_train[tr]).min() >= 2:
         from featurebank.classifiers.probe import LinearProbe
 
         head, _ = fit_probe_head(features, y_train[tr], probe=LinearProbe(cv=min(5, int(np.bincount(y_train[tr]).min())),

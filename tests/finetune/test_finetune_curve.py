@@ -105,7 +105,7 @@ def test_a_scratch_point_holds_out_nothing_keeps_its_last_epoch_and_trains_batch
     p = finetune_point(scratch, P[: len(tr)], y[tr], P[len(tr):], y[te], epochs=2, seed=0)
     # epoch 0 would be a probe on random features: no hold-out, every epoch, the last one kept
     assert p.val_index == [] and p.train_index == list(range(30))
-    assert (p.best_epoch, p.epochs_run) == (2, 2)
+    assert (p.best_epoch, p.epochs_run, p.head_init) == (2, 2, "random")
     # a copy trained (its batch norm in train mode): the network's own statistics are still the initial ones
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 

@@ -41,7 +41,8 @@ def test_each_curve_has_a_row_per_count_with_one_run_per_draw(curves_study):
             # each accuracy counts correct images of the same 9 test images
             assert all(abs(a * 9 - round(a * 9)) < 1e-9 for a in r["accuracy_runs"])
             assert r["accuracy_mean"] == pytest.approx(np.mean(r["accuracy_runs"]))
-            assert r["head_init"] == ("logistic regression, C=1" if k == 1 else "linear probe (LP-FT)")
+            want = "random" if f == "scratch" else ("logistic regression, C=1" if k == 1 else "linear probe (LP-FT)")
+            assert r["head_init"] == want
         r = result.row(f, "finetune", "all")
         assert r["accuracy_runs"] == [None] and r["accuracy_mean"] is None
         assert r["skipped"] == ("fine-tuning curves stop at 100 labels per class (each point is a training run); "
