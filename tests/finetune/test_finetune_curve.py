@@ -79,7 +79,8 @@ def test_a_point_trains_a_copy_and_holds_out_a_fifth_from_ten_per_class(crops, p
     assert len(p.val_index) == 6 and len(p.train_index) == 24
     assert sorted(p.train_index + p.val_index) == list(range(30))
     assert np.bincount(y[tr][p.val_index]).tolist() == [2, 2, 2]
-    assert p.head_init == "linear probe (LP-FT)" and 0 <= p.best_epoch <= 2 and p.epochs_run <= 2
+    # patience 3 cannot stop a 2-epoch run: both epochs run; the best is one of the start and the two epochs
+    assert p.head_init == "linear probe (LP-FT)" and p.epochs_run == 2 and p.best_epoch in (0, 1, 2)
     assert abs(p.accuracy * 18 - round(p.accuracy * 18)) < 1e-9 and p.accuracy > 1 / 3
     # the network's own top keeps its starting weights: every point starts from the same place
     assert all(torch.equal(v, start[k]) for k, v in net.top.state_dict().items())
