@@ -66,14 +66,20 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def batch_loss(top: nn.Module, head: nn.Module, activations: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(top: nn.Module, head: nn.Module, activations: torch.Tensor, y: torch.Tensor, *,
+               label_smoothing: float = 0.0, drop_rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``head(top(activations))`` against ``y``: (loss, logits).
 
     activations : (N, C, H, W) float32; y : (N,) int64 class indices. One training step of
-    :func:`train_top` is this loss, backward, optimizer step.
+    :func:`train_top` is this loss, backward, optimizer step. ``drop_rate``: dropout on the
+    pooled features before the head (timm's ``drop_rate``), applied when ``head`` is in train
+    mode; ``label_smoothing``: as :func:`torch.nn.functional.cross_entropy`'s.
     """
-    logits = head(top(activations))
-    return nn.functional.cross_entropy(logits, y), logits
+    features = top(activations)
+    if drop_rate > 0:
+        features = nn.functional.dropout(features, drop_rate, training=head.training)
+    logits = head(features)
+    return nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -262,6 +268,8 @@ def train_top(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     patience: int | None = 3,
     warmup_epochs: float = 1.0,
+    label_smoothing: float = 0.0,
+    drop_rate: float = 0.0,
     keep_last: int = 2,
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -291,6 +299,7 @@ def train_top(
         training continues after it. None: no checkpoints.
     patience : stop after this many epochs without a better validation accuracy (None: never).
     warmup_epochs : linear warm-up length, in epochs (fractions allowed).
+    label_smoothing, drop_rate : regularisation of the training loss (:func:`batch_loss`).
     keep_last : how many epoch checkpoints to keep.
     run_info : JSON-able facts that identify the run beyond these arguments (the data's content
         fingerprint, the augmentation recipe): recorded in the checkpoints, and a checkpoint
@@ -324,6 +333,9 @@ def train_top(
         raise FineTuneError(f"weight_decay must be >= 0; got {weight_decay!r}")
     if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs <= epochs):
         raise FineTuneError(f"warmup_epochs must be between 0 and epochs ({epochs}); got {warmup_epochs!r}")
+    for name, value in (("label_smoothing", label_smoothing), ("drop_rate", drop_rate)):
+        if not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise FineTuneError(f"{name} must be a number in [0, 1); got {value!r}")
     if val is not None:
         A_val, y_val = _check_arrays("val activations", val[0], val[1], n_classes)
         if A_val.shape[1:] != A.shape[1:]:
@@ -338,6 +350,7 @@ def train_top(
         "epochs": epochs, "lr_head": float(lr_head), "lr_backbone": float(lr_backbone),
         "weight_decay": float(weight_decay), "batch_size": batch_size, "seed": seed, "train_bn": bool(train_bn),
         "patience": patience, "warmup_epochs": float(warmup_epochs),
+        "label_smoothing": float(label_smoothing), "drop_rate": float(drop_rate),
         "train_labels_sha256": _labels_sha256(A, y), "views": len(views),
         "val_labels_sha256": _labels_sha256(A_val, y_val) if val is not None else None,
         "start_weights_sha256": _state_sha256(_model_state(top, head)),
@@ -407,7 +420,7 @@ def train_top(
                     factor = _lr_factor(step, total_steps, warmup)
                     for g in opt.param_groups:
                         g["lr"] = g["base_lr"] * factor
-                    loss, logits = batch_loss(top, head, a, t)
+                    loss, logits = batch_loss(top, head, a, t, label_smoothing=label_smoothing, drop_rate=drop_rate)
                     if not torch.isfinite(loss):
                         _load_model_state(top, head, good_state, "the last completed epoch")
                         kept = (f"; the last good checkpoint (epoch {epoch - 1}) is kept in {folder}"

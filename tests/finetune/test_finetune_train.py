@@ -206,3 +206,31 @@ def test_a_tie_in_validation_accuracy_goes_to_the_lower_validation_loss(cached):
     ties = [e for e, h in enumerate(r.history) if h["val_accuracy"] == r.best_val_accuracy]
     assert len(ties) > 1 and r.best_epoch > 0  # the tie the rule is for
     assert r.history[r.best_epoch]["val_loss"] == min(r.history[e]["val_loss"] for e in ties)
+
+
+def test_label_smoothing_and_dropout_change_training_not_evaluation(cached):
+    from featurebank.finetune.train import batch_loss
+
+    A, y, _, _, make = cached
+    top, head = make()
+    a, t = torch.from_numpy(A[:6]), torch.from_numpy(y[:6].astype(np.int64))
+    top.eval(), head.eval()
+    with torch.no_grad():
+        plain, logits = batch_loss(top, head, a, t)
+        smooth, _ = batch_loss(top, head, a, t, label_smoothing=0.1)
+        dropped_eval, same = batch_loss(top, head, a, t, drop_rate=0.5)
+        # smoothing: (1 - e) * CE + e * mean over classes of -log p
+        logp = torch.log_softmax(logits, 1)
+        expected = 0.9 * plain + 0.1 * (-logp.mean(1)).mean()
+        assert torch.allclose(smooth, expected, atol=1e-6)
+        assert torch.equal(dropped_eval, plain) and torch.equal(same, logits)  # dropout is off in eval mode
+        head.train()
+        torch.manual_seed(0)
+        _, dropped = batch_loss(top, head, a, t, drop_rate=0.5)
+    assert not torch.equal(dropped, logits)
+    r1 = train_top(A, y, *make(), **{**KW, "epochs": 1})
+    r2 = train_top(A, y, *make(), **{**KW, "epochs": 1, "label_smoothing": 0.1, "drop_rate": 0.2})
+    assert r1.history[-1]["train_loss"] != r2.history[-1]["train_loss"]
+    for name in ("label_smoothing", "drop_rate"):
+        with pytest.raises(FineTuneError, match=rf"{name} must be a number in \[0, 1\); got 1"):
+            train_top(A, y, *make(), **{**KW, name: 1})
