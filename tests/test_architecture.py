@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featurebank"
 #: leaves. ``featurebank/__init__.py`` is the lazy map of public names: it may name anything.
 JOINS = ("workflow", "embed_into_store", "image_embedder")
 ROOMS = ("leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
-         "finetune", "studies", "distributed", "cli", "service")
+         "curation", "finetune", "studies", "distributed", "cli", "service")
 
 #: Data flows one way (STYLE.md): artifact -> decoding -> export / embedder -> store ->
 #: classifiers / search -> joins -> studies -> CLI / service, distributed beside the joins.
@@ -38,13 +38,15 @@ ROOM_MAY_IMPORT: dict[str, set[str]] = {
     "joins": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search"},
     # fine-tuning is a join of its own (the one join that may import torch)
     "finetune": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins"},
+    # the data tools (audit, select, map) are a join of their own, beside fine-tuning
+    "curation": {"leaf", "artifact", "decoding", "embedder", "store", "classifiers", "search", "joins"},
     "studies": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
                 "finetune"},
     "distributed": {"leaf", "artifact", "decoding", "embedder", "store", "joins"},
     "service": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
-                "finetune", "studies"},
+                "curation", "finetune", "studies"},
     "cli": {"leaf", "artifact", "decoding", "export", "embedder", "store", "classifiers", "search", "joins",
-            "finetune", "studies", "distributed", "service"},
+            "curation", "finetune", "studies", "distributed", "service"},
 }
 
 TORCH = {"torch", "timm", "torchvision"}

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "featurebank.cli.serve_cmds",
     "featurebank.cli.study_cmds",
     "featurebank.cli.finetune_cmds",
+    "featurebank.cli.curation_cmds",
 )
 
 
