@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from featurebank.artifact import DECODE_MODES, POOLINGS, PRECISIONS
+from featurebank.artifact import CARD_PRECISIONS, DECODE_MODES, POOLINGS
+from featurebank.cli.export_cmds import add_int8_options, int8_options
 from featurebank.cli.ray_options import embed_on_ray, register_ray_options, uses_ray
 from featurebank.embedder.devices import DEFAULT_DEVICE, DEVICES
 
@@ -20,8 +21,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer", dest="layers", action="append", metavar="NAME", help="with --backbone: layer(s) to cut at")
     g.add_argument("--pool", choices=POOLINGS, help="with --backbone: pooling head")
     g.add_argument("--normalize", action="store_true", default=None, help="with --backbone: L2-normalise in the graph")
-    g.add_argument("--precision", choices=PRECISIONS, help="with --backbone")
+    g.add_argument("--precision", choices=CARD_PRECISIONS, help="with --backbone (int8 needs --calibrate)")
     g.add_argument("--weights", metavar="PATH|hub|random", help="with --backbone: weights source")
+    add_int8_options(p)
     p.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
                    help="fast: reduced-size JPEG decoding (default; see README); exact: the torch reference preprocessing")
     p.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE,
@@ -32,13 +34,18 @@ def resolve_model(args: argparse.Namespace) -> str:
     """The ONNX path named by --model, or the cached export of --backbone."""
     if args.model and args.backbone:
         raise ValueError("give --model or --backbone, not both")
+    quantize = int8_options(args)
     if args.model:
+        if quantize:
+            raise ValueError("--precision int8 and --calibrate apply to --backbone (an export); --model is used as it "
+                             "is: quantize it with `featurebank export --precision int8` first")
         return args.model
     uint8 = {"input_format": "uint8"}  # a quarter of the bytes to move per image; same vectors
     from featurebank.export.cache import cached_export
 
     return str(cached_export(args.backbone or "efficientnet_lite0", layers=args.layers, pool=args.pool,
-                             normalize=args.normalize, precision=args.precision, weights=args.weights, **uint8))
+                             normalize=args.normalize, precision=args.precision, weights=args.weights, **uint8,
+                             **quantize))
 
 
 def open_runner(args: argparse.Namespace):

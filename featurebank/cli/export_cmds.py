@@ -12,6 +12,54 @@ from featurebank.artifact import CARD_PRECISIONS, INPUT_FORMATS, POOLINGS, PRECI
 # texts quote them and tests/export/test_quantize.py pins the quotes.
 
 
+def add_int8_options(p: argparse.ArgumentParser) -> None:
+    """The --calibrate group: shared by `export` and every command that takes --backbone."""
+    q = p.add_argument_group("int8", "static quantization calibrated on your images, refused unless the gates pass")
+    q.add_argument("--calibrate", action="append", metavar="SOURCE",
+                   help="images of your data (folder or .txt/.csv/.parquet list; repeatable): some calibrate, the "
+                   "rest (at least 100) are held out for the gates")
+    q.add_argument("--calibration-size", type=int, default=None, metavar="N",
+                   help="images to calibrate on (default: 64)")
+    q.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default=None,
+                   help="how activation ranges are found (default: percentile)")
+    q.add_argument("--exclude-node", dest="nodes_to_exclude", action="append", default=[], metavar="NODE",
+                   help="graph node to keep in fp32 (repeatable; names from an ONNX viewer)")
+    q.add_argument("--search-budget", dest="search_budget_s", type=float, default=None, metavar="SECONDS",
+                   help="first measure which network stages lose most and keep them in fp32, within about this "
+                   "many seconds; 0: no search (default: 300.0)")
+    q.add_argument("--min-cosine", type=float, default=None,
+                   help="gate: median cosine of int8 to fp32 vectors on the held-out images (default: 0.99)")
+    q.add_argument("--min-knn-agreement", type=float, default=None,
+                   help="gate: share of each held-out image's top-10 neighbours that int8 and fp32 agree on "
+                   "(default: 0.9)")
+    q.add_argument("--min-speedup", type=float, default=None,
+                   help="gate: int8 / fp32 model-only images/s on this CPU; 0 records it without gating (default: 1.0)")
+
+
+def int8_options(args: argparse.Namespace) -> dict:
+    """The quantization keyword arguments the --calibrate group gave (``calibrate``: the listed
+    image paths), {} for a float precision; refuses int8 without --calibrate and the int8 flags
+    without --precision int8."""
+    given = dict(calibration_size=args.calibration_size, calibration_method=args.calibration_method,
+                 min_cosine=args.min_cosine, min_knn_agreement=args.min_knn_agreement, min_speedup=args.min_speedup,
+                 search_budget_s=args.search_budget_s)
+    quantize = {k: v for k, v in given.items() if v is not None}
+    if args.nodes_to_exclude:
+        quantize["nodes_to_exclude"] = args.nodes_to_exclude
+    if args.precision == "int8":
+        if not args.calibrate:
+            raise ValueError("--precision int8 needs --calibrate SOURCE: images of your data to calibrate on and to "
+                             "gate the int8 model with")
+        from featurebank.embedder.sources import list_images
+
+        quantize["calibrate"] = list_images(args.calibrate).paths
+    elif args.calibrate or quantize:
+        flags = ["--calibrate"] * bool(args.calibrate) + ["--" + k.replace("_", "-") for k in quantize]
+        raise ValueError(f"{', '.join(flags).replace('--nodes-to-exclude', '--exclude-node')} only apply to "
+                         "--precision int8")
+    return quantize
+
+
 def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p = sub.add_parser("backbones", help="list the registered backbones", formatter_class=formatter_class,
                        description="List the registered backbones with their preprocessing, default layer, "
@@ -46,26 +94,7 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--weights", default=None, metavar="PATH|hub|random",
                    help="weights file (.pth/.safetensors), 'hub' to download, 'random' (default: the registry's source)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the ONNX file to write")
-    q = p.add_argument_group("int8", "static quantization calibrated on your images, refused unless the gates pass")
-    q.add_argument("--calibrate", action="append", metavar="SOURCE",
-                   help="images of your data (folder or .txt/.csv/.parquet list; repeatable): some calibrate, the "
-                   "rest (at least 100) are held out for the gates")
-    q.add_argument("--calibration-size", type=int, default=None, metavar="N",
-                   help="images to calibrate on (default: 64)")
-    q.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default=None,
-                   help="how activation ranges are found (default: percentile)")
-    q.add_argument("--exclude-node", dest="nodes_to_exclude", action="append", default=[], metavar="NODE",
-                   help="graph node to keep in fp32 (repeatable; names from an ONNX viewer)")
-    q.add_argument("--search-budget", dest="search_budget_s", type=float, default=None, metavar="SECONDS",
-                   help="first measure which network stages lose most and keep them in fp32, within about this "
-                   "many seconds; 0: no search (default: 300.0)")
-    q.add_argument("--min-cosine", type=float, default=None,
-                   help="gate: median cosine of int8 to fp32 vectors on the held-out images (default: 0.99)")
-    q.add_argument("--min-knn-agreement", type=float, default=None,
-                   help="gate: share of each held-out image's top-10 neighbours that int8 and fp32 agree on "
-                   "(default: 0.9)")
-    q.add_argument("--min-speedup", type=float, default=None,
-                   help="gate: int8 / fp32 model-only images/s on this CPU; 0 records it without gating (default: 1.0)")
+    add_int8_options(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
@@ -159,23 +188,7 @@ def _describe(card, path: str) -> None:
 def _export(args: argparse.Namespace) -> int:
     from featurebank.export.onnx_export import export_backbone
 
-    given = dict(calibration_size=args.calibration_size, calibration_method=args.calibration_method,
-                 min_cosine=args.min_cosine, min_knn_agreement=args.min_knn_agreement, min_speedup=args.min_speedup,
-                 search_budget_s=args.search_budget_s)
-    quantize = {k: v for k, v in given.items() if v is not None}
-    if args.nodes_to_exclude:
-        quantize["nodes_to_exclude"] = args.nodes_to_exclude
-    if args.precision == "int8":
-        if not args.calibrate:
-            raise ValueError("--precision int8 needs --calibrate SOURCE: images of your data to calibrate on and to "
-                             "gate the int8 model with")
-        from featurebank.embedder.sources import list_images
-
-        quantize["calibrate"] = list_images(args.calibrate).paths
-    elif args.calibrate or quantize:
-        flags = ["--calibrate"] * bool(args.calibrate) + ["--" + k.replace("_", "-") for k in quantize]
-        raise ValueError(f"{', '.join(flags).replace('--nodes-to-exclude', '--exclude-node')} only apply to "
-                         "--precision int8")
+    quantize = int8_options(args)
     card = export_backbone(
         args.backbone, args.output, layers=args.layers, pool=args.pool, normalize=args.normalize,
         precision=args.precision, input_format=args.input_format, weights=args.weights, **quantize,

@@ -86,6 +86,7 @@ __all__ = [
     "settings_for",
     "u8s8_is_exact",
     "split_images",
+    "calibration_keys",
     "feature_agreement",
     "quantize_model",
     "conv_groups",
@@ -218,6 +219,19 @@ def _read_images(paths: Sequence[str | os.PathLike[str]]) -> list[_Image]:
             seen.add(key)
             out.append(_Image(path, key, data))
     return out
+
+
+def calibration_keys(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The distinct content keys (sha256 of each file's bytes, the store's key) of ``paths``,
+    sorted: what identifies a calibration set, whatever the files are named or listed as."""
+    keys = set()
+    for p in paths:
+        digest = hashlib.sha256()
+        with open_image_file(os.fspath(p)) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        keys.add(digest.hexdigest())
+    return sorted(keys)
 
 
 def split_images(keys: Sequence[str], calibration_size: int, *, min_holdout: int = MIN_HOLDOUT,

@@ -27,8 +27,8 @@ def test_named_choices_come_from_their_room():
     for command, action in _options(build_parser()):
         if command == "sweep" and action.dest == "pool":  # a comma-separated list, checked by sweep_layers
             continue
-        # export alone makes INT8 models (it calibrates them): the card's precisions, float ones elsewhere
-        owned = CARD_PRECISIONS if (command, action.dest) == ("export", "precision") else OWNED[action.dest]
+        # export and --backbone make INT8 models (they calibrate them): the card's precisions; cut writes float ones
+        owned = CARD_PRECISIONS if action.dest == "precision" and command != "cut" else OWNED[action.dest]
         assert action.choices is owned, (command, action.option_strings, action.choices)
         if action.dest == "device":
             assert action.default == DEFAULT_DEVICE, command

@@ -6,6 +6,7 @@ conftest's ``tiny_model``); the images are real photo crops from scikit-image, a
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -234,7 +235,7 @@ def test_prefix_and_head_stay_fp32_and_named_nodes_are_excluded(tiny_model, crop
     inits = {i.name for i in g.initializer}
     nodes = {n.name: n for n in g.node}
     # the uint8 -> float prefix reads the raw uint8 input, unquantized
-    assert nodes["featurebank_input/Cast"].input[0] == "pixels"
+    assert nodes["featurebank_input/Transpose"].input[0] == "pixels"
     assert not [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "pixels"]
     assert nodes["featurebank_head/GlobalAveragePool"].op_type == "GlobalAveragePool"
     # the excluded convolution keeps its float weights; the others read dequantized int8 ones
@@ -470,3 +471,119 @@ def test_exclusion_search_measures_each_conv_group_on_calibration_images(tiny_mo
     search = q.verification["search"]
     assert search["target_cosine"] == LENIENT["min_cosine"] + 0.005 and set(search["gains"]) == set(groups)
     assert q.quantization["nodes_to_exclude"] == sorted(n for g in search["chosen"] for n in groups[g])
+
+
+# ---------------------------------------------------------------------------------------
+# the model cache: `embed --backbone NAME --precision int8 --calibrate SOURCE`
+# ---------------------------------------------------------------------------------------
+
+TINY = dict(weights="random", input_format="uint8")
+
+
+def _models(cache):
+    return sorted(p.name for p in (cache / "models").glob("*.onnx"))
+
+
+@pytest.mark.slow  # five tiny quantizations: ~12 s
+def test_cached_int8_export_is_built_once_per_calibration_set(tmp_path, crops, monkeypatch):
+    from featurebank.export.cache import cached_export
+
+    monkeypatch.setenv("FEATUREBANK_CACHE", str(tmp_path / "cache"))
+    cal = crops[:130]
+    path = cached_export("test_efficientnet", **TINY, precision="int8", calibrate=cal, **LENIENT)
+    card = read_model_card(path)
+    assert card.precision == "int8" and card.quantization["calibration_method"] == "minmax"
+    assert card.verification["gates"]["held_out"] == 114 and card.verification["gates"]["thresholds"]["min_cosine"] == 0.9
+    fp32 = cached_export("test_efficientnet", **TINY)  # quantized from the cached fp32 export: one file, shared
+    assert len(_models(tmp_path / "cache")) == 2 and fp32 != path
+    stamp = path.stat().st_mtime_ns
+    # the same images by content (reordered, copied under other names, duplicates added): the cached model
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, p in enumerate(reversed(cal)):
+        shutil.copy(p, renamed / f"r{i}.jpg")
+    again = cached_export("test_efficientnet", **TINY, precision="int8", calibrate=sorted(renamed.iterdir()) + crops[130:],
+                          **LENIENT)
+    assert again == path and path.stat().st_mtime_ns == stamp
+    # another calibration set, another calibration method: each its own model
+    edited = renamed / "r0.jpg"
+    Image.open(edited).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(edited, quality=90)
+    other = cached_export("test_efficientnet", **TINY, precision="int8", calibrate=sorted(renamed.iterdir()), **LENIENT)
+    pct = cached_export("test_efficientnet", **TINY, precision="int8", calibrate=cal,
+                        **{**LENIENT, "calibration_method": "percentile"})
+    assert len({path, other, pct}) == 3 and len(_models(tmp_path / "cache")) == 4
+    assert read_model_card(other).quantization["calibration_sha256"] != card.quantization["calibration_sha256"]
+    assert read_model_card(pct).quantization["calibration_method"] == "percentile"
+    # a refused model is not cached (the next call measures again)
+    with pytest.raises(QuantizationGateError, match=r"^INT8 model refused, nothing written to .*median cosine to fp32 "):
+        cached_export("test_efficientnet", **TINY, precision="int8", calibrate=cal, **{**LENIENT, "min_cosine": 1.0})
+    assert len(_models(tmp_path / "cache")) == 4
+
+
+def test_cached_int8_export_refuses_before_exporting(tmp_path, crops, monkeypatch):
+    from featurebank.export.cache import cached_export
+
+    monkeypatch.setenv("FEATUREBANK_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(QuantizationError, match=r"^INT8 calibration needs at least 164 distinct images \(64 to calibrate "
+                                                r"\+ 100 held out for the gates\); got 40: add 124 images or lower"):
+        cached_export("test_efficientnet", **TINY, precision="int8", calibrate=crops[:40])
+    assert _models(tmp_path / "cache") == []  # not even the fp32 export ran
+    with pytest.raises(ValueError, match=r"^precision='int8' needs calibration images of your data: pass calibrate="):
+        cached_export("test_efficientnet", **TINY, precision="int8")
+    with pytest.raises(ValueError, match=r"^calibrate, min_cosine only apply to precision='int8'; got precision='fp32'"):
+        cached_export("test_efficientnet", **TINY, precision="fp32", calibrate=crops, min_cosine=0.5)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) min_cosin$"):
+        cached_export("test_efficientnet", **TINY, precision="int8", calibrate=crops, min_cosin=0.5)
+    assert _models(tmp_path / "cache") == []
+
+
+def test_cli_embed_int8_backbone_into_its_own_store_space(capsys, tmp_path, crops, monkeypatch):
+    from featurebank import open_store
+
+    monkeypatch.setenv("FEATUREBANK_CACHE", str(tmp_path / "cache"))
+    folder, store = str(crops[0].parent), str(tmp_path / "store")
+    lenient = ["--calibration-size", "16", "--calibration-method", "minmax", "--search-budget", "0",
+               "--min-cosine", "0.9", "--min-knn-agreement", "0.5", "--min-speedup", "0"]
+    tiny = ["--backbone", "test_efficientnet", "--weights", "random", "--no-progress"]
+    code, out, err = run(capsys, "embed", folder, "--store", store, *tiny, "--precision", "int8", "--calibrate", folder,
+                         *lenient, "--json")
+    assert code == 0, err
+    assert json.loads(out)["embedded"] == 130  # 136 files, 6 of them copies
+    (int8_path,) = [p for p in (tmp_path / "cache" / "models").glob("*.onnx")
+                    if read_model_card(p).precision == "int8"]
+    stamp = int8_path.stat().st_mtime_ns
+    code, out, err = run(capsys, "embed", folder, "--store", store, *tiny)  # fp32 of the same images
+    assert code == 0, err
+    fp32_path = next(p for p in (tmp_path / "cache" / "models").glob("*.onnx") if p != int8_path)
+    spaces = {sp.fingerprint for sp in open_store(store).spaces()}
+    assert spaces == {space_fingerprint(read_model_card(p).outputs[0].fingerprint, "fast") for p in (int8_path, fp32_path)}
+    # again: the cached int8 model, every image already in its space
+    code, out, err = run(capsys, "embed", folder, "--store", store, *tiny, "--precision", "int8", "--calibrate", folder,
+                         *lenient, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["embedded"], report["cached"]) == (0, 130) and int8_path.stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "cache" / "models").glob("*.onnx"))) == 2
+
+
+def test_cli_embed_int8_errors(capsys, tmp_path, crops, monkeypatch):
+    monkeypatch.setenv("FEATUREBANK_CACHE", str(tmp_path / "cache"))
+    folder, store = str(crops[0].parent), str(tmp_path / "store")
+    tiny = ["--backbone", "test_efficientnet", "--weights", "random"]
+    code, _, err = run(capsys, "embed", folder, "--store", store, *tiny, "--calibrate", folder)
+    assert code == 2 and "--calibrate only apply to --precision int8" in err
+    code, _, err = run(capsys, "embed", folder, "--store", store, *tiny, "--min-cosine", "0.5")
+    assert code == 2 and "--min-cosine only apply to --precision int8" in err
+    code, _, err = run(capsys, "embed", folder, "--store", store, *tiny, "--precision", "int8")
+    assert code == 2 and "--precision int8 needs --calibrate SOURCE" in err
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in crops[:50]:
+        shutil.copy(p, few)
+    code, _, err = run(capsys, "embed", folder, "--store", store, *tiny, "--precision", "int8", "--calibrate", str(few))
+    assert code == 2 and ("INT8 calibration needs at least 164 distinct images (64 to calibrate + 100 held out for the "
+                          "gates); got 50: add 114 images") in err
+    code, _, err = run(capsys, "embed", folder, "--store", store, "--model", str(tmp_path / "m.onnx"), "--precision",
+                       "int8", "--calibrate", folder)
+    assert code == 2 and "--precision int8 and --calibrate apply to --backbone" in err
+    assert not (tmp_path / "store").exists() and not list((tmp_path / "cache").glob("models/*.onnx"))
