@@ -34,6 +34,7 @@ from featurebank.artifact import DEFAULT_DECODE_MODE, check_decode_mode, space_f
 from featurebank.embedder.batches import decode_ahead, infer_batch
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.embedder.sources import ImageList, list_images
+from featurebank.embedder.tuning import MEASURE_MIN_IMAGES, tune_pipeline
 from featurebank.errors import FeaturebankError
 
 __all__ = ["embed_images", "load_embeddings", "load_activations", "EmbedReport", "Embeddings", "space_of", "open_spaces", "plan_work",
@@ -46,7 +47,9 @@ log = logging.getLogger("featurebank")
 class EmbedReport:
     """What a run did. ``timings`` holds seconds per stage (read, decode, infer, write).
     ``damaged``: cached vectors that failed their checksum, so were embedded again;
-    ``quarantined``: the shards that held them, moved to ``<store>/quarantine/``."""
+    ``quarantined``: the shards that held them, moved to ``<store>/quarantine/``.
+    ``settings``: the batch size, onnxruntime threads and decode threads the run used, and
+    where they came from (:class:`~featurebank.embedder.tuning.PipelineSettings`)."""
 
     total: int = 0
     embedded: int = 0
@@ -59,6 +62,7 @@ class EmbedReport:
     elapsed: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -127,7 +131,7 @@ def embed_images(
     *,
     store: Any = None,
     decode_mode: str = DEFAULT_DECODE_MODE,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     threads: int | None = None,
@@ -147,10 +151,10 @@ def embed_images(
     store : a store directory or an open store; None keeps vectors in memory only
     decode_mode : ``"fast"`` (reduced-size JPEG decoding) or ``"exact"`` (the torch
         reference preprocessing); part of the cache key
-    batch_size : images per inference batch and per store shard. 16: on CPUs larger batches
-        do not run faster per image, and smaller ones keep the decode pipeline smooth
-        (benchmarks/embed_throughput.py); on a GPU raise it (64-256)
-    workers : decode threads (default: all cores)
+    batch_size : images per inference batch and per store shard
+    workers : decode threads
+    threads : onnxruntime intra-op threads (only with a model path: an open ``ModelRunner``
+        keeps its own)
     device : ``auto``, ``cpu`` or ``cuda``
     retry_failed : decode again the images a previous run recorded as failed
     return_vectors : load the vectors of every input into ``Embeddings.vectors``
@@ -161,12 +165,18 @@ def embed_images(
         as missing: the shard is quarantined (its intact batches kept) and the images are
         embedded again. False raises StoreError instead when such vectors are read.
 
+    ``batch_size``, ``workers`` and ``threads`` left at None are chosen by measurement for
+    this machine and model (:func:`~featurebank.embedder.tuning.tune_pipeline`: measured
+    once, a few seconds, and cached beside the model, by the first run with at least
+    ``MEASURE_MIN_IMAGES`` (256) images to embed; before that: batch 16 and every core for
+    onnxruntime and for decoding); the ones given win.
+
     Returns
     -------
     Embeddings
     """
     check_decode_mode(decode_mode)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
     if progress is None:
         progress = sys.stderr.isatty()
@@ -175,7 +185,10 @@ def embed_images(
     timings = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
 
     images = source if isinstance(source, ImageList) else list_images(source)
-    runner = _as_runner(model, device, threads)
+    explicit = {"device": device, "decode_mode": decode_mode, "batch_size": batch_size, "workers": workers,
+                "threads": None if isinstance(model, ModelRunner) else threads, "progress": progress}
+    settings = tune_pipeline(model, measure=False, **explicit)  # the cached choice, if any
+    runner = _as_runner(model, device, settings.threads)
     card = runner.card
     pre = card.preprocessing
     report.total = len(images.paths)
@@ -197,6 +210,17 @@ def embed_images(
     unique, todo_keys = plan.unique, plan.todo
     report.duplicates, report.cached, report.skipped_failed = plan.duplicates, plan.cached, plan.skipped_failed
     report.damaged, report.quarantined = plan.damaged, plan.quarantined
+
+    if settings.origin == "default" and len(todo_keys) >= MEASURE_MIN_IMAGES:
+        # a run long enough to repay a few seconds of measuring, on a machine that has not measured
+        if isinstance(model, ModelRunner):
+            settings = tune_pipeline(runner, **{**explicit, "threads": None})
+        else:
+            settings = tune_pipeline(model, session=runner, **explicit)
+            if settings.threads != runner.threads:
+                runner = open_model(model, device=device, threads=settings.threads)
+    batch_size, workers = settings.batch_size, settings.workers
+    report.settings = settings.to_dict()
 
     # decode + infer + write, decode running ahead on a thread pool
     bar = _progress(len(todo_keys), bool(progress), "embedding")

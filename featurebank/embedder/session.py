@@ -27,7 +27,8 @@ from featurebank.artifact import QUANTIZED_PRECISIONS, ModelCard
 from featurebank.embedder.devices import DEVICES
 from featurebank.errors import KernelClassError, NotOnnxModelError, ProviderError
 
-__all__ = ["ModelRunner", "open_model", "physical_cores", "cuda_status", "check_kernel_class", "ALLOW_KERNEL_MISMATCH_ENV"]
+__all__ = ["ModelRunner", "check_model_file", "open_model", "physical_cores", "providers_for", "cuda_status", "check_kernel_class",
+           "ALLOW_KERNEL_MISMATCH_ENV"]
 
 #: Environment variable that, set to 1, makes an INT8 model on another CPU kernel class warn
 #: instead of refusing (for every open_model call that does not say).
@@ -101,7 +102,17 @@ def check_kernel_class(card: ModelCard, path: str, *, allow_kernel_mismatch: boo
                            f"SOURCE), or set {ALLOW_KERNEL_MISMATCH_ENV}=1 (allow_kernel_mismatch=True) to only warn")
 
 
-def _providers_for(device: str) -> list[str]:
+def check_model_file(model: str | os.PathLike[str]) -> str:
+    """``model`` as a str path, or :class:`NotOnnxModelError` when no file is there."""
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise NotOnnxModelError(f"no model file at {path!r}; export one with `featurebank export -o {path}`")
+    return path
+
+
+def providers_for(device: str) -> list[str]:
+    """The onnxruntime providers a session for ``device`` asks for, the one that will run
+    first (``device="cuda"`` where CUDA cannot run raises :class:`ProviderError`)."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
     usable, reason = cuda_status()
@@ -126,6 +137,7 @@ class ModelRunner:
     session: ort.InferenceSession
     provider: str
     output_names: list[str] = field(default_factory=list)
+    threads: int = 0  # onnxruntime intra-op threads the session was opened with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -171,14 +183,13 @@ def open_model(
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}; got device={device!r}")
-    path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise NotOnnxModelError(f"no model file at {path!r}; export one with `featurebank export -o {path}`")
-    providers = _providers_for(device)
+    path = check_model_file(model)
+    providers = providers_for(device)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = int(threads) if threads else physical_cores()
+    n_threads = int(threads) if threads else physical_cores()
+    opts.intra_op_num_threads = n_threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
@@ -199,4 +210,5 @@ def open_model(
     missing = [o.name for o in card.outputs if o.name not in names]
     if missing:
         raise NotOnnxModelError(f"{path!r}: the model card names outputs {missing} that the graph lacks; re-export it")
-    return ModelRunner(path=path, card=card, session=session, provider=running, output_names=[o.name for o in card.outputs])
+    return ModelRunner(path=path, card=card, session=session, provider=running, output_names=[o.name for o in card.outputs],
+                       threads=n_threads)
