@@ -41,10 +41,14 @@ What the measurement found (EfficientNet-Lite0, 64 calibration and 190 held-out 
 an AMD Zen 5 host of class ``avx512-vnni``): with VNNI the 8-bit products do not saturate (the
 probe below is exact), yet everything-quantized u8s8 keeps a median cosine of only 0.981
 (minmax) / 0.982 (percentile); ``reduce_range`` lowers it to 0.946. The loss sits in the
-first stages (high resolution, 16-24 channels, per-tensor uint8 activations): keeping
-``blocks.0`` and ``blocks.1`` in fp32 gives 0.995 and 0.967 of the top-10 neighbours at 1.46x
-fp32's speed. Keeping the depthwise convolutions alone in fp32 made it worse (0.80): a lone
-fp32 node between quantized ones still sees 8-bit inputs and outputs, hence whole stages.
+first stages (high resolution, 16-32 channels, per-tensor uint8 activations). Keeping the
+depthwise convolutions alone in fp32 made it worse (0.80): a lone fp32 node between quantized
+ones still sees 8-bit inputs and outputs, hence whole stages. Which stages is a speed question
+too (300 held-out size-mix photos, model-only CPU time at 1 thread, batches of 16):
+keeping ``blocks.0`` + ``blocks.1`` fp32 (the gain-only search's choice) gave median cosine
+0.9965 at 1.24x fp32; the stem + ``blocks.0`` gave 0.9960 at 2.26x, faster than everything
+quantized (1.64x): the quantized stem is *slower* than fp32's, so the search weighs each
+stage's measured cost as well as its gain.
 
 The flags are not trusted blindly: :func:`u8s8_is_exact` runs one ``QLinearConv`` whose
 uint8 x int8 pair sums overflow int16 and checks the result, so a host whose flags claim VNNI
@@ -535,11 +539,17 @@ def search_exclusions(
     calibration cache), the median cosine of INT8 to fp32 vectors from the second half (scored
     on the images the ranges were fit to, the search was optimistic: 0.990 there was 0.986 on
     held-out photos for Lite0). First with everything quantized, then with each group alone kept
-    in fp32 (its gain), then greedily keeping the groups of largest positive gain until the
-    median cosine reaches ``target_cosine``. Stops early when ``budget_s`` seconds are spent.
+    in fp32: its gain in median cosine and its cost, the change in CPU seconds per image of the
+    trial model (process CPU time, best of 3 runs over the scored images, so other processes on
+    the machine barely move it). Then greedily keeping groups in fp32 until the median cosine
+    reaches ``target_cosine``: first the groups of positive gain that cost nothing (tried even
+    past the target: kept fp32 they are closer *and* faster; Lite0's stem, measured: quantized,
+    onnxruntime's layout optimizer also moves the uint8 input's per-channel Mul/Add to NHWC,
+    where it broadcasts them element by element), then by gain per CPU millisecond. Stops early
+    when ``budget_s`` seconds are spent.
 
-    Returns (node names to keep in fp32, a record for the card: base and per-group medians,
-    the groups chosen, seconds spent).
+    Returns (node names to keep in fp32, a record for the card: base and per-group medians and
+    costs, the groups chosen, seconds spent).
     """
     t0 = time.perf_counter()
     proto = onnx.load(os.fspath(model))
@@ -555,27 +565,42 @@ def search_exclusions(
     with tempfile.TemporaryDirectory(prefix=".featurebank-int8-search-", dir=tmp_dir) as tmp:
         cache = Path(tmp) / "ranges.json"
 
-        def score(extra: Sequence[str]) -> float:
+        def score(extra: Sequence[str]) -> tuple[float, float]:
+            """(median cosine to fp32, CPU seconds per image) of the model with ``extra`` kept fp32."""
             excluded = _exclusions(proto, sorted(set(fixed) | set(extra)))
             q = _quantize(model, card, fit, excluded, settings, calibration_method, batch_size, Path(tmp), cache)
-            got = _embed(_session(q.SerializeToString(), threads), card, probe, batch_size)
-            return min(float(np.median(np.sum(_unit(ref[n]) * _unit(got[n]), axis=1))) for n in ref)
+            sess = _session(q.SerializeToString(), threads)
+            got = _embed(sess, card, probe, batch_size)  # also the warm-up of the timed runs
+            cpu = np.inf
+            for _ in range(3):
+                c0 = time.process_time()
+                _embed(sess, card, probe, batch_size)
+                cpu = min(cpu, time.process_time() - c0)
+            return min(float(np.median(np.sum(_unit(ref[n]) * _unit(got[n]), axis=1))) for n in ref), cpu / len(probe)
 
-        base = score([])
+        base, base_cost = score([])
         record["base_median_cosine"] = round(base, 5)
+        record["base_cpu_ms_per_image"] = round(1000 * base_cost, 3)
         gains: dict[str, float] = {}
+        costs: dict[str, float] = {}  # CPU ms per image, kept fp32 minus all quantized
         for name, nodes in groups.items():
             if time.perf_counter() - t0 > budget_s:
                 record["stopped"] = f"budget of {budget_s:g} s spent after {len(gains)} of {len(groups)} groups"
                 break
-            gains[name] = round(score(nodes) - base, 5)
+            cos, cost = score(nodes)
+            gains[name], costs[name] = round(cos - base, 5), round(1000 * (cost - base_cost), 3)
         record["gains"] = gains
+        record["costs_cpu_ms_per_image"] = costs
         chosen: list[str] = []
         best = base
-        for name in sorted((g for g in gains if gains[g] > 0), key=lambda g: -gains[g]):
-            if best >= target_cosine or time.perf_counter() - t0 > budget_s:
-                break
-            trial = score([n for g in chosen + [name] for n in groups[g]])
+
+        def order(g: str) -> tuple[int, float]:  # free groups first (largest gain first), then gain per ms
+            return (0, -gains[g]) if costs[g] <= 0 else (1, -gains[g] / costs[g])
+
+        for name in sorted((g for g in gains if gains[g] > 0), key=order):
+            if time.perf_counter() - t0 > budget_s or (best >= target_cosine and costs[name] > 0):
+                break  # a free group is tried even past the target: closer to fp32 and faster
+            trial, _ = score([n for g in chosen + [name] for n in groups[g]])
             if trial > best:
                 chosen.append(name)
                 best = trial
@@ -645,7 +670,7 @@ def quantize_model(
         (default: onnxruntime's), seed of the calibration / held-out split
     search_budget_s : above 0 (default 300), first search which network stages to keep in fp32
         (:func:`search_exclusions`, on the calibration images, within about this many seconds;
-        13 s for Lite0 here); the stages it keeps in fp32 join ``quantization["nodes_to_exclude"]``
+        27 s for Lite0 here); the stages it keeps in fp32 join ``quantization["nodes_to_exclude"]``
         (and so the fingerprint), its measurements go in ``verification["search"]``.
         0 skips the search
     search_margin : the search aims at ``min_cosine + search_margin``: its 32-image score is

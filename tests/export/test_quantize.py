@@ -460,8 +460,13 @@ def test_exclusion_search_measures_each_conv_group_on_calibration_images(tiny_mo
     with pytest.raises(QuantizationError, match=r"the exclusion search needs at least 22 calibration images \(half "
                                                 r"fit the ranges, half score\); got 16: raise the calibration size"):
         search_exclusions(tiny_model, card, pixels[:16], settings=settings_for("avx2"), calibration_method="minmax")
-    assert set(record["gains"]) == set(groups)
+    assert set(record["gains"]) == set(groups) == set(record["costs_cpu_ms_per_image"])
+    assert record["base_cpu_ms_per_image"] > 0
     assert all(record["gains"][g] > 0 for g in record["chosen"])
+    # free groups (kept fp32 they run faster) first, then by gain per CPU ms
+    costs = record["costs_cpu_ms_per_image"]
+    free = [g for g in record["chosen"] if costs[g] <= 0]
+    assert record["chosen"][: len(free)] == free
     assert nodes == [n for g in record["chosen"] for n in groups[g]]
     assert record["median_cosine"] >= record["base_median_cosine"]
     assert os.listdir(tmp_path) == []  # the range cache and trial models are gone
