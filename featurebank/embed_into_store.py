@@ -34,7 +34,7 @@ from featurebank.artifact import DEFAULT_DECODE_MODE, check_decode_mode, space_f
 from featurebank.embedder.batches import decode_ahead, infer_batch
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.embedder.sources import ImageList, list_images
-from featurebank.embedder.tuning import MEASURE_MIN_IMAGES, tune_pipeline
+from featurebank.embedder.tuning import tune_for_run, tune_pipeline
 from featurebank.errors import FeaturebankError
 
 __all__ = ["embed_images", "load_embeddings", "load_activations", "EmbedReport", "Embeddings", "space_of", "open_spaces", "plan_work",
@@ -211,14 +211,7 @@ def embed_images(
     report.duplicates, report.cached, report.skipped_failed = plan.duplicates, plan.cached, plan.skipped_failed
     report.damaged, report.quarantined = plan.damaged, plan.quarantined
 
-    if settings.origin == "default" and len(todo_keys) >= MEASURE_MIN_IMAGES:
-        # a run long enough to repay a few seconds of measuring, on a machine that has not measured
-        if isinstance(model, ModelRunner):
-            settings = tune_pipeline(runner, **{**explicit, "threads": None})
-        else:
-            settings = tune_pipeline(model, session=runner, **explicit)
-            if settings.threads != runner.threads:
-                runner = open_model(model, device=device, threads=settings.threads)
+    runner, settings = tune_for_run(model, runner, settings, len(todo_keys), **explicit)
     batch_size, workers = settings.batch_size, settings.workers
     report.settings = settings.to_dict()
 

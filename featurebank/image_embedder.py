@@ -19,6 +19,7 @@ the embedder room.
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,9 +28,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from featurebank.artifact import DEFAULT_DECODE_MODE
 from featurebank.embed_into_store import embed_images
-from featurebank.embedder.batches import decode_batch, infer_batch
+from featurebank.embedder.batches import decode_ahead, infer_batch
 from featurebank.embedder.session import ModelRunner, open_model
 from featurebank.embedder.sources import ImageList
+from featurebank.embedder.tuning import PipelineSettings, tune_for_run, tune_pipeline
 from featurebank.errors import ImageDecodeError
 
 __all__ = ["ImageEmbedder"]
@@ -46,7 +48,10 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         (pixel-identical to timm's eval transform); part of the store's cache key. The
         default used to be ``"exact"``, a different vector space (and store space) from
         ``embed_images``; pass ``decode_mode="exact"`` to keep the old vectors
-    batch_size : int, images per inference batch
+    batch_size : int or None, images per inference batch; None (the default): chosen with
+        the thread split by measurement for this machine and model, as
+        :func:`~featurebank.embed_into_store.embed_images` does
+        (:func:`~featurebank.embedder.tuning.tune_pipeline`)
     device : ``"auto"``, ``"cpu"`` or ``"cuda"``
     store : str or None, an embedding store directory; when given, images passed as file
         paths are read from / written to it (content-addressed), others are embedded directly
@@ -57,7 +62,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, model: str | os.PathLike[str] = "model.onnx", *, output: str | None = None,
-                 decode_mode: str = DEFAULT_DECODE_MODE, batch_size: int = 32, device: str = "auto", store: str | None = None):
+                 decode_mode: str = DEFAULT_DECODE_MODE, batch_size: int | None = None, device: str = "auto", store: str | None = None):
         self.model = model
         self.output = output
         self.decode_mode = decode_mode
@@ -65,17 +70,29 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.device = device
         self.store = store
 
-    # sessions are heavy and unpicklable: opened on first use, never pickled
+    def _tuning(self) -> dict[str, Any]:
+        return {"device": self.device, "decode_mode": self.decode_mode, "batch_size": self.batch_size,
+                "threads": None, "workers": None, "progress": False}
+
+    # sessions are heavy and unpicklable: opened on first use, never pickled (nor the settings
+    # chosen for this machine)
     def _runner(self) -> ModelRunner:
         runner = getattr(self, "_runner_", None)
         if runner is None or runner.path != os.fspath(self.model):
-            runner = open_model(self.model, device=self.device)
+            self._settings_ = tune_pipeline(self.model, measure=False, **self._tuning())
+            runner = open_model(self.model, device=self.device, threads=self._settings_.threads)
             self._runner_ = runner
         return runner
+
+    def _run_settings(self, n_images: int) -> tuple[ModelRunner, PipelineSettings]:
+        runner, settings = tune_for_run(self.model, self._runner(), self._settings_, n_images, **self._tuning())
+        self._runner_, self._settings_ = runner, settings
+        return runner, settings
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_runner_", None)
+        state.pop("_settings_", None)
         return state
 
     def fit(self, X: Sequence[Any] | None = None, y: Any = None) -> "ImageEmbedder":
@@ -94,22 +111,26 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         items = list(X)
         if all(isinstance(x, (str, os.PathLike)) for x in items) and self.store is not None and items:
             images = ImageList(paths=[os.path.abspath(os.fspath(p)) for p in items], labels=[None] * len(items))
-            emb = embed_images(images, self._runner(), store=self.store, decode_mode=self.decode_mode,
-                               batch_size=self.batch_size, progress=False)
+            runner, settings = self._run_settings(len(items))
+            emb = embed_images(images, runner, store=self.store, decode_mode=self.decode_mode,
+                               batch_size=settings.batch_size, workers=settings.workers, progress=False)
             if not emb.ok.all():
                 bad = [p for p, ok in zip(emb.paths, emb.ok) if not ok]
                 raise ImageDecodeError(f"{len(bad)} image(s) could not be embedded, first: {bad[0]} "
                                        "(see `featurebank store failures`)")
             return emb.vectors[self.output_name_]
-        runner = self._runner()
+        runner, settings = self._run_settings(len(items))
         out = np.empty((len(items), self.n_features_out_), np.float32)
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            decoded = decode_batch(chunk, runner.card, mode=self.decode_mode)
-            if decoded.failures:
-                raise decoded.failures[0][1]
-            vecs = infer_batch(runner, decoded.pixels, [self.output_name_])[self.output_name_]
-            out[start : start + len(chunk)] = vecs
+        size = settings.batch_size
+        chunks = (items[start : start + size] for start in range(0, len(items), size))
+        ahead = decode_ahead(chunks, runner.card, mode=self.decode_mode, workers=settings.workers,
+                             lower_priority=not runner.on_cuda)
+        with closing(ahead):  # on an error, the decode threads finish before it propagates
+            for start, decoded in zip(range(0, len(items), size), ahead):
+                if decoded.failures:
+                    raise decoded.failures[0][1]
+                vecs = infer_batch(runner, decoded.pixels, [self.output_name_])[self.output_name_]
+                out[start : start + len(vecs)] = vecs
         return out
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:

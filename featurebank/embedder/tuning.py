@@ -55,8 +55,8 @@ from featurebank.embedder.devices import DEVICES
 from featurebank.embedder.session import ModelRunner, check_model_file, open_model, physical_cores, providers_for
 
 __all__ = ["MEASURE_MIN_IMAGES", "PipelineSettings", "TUNING_SUFFIX", "calibration_jpegs", "cgroup_cpu_quota",
-           "cpu_model_name", "machine_facts", "model_identity", "tune_pipeline", "tuning_file", "tuning_key",
-           "usable_cores"]
+           "cpu_model_name", "machine_facts", "model_identity", "tune_for_run", "tune_pipeline", "tuning_file",
+           "tuning_key", "usable_cores"]
 
 log = logging.getLogger("featurebank")
 
@@ -263,6 +263,23 @@ def tune_pipeline(
         workers if workers is not None else best["workers"],
         origin,
     )
+
+
+def tune_for_run(model: str | os.PathLike[str] | ModelRunner, runner: ModelRunner, settings: PipelineSettings,
+                 n_images: int, **explicit: Any) -> tuple[ModelRunner, PipelineSettings]:
+    """The runner and settings for a run of ``n_images``, measuring first when nothing was cached
+    (``settings.origin == "default"``) and the run is long enough to repay it
+    (:data:`MEASURE_MIN_IMAGES`). ``model`` is what the caller was given (a path: the thread
+    count is free, and ``runner`` is reopened when another wins; an open runner: its threads
+    stay); ``explicit``: the caller's :func:`tune_pipeline` arguments."""
+    if settings.origin != "default" or n_images < MEASURE_MIN_IMAGES:
+        return runner, settings
+    if isinstance(model, ModelRunner):
+        return runner, tune_pipeline(runner, **{**explicit, "threads": None, "measure": True})
+    settings = tune_pipeline(model, session=runner, **{**explicit, "measure": True})
+    if settings.threads != runner.threads:
+        runner = open_model(model, device=explicit.get("device", "auto"), threads=settings.threads)
+    return runner, settings
 
 
 def _best(points: Sequence[dict[str, Any]], **fixed: int | None) -> dict[str, Any]:
