@@ -180,8 +180,9 @@ def _describe(card, path: str) -> None:
                   f"{fig['knn_agreement']:.3f}")
         if "speed" in gates:
             sp = gates["speed"]
-            print(f"  speed: {sp['int8_images_per_s']:.1f} images/s int8 vs {sp['fp32_images_per_s']:.1f} fp32 "
-                  f"({sp['speedup']:.2f}x, model only)")
+            print(f"  speed: {sp['int8_images_per_cpu_s']:.1f} images per CPU second int8 vs "
+                  f"{sp['fp32_images_per_cpu_s']:.1f} fp32 ({sp['speedup']:.2f}x, model only; by wall time "
+                  f"{sp['wall_speedup']:.2f}x)")
     print(f"  fingerprint {card.fingerprint}")
 
 

@@ -192,7 +192,9 @@ def test_quantized_tiny_model_passes_lenient_gates_and_matches_fp32(int8_model, 
     fig = gates["outputs"]["embedding"]
     assert fig["n"] == 114 and fig["k"] == 10
     assert fig["min_cosine"] <= fig["p1_cosine"] <= fig["median_cosine"] and fig["median_cosine"] >= 0.9
-    assert gates["speed"]["int8_images_per_s"] > 0 and gates["speed"]["fp32_images_per_s"] > 0
+    sp = gates["speed"]
+    assert sp["int8_images_per_cpu_s"] > 0 and sp["fp32_images_per_cpu_s"] > 0 and sp["wall_speedup"] > 0
+    assert sp["speedup"] == pytest.approx(sp["int8_images_per_cpu_s"] / sp["fp32_images_per_cpu_s"], rel=0.01)
 
     # the written file, run by the embedder's own session, reproduces the recorded gate figures
     int8, fp32 = open_model(path, device="cpu", threads=1), open_model(tiny_model, device="cpu", threads=1)
@@ -438,7 +440,7 @@ def test_cli_exports_an_int8_model_from_a_folder(capsys, tmp_path, crops):
     assert "gates embedding on 106 held-out images: cosine to fp32 median 0." in stdout
     assert set(card.verification["search"]["gains"]) == {"bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
                                                          "blocks.4", "bn2"}  # the default search ran
-    assert "images/s int8 vs" in stdout
+    assert "images per CPU second int8 vs" in stdout and "by wall time" in stdout
 
 
 def test_exclusion_search_measures_each_conv_group_on_calibration_images(tiny_model, crops, tmp_path):
