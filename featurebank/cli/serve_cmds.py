@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--model", required=True, metavar="MODEL.onnx", help="a featurebank ONNX model")
     p.add_argument("--classifier", metavar="FILE", default=None, help="classifier file from featurebank (enables /v1/classify)")
     p.add_argument("--index", metavar="DIR", default=None, help="similarity index directory (enables /v1/search and thumbnails)")
+    p.add_argument("--store", metavar="DIR", default=None,
+                   help="a store with this model's vectors: the page lists `featurebank audit`'s suspects of its "
+                   "labelled images (GET /v1/audit)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -108,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
             decode_workers=args.decode_workers, **extra,
         )
         serve(args.model, classifier=args.classifier, index=args.index, config=config, host=args.host,
-              port=args.port, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level)
+              port=args.port, graceful_timeout_s=args.graceful_timeout_s, log_level=args.log_level, store=args.store)
     except ValueError as exc:
         if isinstance(exc, FeaturebankError):
             raise

@@ -60,8 +60,8 @@ def out_of_fold_proba(X: np.ndarray, y: Sequence[Any], *, classifier: str = "pro
     Folds are stratified and shuffled with ``random_state``; a class with fewer than ``cv``
     images lowers the number of folds to its size (at least 2). ``classifier`` is a name for
     :func:`featurebank.classifiers.make_classifier` (it needs ``predict_proba``); the default
-    probe chooses C on one 20% validation split inside each fold (``cv=0.2``), which keeps a
-    10,000-image audit within seconds.
+    probe chooses C once, on one 20% validation split of all the images (``cv=0.2``), and
+    refits at that C in each fold (pass ``params={"Cs": ...}`` to fix C yourself).
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
@@ -72,17 +72,22 @@ def out_of_fold_proba(X: np.ndarray, y: Sequence[Any], *, classifier: str = "pro
     if not isinstance(cv, int) or isinstance(cv, bool) or cv < 2:
         raise ValueError(f"cv must be an int >= 2 (folds); got cv={cv!r}")
     params = dict(params or {})
+    classes, codes, counts = np.unique(y.astype(str), return_inverse=True, return_counts=True)
+    X = np.asarray(X, dtype=np.float32)
     if classifier == "probe":
         params.setdefault("cv", 0.2)
         params.setdefault("random_state", random_state)
+        if "Cs" not in params:
+            # C is chosen once, on one validation split of all the images, and each fold refits
+            # at that C: 5x fewer fits than a C search per fold (a 10,000-image audit in seconds)
+            params["Cs"] = [make_classifier("probe", **params).fit(X, codes).C_]
     est = make_classifier(classifier, **params)
     if not hasattr(est, "predict_proba"):
         raise ValueError(f"classifier {classifier!r} has no predict_proba; an audit needs probabilities "
                          "(SVC needs --param probability=true)")
-    classes, codes, counts = np.unique(y.astype(str), return_inverse=True, return_counts=True)
     folds = int(min(cv, counts.min()))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=random_state)
-    proba = cross_val_predict(est, np.asarray(X, dtype=np.float32), codes, cv=splitter, method="predict_proba")
+    proba = cross_val_predict(est, X, codes, cv=splitter, method="predict_proba")
     return np.asarray(proba, dtype=np.float64), [str(c) for c in classes]
 
 

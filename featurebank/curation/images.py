@@ -79,7 +79,10 @@ def audit_store(store: Any, space: str, **options: Any) -> dict[str, Any]:
     from featurebank.store import open_store
 
     with open_store(store, create=False) as st:
-        items = [it for it in st.items() if it.label is not None]
+        # the newest record of each path, in path order (a folder's order: the audit of the same
+        # folder through audit_images draws the same folds)
+        latest = {it.path: it for it in st.items() if it.label is not None}
+        items = [latest[p] for p in sorted(latest)]
         sp = st.space(space)
         X, found = sp.get([it.key for it in items]) if items else (np.zeros((0, 0), np.float32), np.zeros(0, bool))
     keep = np.flatnonzero(found)

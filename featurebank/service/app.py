@@ -20,6 +20,7 @@ these need it too):
 ``GET /v1/search?id=``     nearest indexed images of an indexed image
 ``GET /v1/classify?id=``   labels of an indexed image (its vector from the index's store)
 ``GET /v1/images/{id}/thumbnail``  JPEG thumbnail of an indexed image, by id only
+``GET /v1/audit``          suspects of ``featurebank audit`` on the store's labelled images (needs ``store``)
 ``GET /v1/info``           what is served and the limits
 ``GET /metrics``           Prometheus text (OpenMetrics where the scraper asks for it)
 ``GET /healthz``           the process answers
@@ -62,6 +63,7 @@ def create_app(
     classifier: Any = None,
     index: Any = None,
     config: ServiceConfig | None = None,
+    store: Any = None,
 ) -> FastAPI:
     """Build the featurebank embedding service as an ASGI application.
 
@@ -73,6 +75,8 @@ def create_app(
     index : similarity index directory, a ``SimilarityIndex``, or None (``/v1/search`` and
         thumbnails answer 404)
     config : :class:`ServiceConfig` (limits, batching, API key)
+    store : a store directory holding the served model's vectors, or None: ``/v1/audit`` and
+        the page's audit list show the suspects of its labelled files (:mod:`~featurebank.service.audit`)
 
     The model, classifier and index are loaded here, so mistakes (wrong file, classifier of
     another model) fail before the server listens. The model is warmed up in the
@@ -119,6 +123,11 @@ def create_app(
     if config.api_key is not None:
         app.include_router(docs_router(config.api_key))
     app.include_router(service_router(engine, drain))
+    if store is not None:
+        from featurebank.service.audit import audit_router, check_store
+
+        check_store(engine, store)
+        app.include_router(audit_router(engine, store))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

@@ -140,6 +140,7 @@ def serve(
     port: int = 8000,
     graceful_timeout_s: float | None = None,
     log_level: str = "info",
+    store: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``model`` (and optionally a classifier and an index) over HTTP until interrupted.
 
@@ -151,7 +152,7 @@ def serve(
 
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in 0..65535; got port={port!r}")
-    app = create_app(model, classifier=classifier, index=index, config=config)
+    app = create_app(model, classifier=classifier, index=index, config=config, store=store)
     engine = app.state.engine
     log.info(
         "serving %s (output %s, dim %d, decode %s)%s%s on http://%s:%d",

@@ -167,9 +167,47 @@ function wire() {
   $("key-save").addEventListener("click", () => {
     state.key = $("api-key").value.trim();
     sessionStorage.setItem("featurebank-key", state.key);
-    loadInfo();
+    loadInfo().then(loadAudit);
   });
 }
 
+// with `featurebank serve --store DIR`: the suspects of `featurebank audit` (404 without a store)
+async function loadAudit() {
+  let data;
+  try {
+    const response = await fetch("/v1/audit", { headers: headers() });
+    if (!response.ok) return;
+    data = await response.json();
+  } catch (err) { return; }
+  const s = data.summary;
+  const counts = Object.entries(s.counts).filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k.replace(/_/g, " ")}`);
+  $("audit-info").textContent = `${s.n_images} labelled images, ${s.classes.length} classes, out-of-fold accuracy ` +
+    `${s.out_of_fold_accuracy.toFixed(3)}: ${counts.join(", ") || "nothing suspect"}`;
+  const list = $("audit-list");
+  list.replaceChildren();
+  for (const r of data.suspects.slice(0, 60)) {
+    const card = document.createElement("div");
+    card.className = "result suspect";
+    card.dataset.key = r.key;
+    card.dataset.issue = r.issue;
+    card.title = r.path || r.name;
+    const img = document.createElement("img");
+    img.alt = r.name;
+    const what = document.createElement("div");
+    what.className = "score";
+    what.textContent = `#${r.rank} ${r.issue.replace(/_/g, " ")}`;
+    const labels = document.createElement("div");
+    labels.className = "labels";
+    labels.textContent = `${r.given} → ${r.suggested}`;
+    const name = document.createElement("div");
+    name.className = "name";
+    name.textContent = r.name;
+    card.append(img, what, labels, name);
+    list.append(card);
+    thumbnailUrl(r.thumbnail_url).then((u) => { img.src = u; }).catch(() => { img.alt = "no thumbnail"; });
+  }
+  $("audit").hidden = false;
+}
+
 wire();
-loadInfo();
+loadInfo().then(loadAudit);
