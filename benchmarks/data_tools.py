@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    log(f"machine: load {info.get('load_avg_1m', info.get('loadavg'))}")
+    log(f"machine: load average at start {info.get('load_avg_at_start')}")
 
     from featurebank.curation import audit_vectors, project_2d, write_contact_sheet, write_map
     from featurebank.embed_into_store import load_embeddings

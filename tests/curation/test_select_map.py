@@ -140,3 +140,26 @@ def test_map_checks_the_optional_dependency_before_anything(faulty, tiny_model, 
     code, _, err = cli(capsys, "map", faulty.train, "--store", tmp_path / "never", "--model", tiny_model,
                        "-o", tmp_path / "m.jpg")
     assert code == 2 and err == f"featurebank: error: the map is written as .png or .html; got -o '{tmp_path / 'm.jpg'}'\n"
+
+
+def test_map_html_shows_the_thumbnail_on_hover(faulty, tiny_model, tmp_path):
+    pytest.importorskip("playwright.sync_api")
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
+    from test_page import CHROMIUM, browser_page
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no chromium at {CHROMIUM}")
+    map_images(faulty.train, tiny_model, tmp_path / "map.html", store=tmp_path / "s", progress=False)
+    with browser_page() as (page, errors):
+        page.goto((tmp_path / "map.html").as_uri())
+        assert page.locator("#map circle").count() == 49
+        dot = page.locator("#map circle").nth(48)
+        dot.dispatch_event("mouseover")
+        page.wait_for_function("document.querySelector('#tip img') && document.querySelector('#tip img').naturalWidth > 0")
+        assert page.locator("#tip div").nth(1).text_content() == "gravel/gravel15.jpg"
+        assert page.locator("#tip div").first.text_content() == "gravel"
+        assert not errors, errors
