@@ -135,3 +135,19 @@ def _one_class(lonely: Path, tmp_path: Path) -> Path:
     one = tmp_path / "one"
     shutil.copytree(lonely / "a", one / "a")
     return one
+
+
+def test_the_same_image_under_two_labels_is_a_conflict(faulty, tiny_model, tmp_path):
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(faulty.train, train)
+    shutil.copy(train / "grass/grass03.jpg", train / "brick/also_grass03.jpg")  # identical bytes, label brick
+    r = audit_images(train, tiny_model, store=tmp_path / "store", progress=False)
+    conflicts = [row for row in r["suspects"] if row["issue"] == "conflict"]
+    assert [(row["path"], row["given"], row["related"]) for row in conflicts] == [
+        (str(train / "brick/also_grass03.jpg"), "brick", [str(train / "grass/grass03.jpg")]),
+        (str(train / "grass/grass03.jpg"), "grass", [str(train / "brick/also_grass03.jpg")]),
+    ]
+    assert r["summary"]["counts"]["conflict"] == 2 and r["summary"]["counts"]["leakage"] == 0
+    assert r["suspects"][0]["issue"] == "conflict"
