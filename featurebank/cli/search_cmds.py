@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity the index ranks by")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default: nlist/64, at least 8)")
     p.add_argument("--rebuild", action="store_true", help="rebuild from scratch even if INDEX exists")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of an 'auto' index, e.g. 4GB (default 4GB): past it, or from 1M vectors, "
+                   "auto picks a compressed IVF-PQ/IVF-SQ8 index with exact re-rank from the store")
+    p.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="re-rank N*k candidates exactly from the store's vectors (default: 10 for compressed "
+                   "indexes, 0 otherwise)")
     p.set_defaults(func=_build)
 
     p = ii.add_parser("info", help="show an index's factory, metric, dim, count and space", formatter_class=formatter_class,
@@ -103,9 +109,12 @@ def _build(args: argparse.Namespace) -> int:
         decode_mode = args.decode_mode  # None: the one the store holds
     space = resolve_space(args.store, space=args.space, model=runner, decode_mode=decode_mode)
     index, n_added = index_store(args.store, space, args.index_dir, factory=args.factory, metric=args.metric,
-                                 nprobe=args.nprobe, rebuild=args.rebuild, progress=sys.stderr.isatty())
+                                 nprobe=args.nprobe, rebuild=args.rebuild, progress=sys.stderr.isatty(),
+                                 max_memory=args.max_memory, rerank=args.rerank)
     print(f"{args.index_dir}: {index.factory} ({index.metric}), {index.count} vectors of dim {index.dim}, "
-          f"{n_added} added" + (f", nprobe {index.nprobe}" if index.nprobe else ""))
+          f"{n_added} added" + (f", nprobe {index.nprobe}" if index.nprobe else "")
+          + (f", re-rank x{index.rerank} from the store" if index.rerank else "")
+          + f", {index.nbytes / max(index.count, 1):.1f} index bytes/vector")
     return 0
 
 
@@ -117,21 +126,23 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("path", "factory", "metric", "dim", "count", "nprobe", "space", "source", "featurebank_version", "faiss_version"):
+    for key in ("path", "factory", "metric", "dim", "count", "nprobe", "rerank", "space", "source", "index_bytes",
+                "index_bytes_per_vector", "featurebank_version", "faiss_version"):
         print(f"{key:>20}: {info[key] if not isinstance(info[key], dict) else json.dumps(info[key])}")
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
-    from featurebank.search import query_index
+    from featurebank.search import open_index, query_index
 
+    index = open_index(args.index_dir, mmap=True)  # opens in ~no time whatever its size; read-only
     failures: list[tuple[str, str]] = []
     if args.queries:
         if args.ids or args.vector_file:
             raise ValueError("give query images, or --id, or --vector-file; not several")
         from featurebank.workflow import search_images
 
-        labels, hits, failures = search_images(args.queries, args.index_dir, open_runner(args), k=args.k,
+        labels, hits, failures = search_images(args.queries, index, open_runner(args), k=args.k,
                                                clip=args.clip)
         for path, why in failures:  # one bad query does not cost the others
             print(f"failed: {why}" if path in why else f"failed: {path}: {why}", file=sys.stderr)
@@ -141,10 +152,10 @@ def _search(args: argparse.Namespace) -> int:
         Q = np.load(args.vector_file, allow_pickle=False)
         if Q.ndim == 1:  # one query vector saved as (dim,)
             Q = Q[None, :]
-        hits = query_index(args.index_dir, Q, k=args.k, clip=args.clip, space=args.space)
+        hits = query_index(index, Q, k=args.k, clip=args.clip, space=args.space)
         labels = [f"{args.vector_file}[{i}]" for i in range(len(hits))]
     elif args.ids:
-        hits = query_index(args.index_dir, ids=args.ids, k=args.k, clip=args.clip)
+        hits = query_index(index, ids=args.ids, k=args.k, clip=args.clip)
         labels = list(args.ids)
     else:
         raise ValueError("give query image files, --id KEY or --vector-file Q.npy")
@@ -170,7 +181,7 @@ def _dedup(args: argparse.Namespace) -> int:
     if args.index_dir is not None:
         if args.space:
             raise ValueError("--space goes with --store; an index knows its own space")
-        index = open_index(args.index_dir)
+        index = open_index(args.index_dir, mmap=True)
         groups, scores = find_index_duplicates(index, threshold=args.threshold, return_scores=True)
         store_dir = (index.source or {}).get("store")
     else:

@@ -80,20 +80,28 @@ def find_index_duplicates(index: SimilarityIndex, *, threshold: float = 0.95, re
     """`find_duplicates` over the vectors already in `index` (queries are its stored vectors;
     approximate for compressed factories such as PQ). Same return value."""
     threshold = _check_threshold(threshold, index.metric)
-    ids = index.ids
-    if len(ids) < 2:
+    if index.count < 2:
         return ([], []) if return_scores else []
-    return _group(index, _stored_batches(index, ids), threshold, return_scores)
+    return _group(index, _stored_batches(index), threshold, return_scores)
 
 
-def _stored_batches(index: SimilarityIndex, ids: list[str]):
-    # Reconstruct chunk by chunk so a large index is never held twice in memory.
-    for start in range(0, len(ids), _BATCH):
-        chunk = ids[start : start + _BATCH]
-        Q = index.reconstruct(chunk)
+def _stored_batches(index: SimilarityIndex):
+    # Chunk by chunk over the live labels (no list of every id), so a large index is never held
+    # twice in memory; an index that re-ranks from a store queries with the store's exact vectors.
+    live = np.flatnonzero(index._labels != b"")
+    space = index._rerank_space()
+    for start in range(0, len(live), _BATCH):
+        labels = live[start : start + _BATCH]
+        if space is not None:
+            Q = index._store_vectors(space, index._labels[labels])
+        else:
+            try:
+                Q = np.ascontiguousarray(index._index.reconstruct_batch(labels), dtype=np.float32)
+            except RuntimeError as exc:
+                raise ValueError(f"factory {index.factory!r} cannot return stored vectors: {exc}") from None
         if index.metric == "cosine":  # decoded PQ/SQ codes drift off the unit sphere
             Q /= np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        yield Q, index._labels_of(chunk)
+        yield Q, labels.astype(np.int64)
 
 
 def _group(index: SimilarityIndex, batches, threshold: float, return_scores: bool):

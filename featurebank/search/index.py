@@ -1,11 +1,16 @@
 """A FAISS similarity index over embedding vectors, keyed by string ids, persisted in a directory.
 
-The directory holds three files, written together (temporary directory, then rename)::
+The directory holds four files, written together (temporary directory, then rename)::
 
     index_dir/
     ├── index.faiss   the FAISS index (``faiss.write_index``); FAISS labels are int64
     ├── ids.npy       label -> id, UTF-8 bytes (``S`` dtype); b"" marks a removed label
-    └── index.json    factory, metric, dim, count, nprobe, vector-space fingerprint, versions
+    ├── ids_order.npy the labels sorted by id (int64): id -> label by binary search, so
+    │                 opening a 10M index builds no dict of 10M Python strings
+    └── index.json    factory, metric, dim, count, nprobe, rerank, vector-space fingerprint, versions
+
+Format version 2 added ``ids_order.npy`` and ``rerank``; version-1 indexes are read (the order
+is computed on open) and written back as version 2 by the next save.
 
 Ids are the store's content keys (64-hex sha256) or any other non-empty strings (paths).
 Cosine similarity is inner product on L2-normalised vectors; ``metric="l2"`` scores are
@@ -37,12 +42,14 @@ from featurebank._faiss_errors import faiss_reason
 from featurebank._validation import check_finite_rows
 from featurebank.errors import FingerprintMismatchError, IndexFileError, UnknownIdError
 
-__all__ = ["SimilarityIndex", "build_index", "open_index", "resolve_factory", "default_nprobe", "METRICS", "AUTO_FLAT_MAX"]
+__all__ = ["SimilarityIndex", "build_index", "open_index", "resolve_factory", "default_nprobe", "METRICS", "AUTO_FLAT_MAX",
+           "AUTO_COMPRESS_MIN", "parse_bytes", "is_compressed", "train_size"]
 
 METRICS = ("cosine", "l2")
 FORMAT_NAME = "featurebank.similarity_index"
-FORMAT_VERSION = 1
-INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.npy", "index.json"
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+INDEX_FILE, IDS_FILE, ORDER_FILE, META_FILE = "index.faiss", "ids.npy", "ids_order.npy", "index.json"
 
 # `factory="auto"` stays exact (Flat) below this many vectors; see `resolve_factory`.
 AUTO_FLAT_MAX = 50_000
@@ -127,7 +134,36 @@ def _check_k(k) -> int:
 # ---------------------------------------------------------------------------- factory choice
 
 
-def resolve_factory(factory: str, n_samples: int) -> str:
+#: `factory="auto"` compresses (IVF-PQ / IVF-SQ8 + exact re-rank from the store) from this many
+#: vectors on, or earlier when the float32 vectors would not fit in `max_memory`
+AUTO_COMPRESS_MIN = 1_000_000
+#: memory budget of an "auto" index when none is given (bytes)
+DEFAULT_MAX_MEMORY = 4 << 30
+#: IVF lists from which the coarse quantizer is an HNSW graph (assigning a vector to 16k
+#: centroids by brute force costs ~0.1 ms at 512-d on this 2-core machine; HNSW ~20x less)
+HNSW_QUANTIZER_MIN_LISTS = 4096
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GB', '512MiB', '800M', 1000000 -> bytes (powers of 1024 for GB/MB/KB alike)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"max_memory must be a size such as '4GB', '512MB' or a number of bytes; got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def _pq_m(dim: int, n_samples: int, budget: int) -> int | None:
+    """PQ sub-quantizers: about 8 dimensions each (the FAISS wiki's usual trade-off once an exact
+    re-rank restores the order), fewer when the codes must shrink to fit ``budget``."""
+    for m in sorted((m for m in range(1, dim // 4 + 1) if dim % m == 0 and m <= max(1, dim // 8)), reverse=True):
+        if n_samples * (m + 8) <= budget:
+            return m
+    return None
+
+
+def resolve_factory(factory: str, n_samples: int, *, dim: int | None = None, max_memory: int | str | None = None) -> str:
     """Turn ``"auto"`` into a FAISS factory string for `n_samples` vectors; others pass verbatim.
 
     Why: below `AUTO_FLAT_MAX` (50,000) vectors an exact ``"Flat"`` scan of a query costs
@@ -136,13 +172,50 @@ def resolve_factory(factory: str, n_samples: int) -> str:
     with nlist ~ 4*sqrt(n) (the low end of the FAISS wiki's 4*sqrt(n) .. 16*sqrt(n) guideline,
     rounded to a power of two) keeps k-means training cheap while a query scans only
     nprobe/nlist of the vectors. Flat codes keep distances exact within the scanned lists.
+
+    Large spaces (``dim`` given): from `AUTO_COMPRESS_MIN` vectors, or when n * (4 * dim + 8)
+    bytes exceed ``max_memory`` (default 4 GiB), a compressed index: ``IVF{nlist},SQ8`` (dim + 8
+    bytes a vector) while that fits in half the budget below `AUTO_COMPRESS_MIN`, else
+    ``IVF{nlist},PQ{m}`` with m ~ dim/8 (m + 8 bytes a vector: 72 at 512-d), made to fit the
+    budget. nlist ~ 2*sqrt(n) there (k-means on 40*nlist points stays within minutes on 2
+    cores), with an HNSW coarse quantizer from `HNSW_QUANTIZER_MIN_LISTS` lists. Such indexes
+    are searched with an exact re-rank of their candidates from the store (`index_store`).
     """
     if factory != "auto":
         return factory
     if n_samples < AUTO_FLAT_MAX:
         return "Flat"
+    budget = DEFAULT_MAX_MEMORY if max_memory is None else parse_bytes(max_memory)
     nlist = 2 ** round(math.log2(4 * math.sqrt(n_samples)))
-    return f"IVF{nlist},Flat"
+    if dim is None or (n_samples < AUTO_COMPRESS_MIN and n_samples * (4 * dim + 8) <= budget):
+        return f"IVF{nlist},Flat"
+    nlist = 2 ** round(math.log2(2 * math.sqrt(n_samples)))
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_MIN_LISTS else f"IVF{nlist}"
+    if n_samples < AUTO_COMPRESS_MIN and n_samples * (dim + 8) <= budget // 2:
+        return f"{coarse},SQ8"
+    m = _pq_m(dim, n_samples, budget)
+    if m is None:
+        raise ValueError(
+            f"{n_samples:,} vectors do not fit in max_memory={budget / 2**30:.2f} GiB even as 1-byte PQ codes "
+            f"(>= {n_samples * 9 / 2**30:.2f} GiB); raise --max-memory"
+        )
+    return f"{coarse},PQ{m}"
+
+
+def is_compressed(factory: str) -> bool:
+    """True for factories whose codes lose precision (PQ, SQ, LSH...): searched with re-rank."""
+    last = factory.split(",")[-1].upper()
+    return last != "FLAT" and not last.startswith("HNSW")
+
+
+def train_size(index: faiss.Index, n_samples: int) -> int:
+    """Vectors to train ``index`` on (a seeded sample of that many): 40 per inverted list (FAISS
+    warns below 39 per centroid; its wiki suggests 30 to 256), at least 10,000 for scalar codes
+    and 65,536 for PQ codebooks (256 centroids per sub-quantizer want ~256 points each)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = ivf.nlist if ivf is not None else 1
+    floor = 65_536 if "PQ" in type(faiss.downcast_index(ivf if ivf is not None else index)).__name__ else 10_000
+    return int(min(n_samples, max(40 * nlist, floor)))
 
 
 def default_nprobe(nlist: int) -> int:
@@ -185,9 +258,12 @@ def _train(index: faiss.Index, X: np.ndarray, factory: str, random_state: int) -
             f"but got n_samples={n}; use factory='Flat' or fewer lists (about n_samples/39, e.g. "
             f"'IVF{max(1, n // 39)},Flat')"
         )
-    nlist = ivf.nlist if ivf is not None else 1
-    # 40 points per list clears FAISS's 39-per-centroid warning; 10,000 covers PQ codebooks (256 x 39).
-    n_train = min(n, max(40 * nlist, 10_000))
+    n_train = train_size(index, n)
+    pq_index = faiss.downcast_index(ivf) if ivf is not None else None
+    if getattr(pq_index, "do_polysemous_training", False):
+        # the factory turns it on for IVF-PQ, but searches never use the polysemous (Hamming)
+        # filter; it is ~40x the cost of the PQ codebooks (31 s vs 0.7 s for 2,500 x 192-d)
+        pq_index.do_polysemous_training = False
     if n_train < n:
         rows = np.sort(np.random.default_rng(random_state).choice(n, size=n_train, replace=False))
         sample = X[rows]
@@ -227,8 +303,17 @@ class SimilarityIndex:
 
     def __init__(self, index: faiss.Index, labels: np.ndarray, *, factory: str, metric: str, space: str | None) -> None:
         self._index = index
-        self._labels = labels  # label -> UTF-8 id (S dtype); b"" = removed
-        self._label_of: dict[str, int] | None = None
+        self._labels = labels  # label -> UTF-8 id (S dtype); b"" = removed; may be memory-mapped
+        self._order: np.ndarray | None = None  # labels sorted by id (lazily computed)
+        self._mmapped = False  # opened memory-mapped (read-only)
+        self._store_space = None  # the store space candidates are re-ranked from (opened lazily)
+        #: re-rank: search rerank*k candidates in the (compressed) index, then order them by
+        #: exact scores from the store's vectors; 0 = off. Set by `index_store` for PQ/SQ.
+        self.rerank = 0
+        #: True once a re-ranking search found the store's shards changed (compaction) since
+        #: the build; candidates are then found through the store's rebuilt key map
+        self.store_changed = False
+        self._file_bytes: int | None = None
         self.factory = factory
         self.metric = metric
         self.space = space
@@ -240,7 +325,9 @@ class SimilarityIndex:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_index"] = faiss.serialize_index(self._index)
-        state["_label_of"] = None
+        state["_labels"] = np.array(self._labels)
+        state["_store_space"] = None
+        state["_mmapped"] = False
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -258,7 +345,7 @@ class SimilarityIndex:
         return self.count
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._ids()
+        return isinstance(key, str) and bool(key) and self._lookup([key])[0] >= 0
 
     def __repr__(self) -> str:
         space = f", space={self.space!r}" if self.space else ""
@@ -284,11 +371,30 @@ class SimilarityIndex:
             raise ValueError(f"nprobe must be an integer in [1, nlist={ivf.nlist}]; got {value!r}")
         ivf.nprobe = int(value)
 
-    def _ids(self) -> dict[str, int]:
-        # Built lazily: opening a big index just to search should not pay for a dict of all ids.
-        if self._label_of is None:
-            self._label_of = {b.decode(): i for i, b in enumerate(self._labels) if b}
-        return self._label_of
+    def _sorted_order(self) -> np.ndarray:
+        if self._order is None:
+            self._order = np.argsort(self._labels, kind="stable")
+        return self._order
+
+    def _lookup(self, ids) -> np.ndarray:
+        """Labels of ``ids`` (str sequence or ``S`` array), -1 where not indexed: a binary search
+        over the ids in sorted order, no Python object per indexed id."""
+        q = ids if isinstance(ids, np.ndarray) and ids.dtype.kind == "S" else np.array([k.encode() for k in ids], dtype="S")
+        out = np.full(len(q), -1, dtype=np.int64)
+        if len(self._labels) == 0 or len(q) == 0:
+            return out
+        order = self._sorted_order()
+        pos = np.minimum(np.searchsorted(self._labels, q, sorter=order), len(order) - 1)
+        cand = order[pos]
+        hit = (self._labels[cand] == q) & (q != b"")
+        out[hit] = cand[hit]
+        return out
+
+    def _writable(self, what: str) -> None:
+        if self._mmapped:
+            raise ValueError(f"cannot {what} an index opened memory-mapped (read-only); open it with open_index(path)")
+        if isinstance(self._labels, np.memmap) or not self._labels.flags.writeable:
+            self._labels = np.array(self._labels)
 
     def _check_space(self, space: str | None, what: str) -> None:
         _check_space(space)
@@ -300,12 +406,12 @@ class SimilarityIndex:
             )
 
     def _labels_of(self, ids: Sequence[str]) -> np.ndarray:
-        table = self._ids()
-        missing = [k for k in ids if k not in table]
-        if missing:
+        labels = self._lookup(list(ids))
+        missing = np.flatnonzero(labels < 0)
+        if len(missing):
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise UnknownIdError(f"id {missing[0]!r}{more} is not in the index (count={self.count})")
-        return np.fromiter((table[k] for k in ids), dtype=np.int64, count=len(ids))
+            raise UnknownIdError(f"id {ids[int(missing[0])]!r}{more} is not in the index (count={self.count})")
+        return labels
 
     # -- mutation
 
@@ -328,20 +434,24 @@ class SimilarityIndex:
         Xv = as_vectors(X, dim=self.dim, metric=self.metric)
         return self._add(Xv, _as_ids(ids, Xv.shape[0]))
 
-    def _add(self, Xv: np.ndarray, ids: list[str]) -> int:
-        table = self._ids()
-        new = np.fromiter((k not in table for k in ids), dtype=bool, count=len(ids))
+    def _add(self, Xv: np.ndarray, ids) -> int:
+        """Add rows whose ids (str list or ``S`` array) are not indexed yet."""
+        encoded = ids if isinstance(ids, np.ndarray) and ids.dtype.kind == "S" else np.array([k.encode() for k in ids])
+        new = self._lookup(encoded) < 0
         if not new.any():
             return 0
-        new_ids = [k for k, fresh in zip(ids, new) if fresh]
+        return self._append(Xv[new], encoded[new])
+
+    def _append(self, Xv: np.ndarray, encoded: np.ndarray) -> int:
+        """Add rows whose ids (``S`` array) are known to be new and unique."""
+        self._writable("add to")
         start = len(self._labels)
-        labels = np.arange(start, start + len(new_ids), dtype=np.int64)
-        self._index.add_with_ids(np.ascontiguousarray(Xv[new]), labels)
-        encoded = np.array([k.encode() for k in new_ids])
+        labels = np.arange(start, start + len(encoded), dtype=np.int64)
+        self._index.add_with_ids(np.ascontiguousarray(Xv), labels)
         width = max(self._labels.dtype.itemsize, encoded.dtype.itemsize, 1)
-        self._labels = np.concatenate([self._labels.astype(f"S{width}"), encoded.astype(f"S{width}")])
-        table.update(zip(new_ids, labels.tolist()))
-        return len(new_ids)
+        self._labels = np.concatenate([self._labels.astype(f"S{width}", copy=False), encoded.astype(f"S{width}", copy=False)])
+        self._order = None
+        return len(encoded)
 
     def remove(self, ids: Iterable[str]) -> int:
         """Remove vectors by id. Unknown ids raise `UnknownIdError` (nothing is removed then).
@@ -353,6 +463,7 @@ class SimilarityIndex:
         if not ids:
             return 0
         labels = self._labels_of(ids)
+        self._writable("remove from")
         try:
             removed = int(self._index.remove_ids(labels))
         except RuntimeError as exc:
@@ -361,9 +472,7 @@ class SimilarityIndex:
                 "rebuild the index without these ids"
             ) from None
         self._labels[labels] = b""
-        table = self._ids()
-        for k in ids:
-            del table[k]
+        self._order = None
         return removed
 
     # -- queries
@@ -397,7 +506,11 @@ class SimilarityIndex:
         if isinstance(ids, str):
             raise ValueError("ids must be a sequence of ids; wrap a single id in a list")
         k = self._clip_k(_check_k(k), clip)
-        Q = self.reconstruct(ids)
+        space = self._rerank_space()
+        if space is not None:  # the exact stored vectors, not the decoded codes
+            Q = self._store_vectors(space, self._labels[self._labels_of(list(ids))])
+        else:
+            Q = self.reconstruct(ids)
         if self.metric == "cosine":  # decoding compressed codes can drift off the unit sphere
             Q /= np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), np.finfo(np.float32).tiny)
         return self._search(Q, k)
@@ -426,14 +539,71 @@ class SimilarityIndex:
             k = self.count
         return k
 
+    def _rerank_space(self):
+        """The store space to re-rank from, or None (no re-rank, or no store recorded)."""
+        if not self.rerank or not (self.source or {}).get("store") or not self.space:
+            return None
+        if self._store_space is None:
+            from featurebank.store import open_store
+
+            store = open_store(self.source["store"], create=False, catalog=False)
+            self._store_space = store.space(self.space)
+        return self._store_space
+
+    def _store_vectors(self, space, keys: np.ndarray) -> np.ndarray:
+        """Exact vectors of indexed ``keys`` (S array) from the store (memory-mapped shards, key
+        map persisted by the store); refuses when some are gone."""
+        shards = _shards_signature(space)
+        built = (self.source or {}).get("shards")
+        if built is not None and shards != built:
+            self.store_changed = True  # compacted or grown since the build: found by key, re-mapped
+        X, found = space.get(keys)
+        if not found.all():
+            raise IndexFileError(
+                f"{int((~found).sum())} indexed vectors are no longer in the store {self.source['store']} "
+                f"(e.g. {keys[~found][0].decode()}; quarantined or removed since the index was built); rebuild it: "
+                f"featurebank index build --store {self.source['store']} --space {self.space} --index INDEX --rebuild"
+            )
+        return X
+
     def _search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
-        D, I = self._index.search(Q, k)
+        space = self._rerank_space()
+        if space is not None:
+            D, I = self._rerank(space, Q, k)
+        else:
+            D, I = self._index.search(Q, k)
         D = np.asarray(D, dtype=np.float32)
         missing = I < 0
         D[missing] = np.nan
         names = self._labels[np.where(missing, 0, I)]
         out = [[None if miss else b.decode() for b, miss in zip(row, mrow)] for row, mrow in zip(names, missing)]
         return D, out
+
+    def _rerank(self, space, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search ``rerank * k`` candidates in the index, then order them by exact scores
+        computed from the store's vectors (one gather per batch of queries)."""
+        kc = min(self.count, k * self.rerank)
+        _, I = self._index.search(Q, kc)
+        flat = I.reshape(-1)
+        live = flat >= 0
+        uniq, inv = np.unique(flat[live], return_inverse=True)
+        V = self._store_vectors(space, self._labels[uniq])
+        if self.metric == "cosine":
+            V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        C = np.zeros((len(flat), self.dim), dtype=np.float32)
+        C[live] = V[inv]
+        C = C.reshape(len(Q), kc, self.dim)
+        if self.metric == "cosine":
+            D = np.einsum("qd,qkd->qk", Q, C)
+            D[I < 0] = -np.inf
+            top = np.argsort(-D, axis=1, kind="stable")[:, :k]
+        else:
+            D = ((C - Q[:, None, :]) ** 2).sum(axis=2)
+            D[I < 0] = np.inf
+            top = np.argsort(D, axis=1, kind="stable")[:, :k]
+        D = np.take_along_axis(D, top, axis=1)
+        I = np.take_along_axis(I, top, axis=1)
+        return np.where(I < 0, np.nan, D).astype(np.float32), I
 
     def range_search(self, Q, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All indexed vectors within `threshold` of each (already validated) query row.
@@ -484,8 +654,11 @@ class SimilarityIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(path) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
+            self._file_bytes = (tmp / INDEX_FILE).stat().st_size
             with open(tmp / IDS_FILE, "wb") as fh:
                 np.save(fh, self._labels, allow_pickle=False)
+            with open(tmp / ORDER_FILE, "wb") as fh:
+                np.save(fh, self._sorted_order(), allow_pickle=False)
             with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
                 json.dump(self.info(), fh, indent=2)
                 fh.write("\n")
@@ -501,11 +674,20 @@ class SimilarityIndex:
             "dim": self.dim,
             "count": self.count,
             "nprobe": self.nprobe,
+            "rerank": self.rerank,
             "space": self.space,
             "source": self.source,
             "featurebank_version": __version__,
             "faiss_version": faiss.__version__,
+            "index_bytes": self.nbytes,
+            "index_bytes_per_vector": None if self.nbytes is None else round(self.nbytes / max(self.count, 1), 2),
         }
+
+    @property
+    def nbytes(self) -> int | None:
+        """Bytes of the saved FAISS index file (codes, FAISS ids, quantizers, direct map; the id
+        strings in ``ids.npy`` and ``ids_order.npy`` are counted apart); None until saved or opened."""
+        return self._file_bytes
 
 
 # ---------------------------------------------------------------------------- public functions
@@ -565,8 +747,19 @@ def build_index(
     return sim
 
 
-def open_index(path: str | os.PathLike) -> SimilarityIndex:
-    """Load an index saved by `SimilarityIndex.save`; checks that its files agree."""
+def _shards_signature(space) -> str:
+    """Which shard files a store space consists of: compaction and quarantine change it."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(p.name for p in space.shards()).encode()).hexdigest()[:16]
+
+
+def open_index(path: str | os.PathLike, *, mmap: bool = False) -> SimilarityIndex:
+    """Load an index saved by `SimilarityIndex.save`; checks that its files agree.
+
+    mmap : memory-map the FAISS index (codes and inverted lists) and the id arrays instead of
+        reading them: opening costs ~nothing whatever the size and pages are read as searches
+        touch them. The index is then read-only (add/remove raise ValueError)."""
     path = Path(path)
     if not path.is_dir():
         leftovers = sorted(path.parent.glob(f".{path.name}.old-*/index")) if path.parent.is_dir() else []
@@ -581,22 +774,27 @@ def open_index(path: str | os.PathLike) -> SimilarityIndex:
         raise IndexFileError(f"{meta_path} is unreadable: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise IndexFileError(f"{meta_path} is not a featurebank similarity index description")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in _READABLE_VERSIONS:
         raise IndexFileError(
             f"{path} has index format_version {meta.get('format_version')!r}; this featurebank "
-            f"({__version__}) reads version {FORMAT_VERSION}; rebuild the index or upgrade featurebank"
+            f"({__version__}) reads versions {_READABLE_VERSIONS[0]} to {FORMAT_VERSION}; rebuild the index or upgrade featurebank"
         )
     for key in ("factory", "metric", "dim", "count"):
         if key not in meta:
             raise IndexFileError(f"{meta_path} lacks the field {key!r}")
     if meta["metric"] not in METRICS:
         raise IndexFileError(f"{meta_path} names unknown metric {meta['metric']!r}")
+    flags = 0
+    if mmap:  # inverted lists of IVF indexes, or the codes of flat-code indexes (Flat, SQ, PQ)
+        flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if "IVF" in str(meta["factory"]).upper() else faiss.IO_FLAG_MMAP_IFC)
     try:
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index = faiss.read_index(str(path / INDEX_FILE), flags)
     except RuntimeError as exc:
         raise IndexFileError(f"{path / INDEX_FILE} cannot be read by FAISS: {faiss_reason(exc)}") from None
     try:
-        labels = np.load(path / IDS_FILE, allow_pickle=False)
+        labels = np.load(path / IDS_FILE, allow_pickle=False, mmap_mode="r" if mmap else None)
+        # version 1 has no order file: computed when first needed (migrated by the next save)
+        order = np.load(path / ORDER_FILE, allow_pickle=False, mmap_mode="r") if (path / ORDER_FILE).is_file() else None
     except (OSError, ValueError) as exc:
         raise IndexFileError(f"{path / IDS_FILE} is unreadable: {exc}") from None
     if labels.ndim != 1 or labels.dtype.kind != "S":
@@ -607,8 +805,14 @@ def open_index(path: str | os.PathLike) -> SimilarityIndex:
             f"{path} is inconsistent: FAISS holds {index.ntotal} vectors of dim {index.d}, "
             f"{IDS_FILE} names {n_live} ids, {META_FILE} says count={meta['count']} dim={meta['dim']}; rebuild it"
         )
+    if order is not None and (order.shape != labels.shape or order.dtype != np.int64):
+        raise IndexFileError(f"{path / ORDER_FILE} does not match {IDS_FILE}; rebuild the index")
     sim = SimilarityIndex(index, labels, factory=meta["factory"], metric=meta["metric"], space=meta.get("space"))
+    sim._order = order
+    sim._mmapped = mmap
+    sim._file_bytes = (path / INDEX_FILE).stat().st_size
     sim.source = meta.get("source")
+    sim.rerank = int(meta.get("rerank") or 0)
     if meta.get("nprobe") is not None and sim.nprobe is not None:
         sim.nprobe = int(meta["nprobe"])
     return sim

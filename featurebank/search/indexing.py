@@ -8,19 +8,93 @@ later run adds only the keys it has not seen and searches can print file paths.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
+import faiss
+import numpy as np
 from tqdm.auto import tqdm
 
 from featurebank.errors import FingerprintMismatchError
-from featurebank.search.dedup import find_duplicates
-from featurebank.search.index import META_FILE, SimilarityIndex, _check_metric, build_index, open_index
+from featurebank.search.dedup import _BATCH, _check_threshold, _group
+from featurebank.search.index import (
+    META_FILE,
+    SimilarityIndex,
+    _check_metric,
+    _new_faiss_index,
+    _shards_signature,
+    _train,
+    as_vectors,
+    default_nprobe,
+    is_compressed,
+    open_index,
+    resolve_factory,
+    train_size,
+)
 from featurebank.store import open_store
 
-__all__ = ["index_store", "find_store_duplicates", "store_paths"]
+__all__ = ["index_store", "build_store_index", "find_store_duplicates", "store_paths", "RERANK_DEFAULT", "CHUNK"]
 
-_CHUNK = 65_536  # vectors read from the store per add: 64 MiB at 256-d float32
+#: vectors read from the store per add: 64 MiB at 256-d float32; a module constant so tests can
+#: lower it (the build's memory is this chunk plus the index and 64 bytes of id per vector)
+CHUNK = 65_536
+#: candidates per wanted neighbour that a compressed index hands to the exact re-rank
+RERANK_DEFAULT = 10
+
+
+def build_store_index(space, *, factory: str = "auto", metric: str = "cosine", nprobe: int | None = None,
+                      max_memory: int | str | None = None, rerank: int | None = None, random_state: int = 0,
+                      progress: bool = False) -> SimilarityIndex:
+    """Build the index of a store space streaming: train on a seeded sample (`train_size`
+    vectors, read from the memory-mapped shards), then add the vectors chunk by chunk in
+    storage order. No Python object per vector: ids stay ``S64`` bytes.
+
+    rerank : candidates per neighbour re-ranked exactly from the store's vectors; None picks
+        `RERANK_DEFAULT` for compressed factories (PQ, SQ) and 0 (off) otherwise.
+    """
+    n = len(space)
+    if n == 0:
+        raise ValueError(f"space {space.fingerprint} of store {space.store.root} holds no vectors yet; embed images first")
+    resolved = resolve_factory(factory, n, dim=space.dim, max_memory=max_memory)
+    inner = _new_faiss_index(space.dim, resolved, metric)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    if not inner.is_trained:
+        n_train = train_size(inner, n)
+        t0 = time.perf_counter()
+        rows = np.sort(np.random.default_rng(random_state).choice(n, size=n_train, replace=False))
+        sample = as_vectors(space.gather(rows), metric=metric)
+        say(f"training {resolved} on a seeded sample of {n_train:,} of {n:,} vectors ...")
+        _train(inner, sample, resolved, random_state)
+        del sample
+        say(f"trained in {time.perf_counter() - t0:.1f} s")
+    compressed = is_compressed(resolved)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        # compressed indexes re-rank from the store, so they keep no direct map (8-16 bytes a
+        # vector saved); IVF,Flat keeps the hash map that lets reconstruct() find vectors by label
+        if not compressed:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        ivf.nprobe = default_nprobe(ivf.nlist)
+        index = inner
+    else:
+        index = faiss.IndexIDMap2(inner)
+    labels = np.empty(n, dtype="S64")
+    pos = 0
+    with tqdm(total=n, unit="vec", unit_scale=True, desc="index", disable=not progress, mininterval=1.0) as bar:
+        for keys, X in space.iter_chunks(CHUNK):
+            Xv = as_vectors(X, metric=metric)
+            index.add_with_ids(Xv, np.arange(pos, pos + len(keys), dtype=np.int64))
+            labels[pos : pos + len(keys)] = keys
+            pos += len(keys)
+            bar.update(len(keys))
+    sim = SimilarityIndex(index, labels[:pos], factory=resolved, metric=metric, space=space.fingerprint)
+    if nprobe is not None:
+        sim.nprobe = nprobe
+    sim.rerank = (RERANK_DEFAULT if compressed else 0) if rerank is None else int(rerank)
+    sim.source = {"store": str(space.store.root), "shards": _shards_signature(space)}
+    return sim
 
 
 def index_store(
@@ -33,14 +107,17 @@ def index_store(
     nprobe: int | None = None,
     rebuild: bool = False,
     progress: bool = False,
+    max_memory: int | str | None = None,
+    rerank: int | None = None,
 ) -> tuple[SimilarityIndex, int]:
     """Build the index of a store space in `index_dir`, or add the space's new vectors to it.
 
     When `index_dir` holds no index (or ``rebuild=True``) every vector of the space is
-    indexed with `factory` (see `build_index`; "auto" picks Flat or IVF by size). Otherwise
-    the existing index is opened and only keys it lacks are added, in chunks, without
-    retraining; it must be of the same space (else FingerprintMismatchError) and metric,
-    and of `factory` unless that is "auto". The index is saved atomically either way.
+    indexed with `factory` by `build_store_index` (streaming; "auto" picks Flat, IVF or a
+    compressed IVF-PQ/SQ with exact re-rank by size and `max_memory`, see `resolve_factory`).
+    Otherwise the existing index is opened and only keys it lacks are added, in chunks,
+    without retraining; it must be of the same space (else FingerprintMismatchError) and
+    metric, and of `factory` unless that is "auto". The index is saved atomically either way.
 
     Returns
     -------
@@ -48,32 +125,33 @@ def index_store(
     n_added : number of vectors added by this call
     """
     _check_metric(metric)
+    if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0):
+        raise ValueError(f"rerank must be a non-negative integer (0: off); got {rerank!r}")
     index_dir = Path(index_dir)
     with open_store(store_dir, create=False) as store:
         space = store.space(space_fp)
         space.check_embeddings()
-        keys = [str(k) for k in space.keys()]
-        source = {"store": str(store.root)}
         if rebuild or not (index_dir / META_FILE).is_file():
-            if not keys:
-                raise ValueError(f"space {space_fp} of store {store.root} holds no vectors yet; embed images first")
-            X, _ = space.get(keys)
-            index = build_index(X, keys, factory=factory, metric=metric, space=space_fp, nprobe=nprobe)
-            n_added = len(keys)
+            index = build_store_index(space, factory=factory, metric=metric, nprobe=nprobe, max_memory=max_memory,
+                                      rerank=rerank, progress=progress)
+            n_added = index.count
         else:
             index = open_index(index_dir)
             _check_compatible(index, index_dir, space_fp, factory, metric)
             if nprobe is not None:
                 index.nprobe = nprobe
-            new = [k for k in keys if k not in index]
+            if rerank is not None:
+                index.rerank = rerank
+            keys = space.key_array()
+            new = np.flatnonzero(index._lookup(keys) < 0)
             n_added = 0
-            with tqdm(total=len(new), unit="vec", desc="index", disable=not progress or not new) as bar:
-                for start in range(0, len(new), _CHUNK):
-                    chunk = new[start : start + _CHUNK]
-                    X, _ = space.get(chunk)
-                    n_added += index.add(X, chunk, space=space_fp)
-                    bar.update(len(chunk))
-    index.source = source
+            with tqdm(total=len(new), unit="vec", desc="index", disable=not progress or not len(new)) as bar:
+                for start in range(0, len(new), CHUNK):
+                    rows = new[start : start + CHUNK]
+                    X = as_vectors(space.gather(rows), metric=index.metric)
+                    n_added += index._append(X, np.asarray(keys[rows]))
+                    bar.update(len(rows))
+            index.source = {"store": str(store.root), "shards": _shards_signature(space)}
     index.save(index_dir)
     return index, n_added
 
@@ -110,14 +188,24 @@ def find_store_duplicates(
     Identical files share one key, so groups are of *different* files whose vectors are
     near each other. Use `store_paths` to turn keys into file paths.
     """
+    _check_metric(metric)
+    threshold = _check_threshold(threshold, metric)
     with open_store(store_dir, create=False) as store:
         space = store.space(space_fp)
         space.check_embeddings()
-        keys = [str(k) for k in space.keys()]
-        if len(keys) < 2:
+        if len(space) < 2:
             return ([], []) if return_scores else []
-        X, _ = space.get(keys)
-    return find_duplicates(X, keys, threshold=threshold, metric=metric, factory=factory, return_scores=return_scores)
+        # streaming: the index is built chunk by chunk, then queried with the same chunks in the
+        # same order, so query chunk i holds labels [start, start + len) (no copy of the space)
+        index = build_store_index(space, factory=factory, metric=metric, rerank=0)
+
+        def batches():
+            start = 0
+            for _, X in space.iter_chunks(_BATCH):
+                yield as_vectors(X, metric=metric), np.arange(start, start + len(X), dtype=np.int64)
+                start += len(X)
+
+        return _group(index, batches(), threshold, return_scores)
 
 
 def store_paths(store_dir: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, str]:

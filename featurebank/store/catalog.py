@@ -194,6 +194,13 @@ class Catalog:
         rows = self.query("SELECT path, key, label, updated FROM items ORDER BY updated, path")
         return [(from_db(p), k, from_db(lab), t) for p, k, lab, t in rows]
 
+    def items_of_keys(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        """key -> (path, label) of the most recently embedded file with that key, for the keys
+        of ``keys`` that have one (a bounded query per chunk of keys, for streaming export)."""
+        rows = self.query_in("SELECT key, path, label, updated FROM items WHERE key IN ", list(keys))
+        rows.sort(key=lambda r: (r[3], r[1] if isinstance(r[1], str) else os.fsdecode(r[1])))
+        return {k: (from_db(p), from_db(lab)) for k, p, lab, _ in rows}
+
     # ------------------------------------------------------------------ failures
     def failures(self, space: str | None = None) -> list[tuple[str, str, str | None, str, float, int]]:
         """(path, reason, key, space, time, attempts) of recorded failures (of one space, or all),

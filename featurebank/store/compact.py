@@ -10,6 +10,7 @@ import numpy as np
 
 from featurebank._atomic import fsync_dir, remove_stale_temps
 from featurebank.errors import StoreError
+from featurebank.store.index import KeyIndex
 from featurebank.store.shards import KEY_LEN, Block, ShardWriter, file_size, list_shards, read_blocks
 from featurebank.store.space import Space
 
@@ -39,24 +40,17 @@ def compact_space(space: Space, target_bytes: int = COMPACT_TARGET_BYTES) -> dic
         keep = [n for n in names if n not in small]
         report = {"fingerprint": space.fingerprint, "shards_before": len(names), "shards_merged": 0,
                   "shards_written": 0, "shards_after": len(names), "shards_added_meanwhile": 0, "rows_dropped": 0}
-        seen: set[bytes] = set()
-        for n in keep:
-            for b in read_blocks(space.shard_dir / n, space.dim, space.dtype):
-                seen.update(b.keys.tolist())
-        n_small_rows = 0
-        has_dup = False
-        small_blocks: list[list[Block]] = []
-        for n in small:
-            blocks = read_blocks(space.shard_dir / n, space.dim, space.dtype)
-            small_blocks.append(blocks)
-            for b in blocks:
-                n_small_rows += len(b.keys)
-        if len(small) < 2:
-            for blocks in small_blocks:
-                for b in blocks:
-                    has_dup = has_dup or any(k in seen for k in b.keys.tolist())
-            if not has_dup:
-                return report
+        # keys as fixed-width bytes in one sorted map (KeyIndex), not a Python set of row objects:
+        # rows of the large shards win, then the small ones oldest first, as before
+        keep_blocks = [b for n in keep for b in read_blocks(space.shard_dir / n, space.dim, space.dtype)]
+        small_blocks: list[list[Block]] = [read_blocks(space.shard_dir / n, space.dim, space.dtype) for n in small]
+        flat_small = [b for blocks in small_blocks for b in blocks]
+        key_map = KeyIndex(keep_blocks + flat_small)
+        masks = key_map.row_mask()
+        small_masks = [np.ones(len(b.keys), bool) for b in flat_small] if masks is None else masks[len(keep_blocks):]
+        del keep_blocks, key_map
+        if len(small) < 2 and all(m.all() for m in small_masks):
+            return report
         for blocks in small_blocks:
             for b in blocks:
                 space._check_block(b)
@@ -82,23 +76,14 @@ def compact_space(space: Space, target_bytes: int = COMPACT_TARGET_BYTES) -> dic
                 writer = None
 
         try:
-            for blocks in small_blocks:
-                for b in blocks:
-                    klist = b.keys.tolist()
-                    mask = np.fromiter((k not in seen for k in klist), dtype=bool, count=len(klist))
-                    # a key repeated inside this block: keep the first
-                    for k, m in zip(klist, mask):
-                        if m:
-                            seen.add(k)
-                    if len(set(klist)) != len(klist):
-                        mask &= _first_occurrence(b.keys)
-                    report["rows_dropped"] += int(len(klist) - mask.sum())
-                    if mask.any():
-                        pend_k.append(np.ascontiguousarray(b.keys[mask]))
-                        pend_x.append(np.ascontiguousarray(b.vectors[mask]))
-                        pend_rows += int(mask.sum())
-                        if pend_rows * row_bytes >= min(COMPACT_BATCH_BYTES, target_bytes):
-                            flush()
+            for b, mask in zip(flat_small, small_masks):
+                report["rows_dropped"] += int(len(mask) - mask.sum())
+                if mask.any():
+                    pend_k.append(np.ascontiguousarray(b.keys[mask]))
+                    pend_x.append(np.ascontiguousarray(b.vectors[mask]))
+                    pend_rows += int(mask.sum())
+                    if pend_rows * row_bytes >= min(COMPACT_BATCH_BYTES, target_bytes):
+                        flush()
             flush()
             if writer is not None:
                 written.append(writer.commit())
@@ -107,7 +92,7 @@ def compact_space(space: Space, target_bytes: int = COMPACT_TARGET_BYTES) -> dic
             if writer is not None:
                 writer.abort()
             raise
-        del small_blocks
+        del small_blocks, flat_small
         # merged rows are durable now; only then remove the inputs
         for n in small:
             try:
@@ -120,9 +105,3 @@ def compact_space(space: Space, target_bytes: int = COMPACT_TARGET_BYTES) -> dic
         report["shards_added_meanwhile"] = len(set(list_shards(space.shard_dir)) - set(names) - set(written))
         return report
 
-
-def _first_occurrence(keys: np.ndarray) -> np.ndarray:
-    _, first = np.unique(keys, return_index=True)
-    mask = np.zeros(len(keys), dtype=bool)
-    mask[first] = True
-    return mask

@@ -17,7 +17,11 @@ from featurebank.store.shards import KEY_LEN
 if TYPE_CHECKING:
     from featurebank.store.store import EmbeddingStore
 
-__all__ = ["export_space"]
+__all__ = ["export_space", "EXPORT_CHUNK"]
+
+#: rows read, looked up in the catalog and written per step: memory stays bounded by one chunk
+#: (16,384 x 512 float32 = 32 MiB) whatever the size of the space
+EXPORT_CHUNK = 16_384
 
 
 def export_space(
@@ -27,7 +31,7 @@ def export_space(
     *,
     format: str = "parquet",
     overwrite: bool = False,
-    chunk_size: int = 16384,
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """:meth:`EmbeddingStore.export <featurebank.store.EmbeddingStore.export>` (documented there)."""
     if format not in ("parquet", "npy"):
@@ -41,21 +45,26 @@ def export_space(
         )
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} is not a directory; create it first")
-    keys = space.keys()
-    latest: dict[str, tuple[str, str | None]] = {}
-    for it in store.items():
-        latest[it.key] = (it.path, it.label)
-    paths = [latest.get(k, ("", None))[0] for k in keys]
-    labels = [latest.get(k, ("", None))[1] for k in keys]
+    catalog = store._require_catalog("export paths and labels")
+    chunk_size = chunk_size or EXPORT_CHUNK
+    keys = space.key_array()  # S64, memory-mapped for large spaces: no Python string per key
     n = len(keys)
-    if format == "parquet":
-        _export_parquet(space, out, keys, paths, labels, chunk_size)
-    else:
-        _export_npy(space, out, keys, paths, labels, chunk_size)
+    writer = _export_parquet if format == "parquet" else _export_npy
+    writer(space, out, _chunks(space, catalog, keys, chunk_size), n)
     return {"path": str(out), "format": format, "n_vectors": n, "dim": space.dim}
 
 
-def _export_parquet(space, out, keys, paths, labels, chunk_size) -> None:
+def _chunks(space, catalog, keys, chunk_size):
+    """(keys <U64, X float32, paths, labels) per chunk of the sorted keys; paths "" and labels
+    None where the catalog knows no file."""
+    for s in range(0, len(keys), chunk_size):
+        k = keys[s : s + chunk_size].astype(f"U{KEY_LEN}")
+        X = space.gather(np.arange(s, s + len(k)))
+        latest = catalog.items_of_keys(k.tolist())
+        yield k, X, [latest.get(x, ("", None))[0] for x in k], [latest.get(x, ("", None))[1] for x in k]
+
+
+def _export_parquet(space, out, chunks, n) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -71,30 +80,37 @@ def _export_parquet(space, out, keys, paths, labels, chunk_size) -> None:
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a directory; give a file name for parquet output")
     with atomic_writer(out, "wb") as fh, pq.ParquetWriter(fh, schema) as w:
-        for s in range(0, max(len(keys), 1), chunk_size):
-            k = keys[s : s + chunk_size]
-            X, _ = space.get(k)
+        for k, X, paths, labels in chunks:
             vec = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), space.dim)
             # Parquet strings are UTF-8: a name that is not is written with \xNN escapes
-            p = [printable(x) or None for x in paths[s : s + chunk_size]]
-            lab = [None if x is None else printable(x) for x in labels[s : s + chunk_size]]
+            p = [printable(x) or None for x in paths]
+            lab = [None if x is None else printable(x) for x in labels]
             w.write_table(
                 pa.table([pa.array(k.tolist(), pa.string()), pa.array(p, pa.string()),
                           pa.array(lab, pa.string()), vec], schema=schema)
             )
 
 
-def _export_npy(space, out, keys, paths, labels, chunk_size) -> None:
+def _export_npy(space, out, chunks, n) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file; npy output is a directory")
     with atomic_directory(out) as tmp:
-        V = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(len(keys), space.dim))
-        for s in range(0, len(keys), chunk_size):
-            V[s : s + chunk_size] = space.get(keys[s : s + chunk_size])[0]
+        V = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, space.dim))
+        K = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=f"U{KEY_LEN}", shape=(n,))
+        paths: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        s = 0
+        for k, X, p, lab in chunks:
+            V[s : s + len(k)] = X
+            K[s : s + len(k)] = k
+            # per chunk as compact unicode arrays (no Python string per row kept)
+            paths.append(np.asarray(p, dtype=str))
+            labels.append(np.asarray([x or "" for x in lab], dtype=str))
+            s += len(k)
         V.flush()
-        del V
-        np.save(tmp / "keys.npy", np.asarray(keys, dtype=f"U{KEY_LEN}"))
-        np.save(tmp / "paths.npy", np.asarray(paths, dtype=str) if paths else np.empty(0, dtype="U1"))
-        np.save(tmp / "labels.npy", np.asarray([lab or "" for lab in labels], dtype=str) if labels else np.empty(0, dtype="U1"))
+        K.flush()
+        del V, K
+        np.save(tmp / "paths.npy", np.concatenate(paths) if paths else np.empty(0, dtype="U1"))
+        np.save(tmp / "labels.npy", np.concatenate(labels) if labels else np.empty(0, dtype="U1"))
         meta = {"fingerprint": space.fingerprint, "dim": space.dim, "dtype": space.dtype, "info": space.info}
         (tmp / "space.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

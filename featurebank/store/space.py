@@ -15,6 +15,7 @@ from featurebank._atomic import fsync_dir, write_bytes_atomic
 from featurebank._validation import check_finite_rows
 from featurebank.artifact import OutputSpec
 from featurebank.errors import StoreError
+from featurebank.store import index as keymap
 from featurebank.store.index import KeyIndex
 from featurebank.store.records import DTYPES, FORMAT_VERSION
 from featurebank.store.shards import (
@@ -118,7 +119,13 @@ class Space:
             raise StoreError(f"{self.shard_dir}: shards keep disappearing while reading; is a compaction looping?")
         self._blocks = opened
         self._names = names
-        self._index = KeyIndex([b for n in names for b in opened[n]])
+        index = keymap.load_keymap(self.path, names, opened)
+        persisted = index is not None and len(index.blocks) == sum(len(opened[n]) for n in names)
+        if index is None:
+            index = KeyIndex([b for n in names for b in opened[n]])
+        if index.n_rows >= keymap.KEYMAP_MIN_ROWS and not (persisted and isinstance(index.keys, np.memmap)):
+            keymap.save_keymap(self.path, names, opened, index)
+        self._index = index
         return self._index
 
     def __len__(self) -> int:
@@ -138,6 +145,47 @@ class Space:
                 f"damaged on disk); run `featurebank store verify {self.store.root} --quarantine` to move it "
                 "aside (its images are then embedded again)"
             ) from None
+
+    def key_array(self) -> np.ndarray:
+        """Every key in the space, deduplicated and sorted, as fixed-width bytes: ndarray of
+        shape (n,), dtype ``S64`` (memory-mapped for a persisted key map). No Python string
+        per key: use this, not :meth:`keys`, for large spaces."""
+        return self._refresh().keys
+
+    def iter_chunks(self, chunk_rows: int = 65_536, *, verify: bool = True, dtype: str | None = "float32"):
+        """Stream the space's vectors in storage order, each key once (the oldest row of a
+        repeated key), in bounded memory.
+
+        Yields (keys, X): keys ndarray (m,) ``S64``; X ndarray (m, dim), ``dtype`` (None: the
+        on-disk dtype, a zero-copy view of the mapping when possible), m <= chunk_rows. Each
+        record batch is checked against its checksum once per open (as :meth:`get` does).
+        """
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer; got {chunk_rows!r}")
+        index = self._refresh()
+        masks = index.row_mask()
+        for i, block in enumerate(index.blocks):
+            if verify:
+                self._check_block(block)
+            keep = None if masks is None else masks[i]
+            for s in range(0, len(block.keys), chunk_rows):
+                k, X = block.keys[s : s + chunk_rows], block.vectors[s : s + chunk_rows]
+                if keep is not None:
+                    sel = keep[s : s + chunk_rows]
+                    if not sel.all():
+                        k, X = k[sel], X[sel]
+                if len(k):
+                    yield k, (X if dtype is None else X.astype(dtype, copy=False))
+
+    def gather(self, positions: np.ndarray, *, verify: bool = True) -> np.ndarray:
+        """Vectors at ``positions`` of :meth:`key_array` (int array, shape (m,)): ndarray of
+        shape (m, dim), float32. For seeded samples and re-ranking without key lookups."""
+        index = self._refresh()
+        positions = np.asarray(positions, dtype=np.int64)
+        check_memory(len(positions) * self.dim * 4, f"loading {len(positions):,} vectors of space {self.fingerprint[:12]}…")
+        X = np.empty((len(positions), self.dim), dtype=np.float32)
+        index.gather(positions, X, np.arange(len(positions)), check=self._check_block if verify else None)
+        return X
 
     def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
         """ndarray of shape (n,), bool: which of ``keys`` have a vector in this space."""
@@ -163,6 +211,7 @@ class Space:
         vectors are never returned, and never silently reported as not found.
         """
         q = keys_to_array(keys)
+        check_memory(len(q) * self.dim * 4, f"loading {len(q):,} vectors of space {self.fingerprint[:12]}…")
         index = self._refresh()
         pos = index.lookup(q)
         found = pos >= 0
@@ -310,6 +359,31 @@ class Space:
             self.store.record_items(path_list, keys_str, label_list)
             self.store.clear_failures(self.fingerprint, path_list)
         return written
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``); None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(n_bytes: int, what: str) -> None:
+    """Refuse an allocation of ``n_bytes`` that would not fit in available memory (raises
+    StoreError saying how to proceed) instead of letting the kernel kill the process."""
+    avail = available_memory()
+    if avail is not None and n_bytes > avail:
+        raise StoreError(
+            f"{what} needs {n_bytes / 2**30:.1f} GiB as float32 but only {avail / 2**30:.1f} GiB of memory is "
+            "available; load a seeded sample of the keys, read the space in chunks (Space.iter_chunks, "
+            "e.g. for a partial_fit classifier such as SGDClassifier), or export it with "
+            "`featurebank store export` and memory-map the .npy"
+        )
 
 
 def read_space_meta(root: Path, fp: str) -> dict[str, Any] | None:

@@ -298,7 +298,7 @@ class EmbeddingStore:
         *,
         format: str = "parquet",
         overwrite: bool = False,
-        chunk_size: int = 16384,
+        chunk_size: int | None = None,
     ) -> dict[str, Any]:
         """Write a space's vectors with their keys, paths and labels to open formats.
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from featurebank._atomic import TEMP_PREFIX, is_stale_temp
 from featurebank.errors import StoreError
+from featurebank.store.index import KeyIndex
 from featurebank.store.records import VerifyReport
 from featurebank.store.shards import check_blocks, list_shards, read_blocks
 from featurebank.store.space import read_space_meta
@@ -38,7 +39,8 @@ def verify_store(store: EmbeddingStore, *, quarantine: bool = False) -> VerifyRe
         for t in sorted(space.shard_dir.glob(TEMP_PREFIX + "*")):
             if is_stale_temp(t):
                 rep.stale_temps.append(str(t))
-        keys_seen: set[bytes] = set()
+        space_problems = len(rep.problems)
+        good: list[str] = []
         for name in list_shards(space.shard_dir):
             path = space.shard_dir / name
             try:
@@ -51,13 +53,22 @@ def verify_store(store: EmbeddingStore, *, quarantine: bool = False) -> VerifyRe
                 rep.n_shards += 1
                 problems = check_blocks(blocks, str(path))
                 if not problems:
-                    for b in blocks:
-                        rep.n_rows += len(b.keys)
-                        keys_seen.update(b.keys.tolist())
-                del blocks
+                    rep.n_rows += sum(len(b.keys) for b in blocks)
+                    good.append(name)
+                del blocks  # unmapped: one shard's pages at a time, whatever the size of the store
             if problems:
                 rep.problems.extend(problems)
                 if quarantine:
                     rep.quarantined.extend(str(p) for p in space.quarantine([name]))
-        rep.n_vectors += len(keys_seen)
+        # distinct keys from the space's key map (persisted for large spaces: no set of 10M keys)
+        if len(rep.problems) == space_problems:
+            rep.n_vectors += len(space)
+        else:  # distinct keys of the intact shards only
+            blocks = []
+            for name in good:
+                try:
+                    blocks += read_blocks(space.shard_dir / name, space.dim, space.dtype)
+                except FileNotFoundError:
+                    continue
+            rep.n_vectors += len(KeyIndex(blocks))
     return rep
