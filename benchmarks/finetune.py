@@ -67,8 +67,8 @@ sys.path.insert(0, str(HERE))
 from _machine import machine_info  # noqa: E402
 from studies import FMNIST_CLASSES, FMNIST_DIR, _read_idx, _stratified_subset  # noqa: E402
 
-ROWS = ("probe", "ft-blocks.6", "ft-blocks.5", "ft-blocks.4", "epoch-cost", "ft-blocks.6-train-bn",
-        "ft-blocks.6-augment", "scratch-10", "scratch-100", "small-set")
+ROWS = ("probe", "ft-default", "ft-blocks.6", "ft-blocks.5", "ft-blocks.4", "epoch-cost", "ft-blocks.6-train-bn",
+        "ft-blocks.6-augment", "ft-default-augment", "scratch-10", "scratch-100", "small-set")
 BACKBONE = "efficientnet_lite0"
 BATCH = 32
 LR_HEAD = 1e-3  # featurebank finetune's defaults
@@ -220,15 +220,19 @@ def test_accuracy(bottom, top, head, paths: list[str], y: np.ndarray, pre) -> fl
 
 def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, epochs: int, seed: int,
           ckpt: Path, label: str, train_bn: bool = False, augment: str = "none", views: int = 0,
-          early_stopping: bool = True) -> dict:
+          early_stopping: bool = True, regularise: bool = False) -> dict:
     """featurebank finetune's recipe from ``unfreeze``: cache the bottom's activations (and, with
     ``augment``, of ``views`` augmented views of each training image), LP head, train_top with
     early stopping on a stratified validation split; then the test accuracy."""
     from featurebank.finetune.augment import recipe
     from featurebank.finetune.head import fit_probe_head
+    from featurebank.finetune.job import DROP_RATE, LABEL_SMOOTHING
     from featurebank.finetune.train import train_top
 
     t0 = time.perf_counter()
+    # regularise: featurebank finetune's label smoothing and dropout (the rows measured before they became the
+    # default ran without them: their JSON's recipe says so)
+    reg = {"label_smoothing": LABEL_SMOOTHING, "drop_rate": DROP_RATE} if regularise else {}
     pre, bottom, top, weights_sha = build(weights, unfreeze, seed)
     tr_p, tr_y, va_p, va_y = split(paths, y, VAL_SPLIT, seed)
     A_tr = activations(bottom, tr_p, pre, f"{label} frozen layers (train)")
@@ -252,7 +256,7 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
     log(f"  {label}: head ready (LP val acc {probe_val}); training up to {epochs} epochs")
     trained = train_top([A_tr, *A_views] if A_views else A_tr, tr_y, top, head, epochs=epochs, lr_head=LR_HEAD,
                         lr_backbone=LR_BACKBONE, seed=seed, val=(A_va, va_y) if early_stopping else None,
-                        train_bn=train_bn, checkpoint_dir=ckpt, progress=True)
+                        train_bn=train_bn, checkpoint_dir=ckpt, progress=True, **reg)
     t_train = time.perf_counter() - t0 - t_cache - t_probe
     for h in trained.history:
         log(f"  {label} epoch {h['epoch']}: train loss {h['train_loss']}, val acc {h['val_accuracy']}, "
@@ -269,10 +273,18 @@ def lp_ft(paths, y, test_paths, test_y, *, unfreeze: str, weights: str | None, e
         "recipe": {"lr_head": LR_HEAD, "lr_backbone": LR_BACKBONE, "val_split": VAL_SPLIT, "batch_size": BATCH,
                    "patience": 3 if early_stopping else None, "train_bn": train_bn, "init": "linear probe (LP-FT)" if early_stopping else "random head",
                    "augment": rec,
-                   "views": len(A_views)},
+                   "views": len(A_views), "label_smoothing": reg.get("label_smoothing", 0.0),
+                   "drop_rate": reg.get("drop_rate", 0.0)},
         "seconds": {"frozen_layers": t_cache, "probe_head": t_probe, "train": t_train,
                     "total_to_model": t1 - t0, "test_eval": time.perf_counter() - t1},
     }
+
+
+def _lite0():
+    from featurebank.export.registry import get_backbone
+    from featurebank.export.weights import build_backbone
+
+    return build_backbone(get_backbone(BACKBONE), "random", seed=0).model
 
 
 def probe_row(paths, y, test_paths, test_y, seed: int) -> dict:
@@ -413,7 +425,10 @@ def report(results_dir: Path) -> str:
         wall = sec.get("total_to_model", sec.get("features_and_fit"))
         lines.append(f"| {name} | {acc:.4f} | {diff} | {ep} | {wall / 60:.1f} min | {sec.get('test_eval', 0) / 60:.1f} min |")
 
-    names = {"probe": "linear probe (frozen features)", "ft-blocks.6": "fine-tune from blocks.6 (default)",
+    names = {"probe": "linear probe (frozen features)",
+             "ft-default": "fine-tune, defaults (from " + rows.get("ft-default", {}).get("unfreeze", "?") + ", smoothing + dropout)",
+             "ft-default-augment": "defaults, --augment light",
+             "ft-blocks.6": "fine-tune from blocks.6",
              "ft-blocks.5": "fine-tune from blocks.5", "ft-blocks.4": "fine-tune from blocks.4",
              "ft-blocks.6-train-bn": "blocks.6, --train-bn", "ft-blocks.6-augment": "blocks.6, --augment light",
              "scratch-100": "from scratch, 100 labels/class", "scratch-10": "from scratch, 10 labels/class"}
@@ -489,6 +504,18 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_info()
         if row == "probe":
             res = probe_row(train_p, train_y, test_p, test_y, args.seed)
+        elif row.startswith("ft-default"):
+            from featurebank.finetune.job import default_unfreeze
+
+            # what `featurebank finetune` does with no options on this set (the unfreeze point chosen by the
+            # number of training images, label smoothing and dropout); -augment: with --augment light
+            n_fit = len(train_p) - round(VAL_SPLIT * len(train_p))
+            unfreeze = default_unfreeze(_lite0(), n_fit)
+            aug = row.endswith("-augment")
+            res = lp_ft(train_p, train_y, test_p, test_y, unfreeze=unfreeze, weights=None, seed=args.seed,
+                        epochs=args.epochs, ckpt=ckpts / row, label=row, regularise=True,
+                        augment="light" if aug else "none", views=args.views if aug else 0)
+            res["default_unfreeze_for_n_train"] = n_fit
         elif row.startswith("ft-"):
             unfreeze = row[3:].split("-")[0]
             res = lp_ft(train_p, train_y, test_p, test_y, unfreeze=unfreeze, weights=None, seed=args.seed,

@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0", metavar="NAME", help="default: efficientnet_lite0")
     p.add_argument("--weights", default=None, metavar="PATH|hub|random", help="weights source (default: the registry's)")
     p.add_argument("--unfreeze", default=None, metavar="LAYER",
-                   help="first layer that trains, e.g. blocks.5 (default: the last stage, blocks.6 for "
-                   "efficientnet_lite0)")
+                   help="first layer that trains, e.g. blocks.5 (default: by the number of training images: the "
+                   "last stage (blocks.6 for efficientnet_lite0), the second-last from 2,000 images, the third-last "
+                   "(blocks.4) from 5,000)")
     p.add_argument("--epochs", type=int, default=10, help="most epochs; early stopping after 3 without gain (default: 10)")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="learning rate of the head; the unfrozen layers use lr/10 (default: 0.001)")
@@ -51,6 +52,10 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    "per image (default: none)")
     p.add_argument("--views", type=int, default=None, metavar="K",
                    help="augmented views per training image with --augment light (default: 4)")
+    p.add_argument("--label-smoothing", type=float, default=None, metavar="E",
+                   help="label smoothing of the loss (default: 0.1)")
+    p.add_argument("--drop-rate", type=float, default=None, metavar="P",
+                   help="dropout on the pooled features before the head (default: 0.2)")
     p.add_argument("--store", default=None, metavar="DIR",
                    help="cache the frozen layers' activation maps in this store (exported once as ONNX with no "
                    "pooling), so a re-run or a new image computes only what is new (default: none, computed in "
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     r = finetune(
         args.source, out=args.out, backbone=args.backbone, weights=args.weights, unfreeze=args.unfreeze,
         epochs=args.epochs, lr=args.lr, val_split=args.val_split, val=args.val, seed=args.seed,
-        train_bn=args.train_bn, store=args.store, augment=args.augment, views=args.views, log=say,
+        train_bn=args.train_bn, store=args.store, augment=args.augment, views=args.views,
+        log=say, **{k: v for k in ("label_smoothing", "drop_rate") if (v := getattr(args, k)) is not None},
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
     say(f"fine-tuned: validation accuracy {r.val_accuracy:.4f} (best epoch {r.best_epoch} of {len(r.history) - 1})")

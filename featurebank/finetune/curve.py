@@ -215,8 +215,11 @@ def finetune_point(net: CurveNetwork, A_train: np.ndarray, y_train: np.ndarray, 
         head_init = "logistic regression, C=1"
     _, start_accuracy = _evaluate(top, head, A_test, y_test, 32)
     val = (A_train[va], y_train[va]) if len(va) else None
+    from featurebank.finetune.job import DROP_RATE, LABEL_SMOOTHING
+
     trained = train_top(A_train[tr], y_train[tr], top, head, epochs=epochs, lr_head=lr, lr_backbone=lr / 10, seed=seed,
-                        val=val, train_bn=net.scratch, progress=False)
+                        val=val, train_bn=net.scratch, progress=False, label_smoothing=LABEL_SMOOTHING,
+                        drop_rate=DROP_RATE)
     _, accuracy = _evaluate(top, head, A_test, y_test, 32)
     return PointResult(accuracy=float(accuracy), start_accuracy=float(start_accuracy), head_init=head_init,
                        train_index=tr.tolist(), val_index=va.tolist(), best_epoch=int(trained.best_epoch),

@@ -27,7 +27,11 @@ import torch
 
 from featurebank.errors import FineTuneError
 
-__all__ = ["FinetuneResult", "finetune", "default_unfreeze", "bottom_layer"]
+__all__ = ["FinetuneResult", "finetune", "default_unfreeze", "bottom_layer", "UNFREEZE_MORE_AT"]
+
+#: Regularisation defaults of :func:`finetune` (timm's training recipe for EfficientNet-Lite).
+LABEL_SMOOTHING = 0.1
+DROP_RATE = 0.2
 
 DECODE_MODE = "fast"  # as the embedder decodes by default
 _BATCH = 32
@@ -67,13 +71,23 @@ class FinetuneResult:
     cached: int | None = None
 
 
-def default_unfreeze(model: torch.nn.Module) -> str:
-    """The last stage of the network (``"blocks.6"`` for efficientnet_lite0): as fastai's
-    ``fine_tune`` and Keras's guide, train the top of the network, at a low learning rate."""
+#: Labelled training images from which the default unfreeze point moves down one stage, then two
+#: (:func:`default_unfreeze`).
+UNFREEZE_MORE_AT = (2_000, 5_000)
+
+
+def default_unfreeze(model: torch.nn.Module, n_train: int | None = None) -> str:
+    """The default first layer that trains: the last stage of the network (``"blocks.6"`` for
+    efficientnet_lite0) and, the more labelled images there are, more of the network (the more
+    data, the more layers it can adapt without overfitting; fastai's ``fine_tune`` and Keras's
+    guide tune the whole network, which a cached bottom rules out here): from
+    ``UNFREEZE_MORE_AT[0]`` training images the second-last stage, from ``UNFREEZE_MORE_AT[1]``
+    the third-last (``"blocks.4"``). ``n_train`` None: the last stage."""
     from featurebank.finetune.model import list_cut_points
 
     stages = [c for c in list_cut_points(model) if c.startswith("blocks.") and c.count(".") == 1]
-    return stages[-1]
+    down = 0 if n_train is None else sum(n_train >= t for t in UNFREEZE_MORE_AT)
+    return stages[max(0, len(stages) - 1 - down)]
 
 
 def bottom_layer(model: torch.nn.Module, unfreeze: str) -> str:
@@ -296,6 +310,8 @@ def finetune(
     store: Any = None,
     augment: str = "none",
     views: int | None = None,
+    label_smoothing: float = LABEL_SMOOTHING,
+    drop_rate: float = DROP_RATE,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -308,7 +324,8 @@ def finetune(
         go next to it (``<out stem>.curves.png``)
     backbone, weights : registry name and weights source (None: the registry's; a path,
         ``"hub"`` or ``"random"``)
-    unfreeze : the first layer that trains (see ``list_cut_points``); default the last stage
+    unfreeze : the first layer that trains (see ``list_cut_points``); default by the number of
+        training images (:func:`default_unfreeze`: the last stage, more with thousands of images)
     epochs : the most epochs (early stopping on validation accuracy, patience 3)
     lr : learning rate of the head; the unfrozen layers train at ``lr / 10``
     val_split : fraction of ``sources`` held out (seeded, stratified) when ``val`` is None
@@ -328,6 +345,8 @@ def finetune(
         of its views (the plain one included) drawn at random
     views : augmented views per training image (default
         :data:`~featurebank.finetune.augment.DEFAULT_VIEWS`; only with ``augment``)
+    label_smoothing, drop_rate : label smoothing of the loss and dropout on the pooled features
+        before the head (timm's training recipe for EfficientNet-Lite: 0.1 and 0.2)
     log : called with a line of news as the run goes (the cache's work, the probe's accuracy
         before training starts); None: silent
     progress : progress bars on stderr
@@ -389,7 +408,7 @@ def finetune(
     spec = get_backbone(backbone)
     loaded = build_backbone(spec, weights, seed=seed)
     model = loaded.model
-    unfreeze = default_unfreeze(model) if unfreeze is None else unfreeze
+    unfreeze = default_unfreeze(model, len(tr_paths)) if unfreeze is None else unfreeze
     bottom, top = split_backbone(model, unfreeze)
     pre = spec.preprocessing
 
@@ -423,6 +442,7 @@ def finetune(
     lr_backbone = lr / 10
     trained = train_top([A_tr, *A_views] if A_views else A_tr, y_tr, top, head, epochs=epochs, lr_head=lr, lr_backbone=lr_backbone, seed=seed,
                         val=(A_va, y_va), train_bn=train_bn, checkpoint_dir=ckpt, progress=progress,
+                        label_smoothing=label_smoothing, drop_rate=drop_rate,
                         run_info={"train": train_fp, "val": val_fp, "augment": rec, "unfreeze": unfreeze,
                                   "backbone": spec.name, "weights_sha256": loaded.weights_sha256})
 
@@ -440,6 +460,7 @@ def finetune(
         "recipe": {"unfreeze": unfreeze, "epochs": epochs, "lr_head": lr, "lr_backbone": lr_backbone,
                    "seed": seed, "train_bn": bool(train_bn), "val_split": None if val is not None else val_split,
                    "decode_mode": DECODE_MODE, "init": "linear probe (LP-FT)", "augment": rec, "views": n_views,
+                   "label_smoothing": float(label_smoothing), "drop_rate": float(drop_rate),
                    "best_epoch": trained.best_epoch, "stopped": trained.stopped},
         "data_fingerprint": {"train": train_fp, "val": val_fp,
                              "n_train": len(tr_paths), "n_val": len(va_paths)},

@@ -90,3 +90,14 @@ def test_efficientnet_lite0_splits_at_its_stages(texture_crops):
             assert a.shape == shape
             torch.testing.assert_close(top.eval()(a), want, atol=1e-5, rtol=0)
     assert want.shape == (2, 1280)
+
+
+def test_the_default_unfreeze_point_moves_down_with_the_number_of_training_images(tiny_backbone):
+    from featurebank.finetune.job import UNFREEZE_MORE_AT, default_unfreeze
+
+    stages = [c for c in list_cut_points(tiny_backbone) if c.startswith("blocks.") and c.count(".") == 1]
+    assert stages[-3:] == ["blocks.2", "blocks.3", "blocks.4"]  # timm's test_efficientnet has five stages
+    assert UNFREEZE_MORE_AT == (2_000, 5_000)
+    got = {n: default_unfreeze(tiny_backbone, n) for n in (None, 100, 1_999, 2_000, 4_999, 5_000, 60_000)}
+    assert got == {None: "blocks.4", 100: "blocks.4", 1_999: "blocks.4", 2_000: "blocks.3", 4_999: "blocks.3",
+                   5_000: "blocks.2", 60_000: "blocks.2"}
