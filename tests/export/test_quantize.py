@@ -503,7 +503,8 @@ def test_cached_int8_export_is_built_once_per_calibration_set(tmp_path, crops, m
     path = cached_export("test_efficientnet", **TINY, precision="int8", calibrate=cal, **LENIENT)
     card = read_model_card(path)
     assert card.precision == "int8" and card.quantization["calibration_method"] == "minmax"
-    assert card.verification["gates"]["held_out"] == 114 and card.verification["gates"]["thresholds"]["min_cosine"] == 0.9
+    gates = card.verification["gates"]
+    assert gates["held_out"] == 114 and gates["thresholds"]["min_cosine"] == 0.9
     fp32 = cached_export("test_efficientnet", **TINY)  # quantized from the cached fp32 export: one file, shared
     assert len(_models(tmp_path / "cache")) == 2 and fp32 != path
     stamp = path.stat().st_mtime_ns
@@ -512,8 +513,8 @@ def test_cached_int8_export_is_built_once_per_calibration_set(tmp_path, crops, m
     renamed.mkdir()
     for i, p in enumerate(reversed(cal)):
         shutil.copy(p, renamed / f"r{i}.jpg")
-    again = cached_export("test_efficientnet", **TINY, precision="int8", calibrate=sorted(renamed.iterdir()) + crops[130:],
-                          **LENIENT)
+    again = cached_export("test_efficientnet", **TINY, precision="int8",
+                          calibrate=sorted(renamed.iterdir()) + crops[130:], **LENIENT)
     assert again == path and path.stat().st_mtime_ns == stamp
     # another calibration set, another calibration method: each its own model
     edited = renamed / "r0.jpg"
@@ -525,7 +526,7 @@ def test_cached_int8_export_is_built_once_per_calibration_set(tmp_path, crops, m
     assert read_model_card(other).quantization["calibration_sha256"] != card.quantization["calibration_sha256"]
     assert read_model_card(pct).quantization["calibration_method"] == "percentile"
     # a refused model is not cached (the next call measures again)
-    with pytest.raises(QuantizationGateError, match=r"^INT8 model refused, nothing written to .*median cosine to fp32 "):
+    with pytest.raises(QuantizationGateError, match=r"^INT8 model refused, nothing written to .*median cosine "):
         cached_export("test_efficientnet", **TINY, precision="int8", calibrate=cal, **{**LENIENT, "min_cosine": 1.0})
     assert len(_models(tmp_path / "cache")) == 4
 
@@ -534,13 +535,13 @@ def test_cached_int8_export_refuses_before_exporting(tmp_path, crops, monkeypatc
     from featurebank.export.cache import cached_export
 
     monkeypatch.setenv("FEATUREBANK_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(QuantizationError, match=r"^INT8 calibration needs at least 164 distinct images \(64 to calibrate "
-                                                r"\+ 100 held out for the gates\); got 40: add 124 images or lower"):
+    with pytest.raises(QuantizationError, match=r"^INT8 calibration needs at least 164 distinct images \(64 to "
+                                                r"calibrate \+ 100 held out for the gates\); got 40: add 124 images"):
         cached_export("test_efficientnet", **TINY, precision="int8", calibrate=crops[:40])
     assert _models(tmp_path / "cache") == []  # not even the fp32 export ran
     with pytest.raises(ValueError, match=r"^precision='int8' needs calibration images of your data: pass calibrate="):
         cached_export("test_efficientnet", **TINY, precision="int8")
-    with pytest.raises(ValueError, match=r"^calibrate, min_cosine only apply to precision='int8'; got precision='fp32'"):
+    with pytest.raises(ValueError, match=r"^calibrate, min_cosine only apply to precision='int8'; got precision="):
         cached_export("test_efficientnet", **TINY, precision="fp32", calibrate=crops, min_cosine=0.5)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) min_cosin$"):
         cached_export("test_efficientnet", **TINY, precision="int8", calibrate=crops, min_cosin=0.5)
@@ -566,7 +567,8 @@ def test_cli_embed_int8_backbone_into_its_own_store_space(capsys, tmp_path, crop
     assert code == 0, err
     fp32_path = next(p for p in (tmp_path / "cache" / "models").glob("*.onnx") if p != int8_path)
     spaces = {sp.fingerprint for sp in open_store(store).spaces()}
-    assert spaces == {space_fingerprint(read_model_card(p).outputs[0].fingerprint, "fast") for p in (int8_path, fp32_path)}
+    assert spaces == {space_fingerprint(read_model_card(p).outputs[0].fingerprint, "fast")
+                      for p in (int8_path, fp32_path)}
     # again: the cached int8 model, every image already in its space
     code, out, err = run(capsys, "embed", folder, "--store", store, *tiny, "--precision", "int8", "--calibrate", folder,
                          *lenient, "--json")
