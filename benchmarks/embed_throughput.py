@@ -1,27 +1,40 @@
-"""End-to-end embedding throughput: a folder of camera-sized real JPEGs into the store.
+"""End-to-end embedding throughput: folders of real camera JPEGs into the store.
 
-In one run, on the same images and the same network (efficientnet_lite0, `features`, avg):
+Two sets: the main one is issue #14's size mix of real camera photos (``_photos.size_mix``:
+500x375 27%, 375x500 18%, 640x480 20%, 800x600 11%, 1024x768 14%, 1600x1200 10%; JPEG q90
+4:2:0), the second the old set (scikit-image photos resized to 500x375 .. 1600x1200, mostly
+large). In one run, on the same images and the same network (efficientnet_lite0, `features`,
+avg), interleaved (each repeat runs every row once, the median counts), for each decode mode:
 
-* featurebank   : ``embed_images`` into a fresh store (decode threads overlapped with
-                  onnxruntime, uint8 input), in the default decode mode (and in ``exact``);
-* peer (a)      : what a typical user writes: a torch ``Dataset`` with PIL and timm's eval
-                  transform, ``DataLoader(num_workers=2)``, the same network in torch eager;
+* featurebank   : ``embed_images`` into a fresh store, default settings: the batch size and
+                  thread split ``tune_pipeline`` chose for this machine (measured once before
+                  the timed runs, its seconds recorded: what a first run pays, once);
+* untuned       : the same with the constants featurebank used before (batch 16, every core
+                  for onnxruntime and for decoding);
 * peer (b)      : a plain onnxruntime loop that decodes (PIL, full-size decode, the same
                   resize/crop/normalise) and then infers, batch by batch, in one process;
-* ceiling       : D = decode+preprocess alone on all cores (the decode mode featurebank used),
-                  M = the model alone on all cores; on a CPU-only machine they share the cores,
-                  so the ceiling is 1/(1/D + 1/M) (with a GPU it would be min(D, M));
-* cached re-run : the same folder again, every vector from the store;
-* memory        : peak RSS of embedding 1,000 and 10,000 small real-photo JPEGs with a tiny
-                  model, each in a fresh process (bounded = does not grow with the dataset).
+* peer (a)      : (main set, fast table) a torch ``Dataset`` with PIL and timm's eval
+                  transform, ``DataLoader(num_workers=2)``, the same network in torch eager;
+* ceiling       : D = decode+preprocess alone on all cores (the row's decode mode), M = the
+                  model alone at its best thread count and batch size (the most favourable
+                  ceiling); sharing the cores, 1/(1/D + 1/M). D and M are measured in every
+                  repeat with the other rows (the median counts), so that load from others on
+                  a shared machine weighs on the ceiling as on the rows;
+* decode steps  : where a 500x375 JPEG's decode time goes, each Pillow step timed on its own.
 
-    python benchmarks/embed_throughput.py [--images 192] [--skip-memory]
+With ``--int8-model PATH`` (an INT8 export of the same network, ``featurebank export
+--precision int8``) the fast and exact tables are measured for it too, against the same
+peer on its fp32 model. ``--memory``: peak RSS of embedding 1,000 and 10,000 small JPEGs
+with a tiny model, each in a fresh process (bounded = does not grow with the dataset).
+
+    python benchmarks/embed_throughput.py [--images 300] [--repeats 3] [--skip-torch]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -36,11 +49,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine_info  # noqa: E402
+from _photos import photo_sources, size_mix  # noqa: E402
 
-from featurebank.decoding import decode_image  # noqa: E402
-from featurebank.artifact import DEFAULT_DECODE_MODE  # noqa: E402
+from featurebank.decoding import decode_image, to_model_input  # noqa: E402
 from featurebank.embed_into_store import embed_images  # noqa: E402
 from featurebank.embedder.session import open_model, physical_cores  # noqa: E402
+from featurebank.embedder.tuning import tune_pipeline  # noqa: E402
 
 
 def make_photos(folder: Path, n: int, seed: int = 0) -> list[str]:
@@ -68,6 +82,7 @@ def make_photos(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def decode_ceiling(paths, pre, mode, threads) -> float:
+    """Images/s of decode_image alone on a pool of ``threads``."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda p: decode_image(p, pre, mode=mode), paths))
@@ -75,6 +90,7 @@ def decode_ceiling(paths, pre, mode, threads) -> float:
 
 
 def model_ceiling(runner, n_images, batch=32) -> float:
+    """Images/s of the model alone (random uint8 input) at one batch size, after a warm-up batch."""
     c, h, w = runner.card.preprocessing.input_size
     x = np.random.default_rng(0).integers(0, 256, (batch, h, w, c), dtype=np.uint8)
     runner.run(x)
@@ -176,84 +192,211 @@ def memory_check(tmp: Path) -> dict:
     return out
 
 
+def decode_steps(paths, pre, mode: str, reps: int = 3) -> dict:
+    """Microseconds per image of each Pillow step of decode_image (``mode``) on ``paths``, each
+    step timed on its own (best of ``reps`` passes over the images, per step), and of the
+    whole decode_image for comparison. The steps are decode.py's own, in its order."""
+    from featurebank.decoding import decode as dec
+
+    filt = dec._FILTERS[pre.interpolation]
+    _, ch, cw = pre.input_size
+    steps: dict[str, list[float]] = {}
+
+    def timed(name, fn, *a, **k):
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        steps.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    for _ in range(reps):
+        for p in paths:
+            img = timed("open (header)", Image.open, p)
+            w, h = img.size
+            rw, rh = dec._resized_size(w, h, pre)
+            box = dec._crop_box(rw, rh, pre)
+            sx, sy = w / rw, h / rh
+            src_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            if mode == "fast":
+                drafted = timed("draft", img.draft, None, (rw, rh))
+                if drafted is not None:
+                    k = drafted[1][2] / w
+                    src_box = tuple(v * k for v in src_box)
+            timed("load (JPEG decode)", img.load)
+            timed("exif orientation", dec._orientation, img)
+            img = timed("convert RGB", dec._to_mode, img, "RGB")
+            if mode == "fast":
+                img = timed("resize (crop box only)", img.resize, (cw, ch), filt, box=src_box,
+                            reducing_gap=dec._REDUCING_GAP)
+            else:
+                img = timed("resize (whole image)", img.resize, (rw, rh), filt)
+                img = timed("crop", img.crop, box)
+            arr = timed("to array", np.asarray, img)
+            timed("normalise (float input; uint8 models do it in the graph)", to_model_input, arr[None], pre, "float")
+    out = {name: round(float(np.median(np.reshape(v, (reps, -1)).min(axis=0))) * 1e6, 1) for name, v in steps.items()}
+    out["sum of steps"] = round(sum(out.values()), 1)
+    whole = []
+    buf = np.empty((ch, cw, 3), np.uint8)
+    for _ in range(reps):
+        for p in paths:
+            t0 = time.perf_counter()
+            decode_image(p, pre, mode=mode, out=buf)
+            whole.append(time.perf_counter() - t0)
+    out["decode_image"] = round(float(np.median(np.reshape(whole, (reps, -1)).min(axis=0))) * 1e6, 1)
+    return out
+
+
+def embed_rate(folder, runner, tmp: Path, mode: str, n: int, **settings) -> tuple[float, dict]:
+    """Images/s of embed_images of ``folder`` into a fresh store; the settings it used."""
+    store = Path(tempfile.mkdtemp(dir=tmp, prefix="store-"))
+    t0 = time.perf_counter()
+    emb = embed_images(folder, runner, store=store, decode_mode=mode, progress=False, return_vectors=False,
+                       **settings)
+    rate = n / (time.perf_counter() - t0)
+    assert emb.report.embedded == n, emb.report.summary()
+    return rate, {"settings": emb.report.settings, "stage_seconds": {k: round(v, 2) for k, v in emb.report.timings.items()}}
+
+
+def run_set(name: str, folder: Path, paths: list[str], models: dict[str, Path], model_float: Path, tmp: Path,
+            repeats: int, torch_peer: bool) -> dict:
+    """Every row for one image set, each mode and precision, interleaved repeats."""
+    cores = physical_cores()
+    n = len(paths)
+    out: dict = {"images": n, "sizes": {}}
+    for p in paths:
+        with Image.open(p) as im:
+            out["sizes"][f"{im.width}x{im.height}"] = out["sizes"].get(f"{im.width}x{im.height}", 0) + 1
+    print(f"\n== {name}: {n} images {out['sizes']}", flush=True)
+    runs: dict[str, list[float]] = {}
+    detail: dict[str, dict] = {}
+    tuned: dict[tuple[str, str], dict] = {}
+    runners: dict[tuple[str, int], object] = {}
+    for prec, model in models.items():
+        for mode in ("fast", "exact"):
+            t0 = time.perf_counter()
+            st = tune_pipeline(model, device="cpu", decode_mode=mode, progress=True)
+            tuned[(prec, mode)] = {**st.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
+            for t in (st.threads, cores):
+                if (prec, t) not in runners:
+                    runners[(prec, t)] = open_model(model, device="cpu", threads=t)
+    warm = make_photos(tmp / "warm", 8, seed=99)
+    for r in runners.values():
+        embed_images(warm, r, store=tmp / "store-warm", progress=False, return_vectors=False)
+    peer_plain_ort(warm, model_float)
+
+    def row(key, fn):
+        rate, info = fn()
+        runs.setdefault(key, []).append(rate)
+        if info:
+            detail[key] = info
+        print(f"  {key:34s} {rate:7.1f} img/s", flush=True)
+
+    pre = next(iter(runners.values())).card.preprocessing
+    for prec, model in models.items():  # the model-alone grid's sessions
+        for t in sorted({1, cores}):
+            if (prec, t) not in runners:
+                runners[(prec, t)] = open_model(model, device="cpu", threads=t)
+    alone: dict[str, dict[str, list[float]]] = {prec: {} for prec in models}
+    # every row, the ceilings' D and M included, once per repeat: load from elsewhere on this
+    # shared machine hits them alike
+    for rep in range(repeats):
+        for prec in models:
+            for mode in ("fast", "exact"):
+                st = tuned[(prec, mode)]
+                row(f"featurebank_{prec}_{mode}", lambda: embed_rate(folder, runners[(prec, st["threads"])], tmp, mode, n))
+                row(f"untuned_{prec}_{mode}", lambda: embed_rate(folder, runners[(prec, cores)], tmp, mode, n,
+                                                                 batch_size=16, workers=cores))
+        row("peer_b_plain_ort_loop", lambda: (peer_plain_ort(paths, model_float), None))
+        for mode in ("fast", "exact"):
+            row(f"D_{mode}", lambda: (decode_ceiling(paths, pre, mode, cores), None))
+        for prec in models:
+            for t in sorted({1, cores}):
+                for bs in (8, 16, 32):
+                    alone[prec].setdefault(f"threads{t}_batch{bs}", []).append(
+                        model_ceiling(runners[(prec, t)], min(n, 128), batch=bs))
+    med = {k: round(float(np.median(v)), 2) for k, v in runs.items()}
+    out["runs_img_s"] = {k: [round(x, 1) for x in v] for k, v in runs.items()}
+    out["median_img_s"] = med
+    out["settings"] = {f"{p}_{m}": v for (p, m), v in tuned.items()}
+    out["featurebank_detail"] = detail
+    D = {mode: med[f"D_{mode}"] for mode in ("fast", "exact")}
+    out["decode_ceiling_D_img_s"] = D
+    tables = {}
+    for prec in models:
+        m_by = {k: round(float(np.median(v)), 1) for k, v in alone[prec].items()}
+        M = max(m_by.values())
+        out.setdefault("model_alone_img_s", {})[prec] = m_by
+        for mode in ("fast", "exact"):
+            ceiling = 1 / (1 / D[mode] + 1 / M)
+            fb = med[f"featurebank_{prec}_{mode}"]
+            tables[f"{prec}_{mode}"] = {
+                "featurebank_img_s": fb, "untuned_img_s": med[f"untuned_{prec}_{mode}"],
+                "peer_b_img_s": med["peer_b_plain_ort_loop"], "D_img_s": round(D[mode], 1), "M_img_s": M,
+                "ceiling_img_s": round(ceiling, 1), "fraction_of_ceiling": round(fb / ceiling, 3),
+                "ratio_to_peer_b": round(fb / med["peer_b_plain_ort_loop"], 3),
+                "untuned_fraction_of_ceiling": round(med[f"untuned_{prec}_{mode}"] / ceiling, 3),
+                "untuned_ratio_to_peer_b": round(med[f"untuned_{prec}_{mode}"] / med["peer_b_plain_ort_loop"], 3),
+                "settings": tuned[(prec, mode)],
+            }
+            t = tables[f"{prec}_{mode}"]
+            print(f"  [{prec} {mode}] featurebank {fb:.1f} img/s = {t['fraction_of_ceiling']:.2f} of ceiling "
+                  f"{ceiling:.1f} (D {D[mode]:.0f}, M {M:.0f}), {t['ratio_to_peer_b']:.2f}x peer (b); untuned "
+                  f"{t['untuned_img_s']:.1f} ({t['untuned_fraction_of_ceiling']:.2f})", flush=True)
+    out["tables"] = tables
+    if torch_peer:
+        peer_torch(warm)
+        a = peer_torch(paths)
+        out["peer_a_torch_dataloader_img_s"] = round(a, 2)
+        out["ratio_fast_fp32_to_peer_a"] = round(med["featurebank_fp32_fast"] / a, 2)
+        print(f"  peer (a) torch DataLoader {a:.1f} img/s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=192)
-    ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of featurebank and peer (b); the median counts")
+    ap.add_argument("--images", type=int, default=300, help="images in the size-mix set")
+    ap.add_argument("--old-images", type=int, default=192, help="images in the old set (0: skip it)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every row; the median counts")
+    ap.add_argument("--skip-torch", action="store_true", help="leave out peer (a)")
+    ap.add_argument("--memory", action="store_true", help="also the 1,000 vs 10,000 images peak-RSS check")
+    ap.add_argument("--int8-model", help="an INT8 export of efficientnet_lite0 (uint8 input) to measure too")
+    ap.add_argument("--photos", help="folder for the size-mix set (kept; default: a temporary one)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "embed_throughput.json"))
     args = ap.parse_args()
     from featurebank.export.onnx_export import export_backbone
 
-    cores = physical_cores()
-    result: dict = {"benchmark": "embed_throughput", "images": args.images, "cores": cores,
-                    "decode_mode": DEFAULT_DECODE_MODE, "machine": machine_info()}
+    result: dict = {"benchmark": "embed_throughput", "cores": physical_cores(), "machine": machine_info(),
+                    "model": "efficientnet_lite0 (features, avg), uint8 input; peer (b) on the float-input export"}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        paths = make_photos(tmp / "photos", args.images)
-        export_backbone("efficientnet_lite0", tmp / "lite0-u8.onnx", input_format="uint8")
+        photos = Path(args.photos) if args.photos else tmp / "mix"
+        paths = size_mix(photos, args.images)
+        result["photo_sources"] = photo_sources()
+        models = {"fp32": tmp / "lite0-u8.onnx"}
+        export_backbone("efficientnet_lite0", models["fp32"], input_format="uint8")
         export_backbone("efficientnet_lite0", tmp / "lite0-f32.onnx")
-        runner = open_model(tmp / "lite0-u8.onnx", device="cpu")
-        pre = runner.card.preprocessing
+        if args.int8_model:
+            models["int8"] = tmp / "lite0-int8.onnx"
+            import shutil
 
-        def log(k, v):
-            result[k] = round(v, 2)
-            print(f"{k:40s} {v:8.2f}", flush=True)
-
-        # warm-up (imports, thread pools, onnxruntime's first allocations) on other images,
-        # as every peer gets its own warm-up below
-        warm = make_photos(tmp / "warm", 8, seed=99)
-        embed_images(warm, runner, store=tmp / "store-warm", progress=False, return_vectors=False)
-        # featurebank, default mode, fresh store (median of 3 fresh stores), then the cached re-run
-        firsts = []
-        for rep in range(args.repeats):
-            t0 = time.perf_counter()
-            emb = embed_images(tmp / "photos", runner, store=tmp / f"store{rep}", progress=False, return_vectors=False)
-            firsts.append(time.perf_counter() - t0)
-            assert emb.report.embedded == args.images, emb.report.summary()
-        first = float(np.median(firsts))
-        log("featurebank_img_s", args.images / first)
-        result["featurebank_img_s_runs"] = [round(args.images / f, 1) for f in firsts]
-        result["featurebank_stage_seconds"] = {k: round(v, 2) for k, v in emb.report.timings.items()}
-        t0 = time.perf_counter()
-        again = embed_images(tmp / "photos", runner, store=tmp / "store0", progress=False, return_vectors=False)
-        second = time.perf_counter() - t0
-        assert again.report.cached == args.images
-        log("cached_rerun_img_s", args.images / second)
-        log("cached_rerun_speedup", first / second)
-        # featurebank in exact mode (fresh store)
-        t0 = time.perf_counter()
-        embed_images(tmp / "photos", runner, store=tmp / "store-exact", decode_mode="exact", progress=False,
-                     return_vectors=False)
-        log("featurebank_exact_img_s", args.images / (time.perf_counter() - t0))
-        # ceilings
-        # ceilings: medians of `repeats` runs, like the pipeline's own figure
-        D = float(np.median([decode_ceiling(paths, pre, DEFAULT_DECODE_MODE, cores) for _ in range(args.repeats)]))
-        # the model alone at its best batch size (the most favourable ceiling)
-        m_by_batch = {bs: float(np.median([model_ceiling(runner, args.images, batch=bs) for _ in range(args.repeats)]))
-                      for bs in (8, 16, 32)}
-        result["model_img_s_by_batch"] = {bs: round(v, 1) for bs, v in m_by_batch.items()}
-        M = max(m_by_batch.values())
-        log("decode_ceiling_D_img_s", D)
-        log("model_ceiling_M_img_s", M)
-        ceiling = 1 / (1 / D + 1 / M)
-        log("ceiling_cpu_img_s", ceiling)
-        log("fraction_of_ceiling", result["featurebank_img_s"] / ceiling)
-        # peers
-        peer_plain_ort(warm, tmp / "lite0-f32.onnx")  # warm-up
-        b = float(np.median([peer_plain_ort(paths, tmp / "lite0-f32.onnx") for _ in range(args.repeats)]))
-        log("peer_b_plain_ort_loop_img_s", b)
-        log("ratio_to_peer_b", result["featurebank_img_s"] / b)
-        a = peer_torch(paths)
-        log("peer_a_torch_dataloader_img_s", a)
-        log("ratio_to_peer_a", result["featurebank_img_s"] / a)
-        if not args.skip_memory:
+            shutil.copyfile(args.int8_model, models["int8"])
+        pre = open_model(models["fp32"], device="cpu").card.preprocessing
+        small = [p for p in paths if Image.open(p).size == (500, 375)]
+        result["decode_steps_500x375_us"] = {mode: decode_steps(small, pre, mode) for mode in ("fast", "exact")}
+        print("decode steps, 500x375 (us/image):", json.dumps(result["decode_steps_500x375_us"], indent=1), flush=True)
+        result["sets"] = {"size_mix": run_set("size mix (issue #14)", photos, paths, models, tmp / "lite0-f32.onnx",
+                                              tmp, args.repeats, not args.skip_torch)}
+        if args.old_images:
+            old = make_photos(tmp / "old", args.old_images)
+            result["sets"]["old_set"] = run_set("old set (mostly large)", tmp / "old", old, {"fp32": models["fp32"]},
+                                                tmp / "lite0-f32.onnx", tmp, args.repeats, False)
+        if args.memory:
             result["memory"] = memory_check(tmp)
             print("memory", json.dumps(result["memory"]), flush=True)
+    result["load_avg_at_end"] = os.getloadavg()
     result["peak_rss_mib_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v.get("tables") for k, v in result["sets"].items()}, indent=1))
 
 
 if __name__ == "__main__":
