@@ -165,6 +165,40 @@ def plot_label_errors(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report(path: Path) -> str:
+    """RESULTS.md's tables from ``results.json``."""
+    r = json.loads(path.read_text())
+    out = []
+    if "label_errors" in r:
+        rows = r["label_errors"]
+        methods = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+        out += ["| seed | " + " | ".join(f"{m} P / R / F1" for m in methods) + " |",
+                "|---|" + "---|" * len(methods)]
+        for row in rows:
+            out.append(f"| {row['seed']} | " + " | ".join(
+                f"{row[m]['precision']:.3f} / {row[m]['recall']:.3f} / **{row[m]['f1']:.3f}** ({row[m]['flagged']})"
+                for m in methods) + " |")
+        out.append("| mean | " + " | ".join(
+            " / ".join(f"{np.mean([x[m][k] for x in rows]):.3f}" for k in ("precision", "recall", "f1"))
+            for m in methods) + " |")
+        out.append("")
+    if "active_learning" in r:
+        al = r["active_learning"]
+        curves = al["curves"]
+        n0 = 10 * al["start_per_class"]
+        xs = [n0 + al["step"] * i for i in range(al["rounds"] + 1)]
+        out += ["| strategy | " + " | ".join(str(x) for x in xs) + " |", "|---|" + "---|" * len(xs)]
+        for s, v in curves.items():
+            a = np.asarray(v)
+            out.append(f"| {s} | " + " | ".join(f"{m:.3f} ± {d:.3f}" for m, d in zip(a.mean(0), a.std(0))) + " |")
+        out.append("")
+    if "time" in r:
+        t = r["time"]
+        out.append(f"audit of {t['n_vectors']} cached vectors: {t['audit_seconds']} s; map PNG {t['map_png_seconds']} s, "
+                   f"HTML {t['map_html_seconds']} s ({t['html_bytes'] / 1e6:.1f} MB)")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=1000)
@@ -179,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cleanlab-path", default="/tmp/cl", help="a folder cleanlab was installed into with --target")
     ap.add_argument("--results-dir", type=Path, default=HERE / "results" / "data_tools")
     ap.add_argument("--parts", nargs="+", default=["errors", "al", "time"], choices=["errors", "al", "time"])
+    ap.add_argument("--report", action="store_true", help="print the tables of --results-dir/results.json and stop")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.results_dir / "results.json"))
+        return 0
     args.results_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     log(f"machine: load average at start {info.get('load_avg_at_start')}")
@@ -207,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "time" in args.parts:
         t = time.perf_counter()
-        report = audit_vectors(X, names[train_y], paths, keys, X_test=X_test, test_paths=tpaths, test_keys=test_keys,
+        audited = audit_vectors(X, names[train_y], paths, keys, X_test=X_test, test_paths=tpaths, test_keys=test_keys,
                                test_labels=list(names[test_y]))
         t_audit = time.perf_counter() - t
         t = time.perf_counter()
@@ -218,14 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         write_map(project_2d(X, method="pca"), list(names[train_y]), paths, Path("/tmp/fmnist_map.html"))
         t_map_html = time.perf_counter() - t
-        sus = [r for r in report["suspects"] if r["issue"] == "label"][:40]
+        sus = [r for r in audited["suspects"] if r["issue"] == "label"][:40]
         write_contact_sheet([{"path": r["path"], "colour": "#c62828",
                               "lines": [f"#{r['rank']} given: {r['given']}", f"suggested: {r['suggested']}",
                                         f"p(given) {r['self_confidence']:.3f}"]} for r in sus],
                             args.results_dir / "audit_sheet.png", columns=8, size=96,
                             title="featurebank audit on 10,000 Fashion-MNIST training images (labels as given): "
                                   "top label suspects")
-        outl = [r for r in report["suspects"] if r["issue"] == "outlier"][:16]
+        outl = [r for r in audited["suspects"] if r["issue"] == "outlier"][:16]
         if outl:
             write_contact_sheet([{"path": r["path"], "colour": "#1565c0",
                                   "lines": [f"#{r['rank']} {r['given']}", f"z {r['score']:.1f}"]} for r in outl],
@@ -233,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                                 title="featurebank audit: top k-NN outliers")
         results["time"] = {"audit_seconds": round(t_audit, 2), "map_png_seconds": round(t_map_png, 2),
                            "map_html_seconds": round(t_map_html, 2), "html_bytes": os.path.getsize("/tmp/fmnist_map.html"),
-                           "n_vectors": len(X), "audit_counts": report["summary"]["counts"],
-                           "out_of_fold_accuracy": report["summary"]["out_of_fold_accuracy"],
+                           "n_vectors": len(X), "audit_counts": audited["summary"]["counts"],
+                           "out_of_fold_accuracy": audited["summary"]["out_of_fold_accuracy"],
                            "umap_installed": False}
-        log(f"time: audit {t_audit:.1f}s ({report['summary']['counts']}), map png {t_map_png:.1f}s, "
+        log(f"time: audit {t_audit:.1f}s ({audited['summary']['counts']}), map png {t_map_png:.1f}s, "
             f"html {t_map_html:.1f}s")
         out_path.write_text(json.dumps(results, indent=2))
 
