@@ -394,7 +394,7 @@ def _measure(path: str, device: str, decode_mode: str, key: dict[str, Any], sess
     """Two steps, so that a few seconds suffice: (1) the model alone for each intra-op thread
     count and batch size picks each thread count's batch size; (2) the whole pipeline, decoding
     real-sized JPEGs, for each thread count with its batch size and the decode threads (all
-    cores, and one per core onnxruntime leaves free), two interleaved rounds."""
+    cores, and one per core onnxruntime leaves free). Each step in interleaved rounds."""
     if progress is None:
         progress = sys.stderr.isatty()
     t_start = time.perf_counter()
@@ -408,13 +408,16 @@ def _measure(path: str, device: str, decode_mode: str, key: dict[str, Any], sess
                for t in thread_counts}
     card = runners[thread_counts[0]].card
     split = [(t, w) for t in thread_counts for w in dict.fromkeys((cores, max(1, cores - t))) if not (on_cuda and w != cores)]
-    say = _Say(progress, len(thread_counts) * len(batch_sizes) + ROUNDS * len(split), card.backbone, decode_mode, path)
-    model_alone: dict[tuple[int, int], float] = {}
+    say = _Say(progress, ROUNDS * (len(thread_counts) * len(batch_sizes) + len(split)), card.backbone, decode_mode, path)
     for t in thread_counts:
         infer_batch(runners[t], np.zeros((max(batch_sizes), *_hwc(card)), np.uint8))  # onnxruntime sizes its buffers
-        for b in batch_sizes:
-            model_alone[(t, b)] = _model_rate(runners[t], b, POINT_SECONDS / 2)
-            say.line(f"model alone, {t} onnxruntime threads, batch {b}", model_alone[(t, b)])
+    alone: dict[tuple[int, int], list[float]] = {}
+    for _ in range(ROUNDS):
+        for t in thread_counts:
+            for b in batch_sizes:
+                alone.setdefault((t, b), []).append(_model_rate(runners[t], b, POINT_SECONDS / 2))
+                say.line(f"model alone, {t} onnxruntime threads, batch {b}", alone[(t, b)][-1])
+    model_alone = {tb: float(np.median(v)) for tb, v in alone.items()}
     batch_of = {t: max(batch_sizes, key=lambda b: model_alone[(t, b)]) for t in thread_counts}
     rates: dict[tuple[int, int], list[float]] = {tw: [] for tw in split}
     for _ in range(ROUNDS):  # rounds interleaved: a burst of load elsewhere hits every point alike

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from featurebank.embed_into_store import embed_images
@@ -163,3 +164,16 @@ def test_a_small_run_does_not_measure(model, photo_dir):
     cores = usable_cores()
     assert emb.report.settings == {"batch_size": 16, "threads": cores, "workers": cores, "origin": "default"}
     assert not tuning_file(model).exists()
+
+
+def test_image_embedder_uses_the_measured_batch_and_decodes_ahead(model, photo_dir):
+    from featurebank.image_embedder import ImageEmbedder
+
+    _write_cache(model, tuning_key(model, CPU, "fast"), POINTS)
+    paths = sorted(str(p) for p in photo_dir.iterdir())
+    tuned = ImageEmbedder(model, device="cpu").fit()
+    X = tuned.transform(paths)
+    assert tuned._runner().threads == 1  # the cached choice (batch 8, 1 thread, 1 decode thread)
+    Y = ImageEmbedder(model, device="cpu", batch_size=2).fit().transform(paths)
+    assert X.shape == (len(paths), tuned.n_features_out_)
+    np.testing.assert_allclose(X, Y, rtol=1e-4, atol=1e-5)
