@@ -54,6 +54,8 @@ INDEX_FILE, IDS_FILE, ORDER_FILE, META_FILE = "index.faiss", "ids.npy", "ids_ord
 # `factory="auto"` stays exact (Flat) below this many vectors; see `resolve_factory`.
 AUTO_FLAT_MAX = 50_000
 
+_RERANK_BLOCK = 256  # queries re-ranked per gather: 256 x 100 candidates x 512-d = 50 MB
+
 _TRAIN_ERROR = re.compile(r"Number of training points \((\d+)\) should be at least as large as number of clusters \((\d+)\)")
 
 
@@ -313,6 +315,7 @@ class SimilarityIndex:
         #: True once a re-ranking search found the store's shards changed (compaction) since
         #: the build; candidates are then found through the store's rebuilt key map
         self.store_changed = False
+        self._store_checked = False
         self._file_bytes: int | None = None
         self.factory = factory
         self.metric = metric
@@ -327,6 +330,7 @@ class SimilarityIndex:
         state["_index"] = faiss.serialize_index(self._index)
         state["_labels"] = np.array(self._labels)
         state["_store_space"] = None
+        state["_store_checked"] = False
         state["_mmapped"] = False
         return state
 
@@ -553,10 +557,12 @@ class SimilarityIndex:
     def _store_vectors(self, space, keys: np.ndarray) -> np.ndarray:
         """Exact vectors of indexed ``keys`` (S array) from the store (memory-mapped shards, key
         map persisted by the store); refuses when some are gone."""
-        shards = _shards_signature(space)
-        built = (self.source or {}).get("shards")
-        if built is not None and shards != built:
-            self.store_changed = True  # compacted or grown since the build: found by key, re-mapped
+        if not self._store_checked:  # once per opened index: a listing of the shard folder
+            built = (self.source or {}).get("shards")
+            # compacted or grown since the build: rows are found by key through the store's
+            # key map, which the store rebuilds (re-maps) when its shards changed
+            self.store_changed = built is not None and _shards_signature(space) != built
+            self._store_checked = True
         X, found = space.get(keys)
         if not found.all():
             raise IndexFileError(
@@ -581,29 +587,34 @@ class SimilarityIndex:
 
     def _rerank(self, space, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Search ``rerank * k`` candidates in the index, then order them by exact scores
-        computed from the store's vectors (one gather per batch of queries)."""
+        computed from the store's vectors (one gather per block of queries, so memory is
+        bounded by the block, not the number of queries)."""
         kc = min(self.count, k * self.rerank)
-        _, I = self._index.search(Q, kc)
-        flat = I.reshape(-1)
-        live = flat >= 0
-        uniq, inv = np.unique(flat[live], return_inverse=True)
-        V = self._store_vectors(space, self._labels[uniq])
-        if self.metric == "cosine":
-            V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        C = np.zeros((len(flat), self.dim), dtype=np.float32)
-        C[live] = V[inv]
-        C = C.reshape(len(Q), kc, self.dim)
-        if self.metric == "cosine":
-            D = np.einsum("qd,qkd->qk", Q, C)
-            D[I < 0] = -np.inf
-            top = np.argsort(-D, axis=1, kind="stable")[:, :k]
-        else:
-            D = ((C - Q[:, None, :]) ** 2).sum(axis=2)
-            D[I < 0] = np.inf
-            top = np.argsort(D, axis=1, kind="stable")[:, :k]
-        D = np.take_along_axis(D, top, axis=1)
-        I = np.take_along_axis(I, top, axis=1)
-        return np.where(I < 0, np.nan, D).astype(np.float32), I
+        _, I_all = self._index.search(Q, kc)
+        D_out = np.empty((len(Q), k), np.float32)
+        I_out = np.empty((len(Q), k), np.int64)
+        for s in range(0, len(Q), _RERANK_BLOCK):
+            q, I = Q[s : s + _RERANK_BLOCK], I_all[s : s + _RERANK_BLOCK]
+            flat = I.reshape(-1)
+            live = flat >= 0
+            uniq, inv = np.unique(flat[live], return_inverse=True)
+            V = self._store_vectors(space, self._labels[uniq])
+            if self.metric == "cosine":
+                V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+            C = np.zeros((len(flat), self.dim), dtype=np.float32)
+            C[live] = V[inv]
+            C = C.reshape(len(q), kc, self.dim)
+            if self.metric == "cosine":
+                D = np.einsum("qd,qkd->qk", q, C)
+                D[I < 0] = -np.inf
+                top = np.argsort(-D, axis=1, kind="stable")[:, :k]
+            else:
+                D = ((C - q[:, None, :]) ** 2).sum(axis=2)
+                D[I < 0] = np.inf
+                top = np.argsort(D, axis=1, kind="stable")[:, :k]
+            I_out[s : s + len(q)] = np.take_along_axis(I, top, axis=1)
+            D_out[s : s + len(q)] = np.take_along_axis(D, top, axis=1)
+        return np.where(I_out < 0, np.nan, D_out).astype(np.float32), I_out
 
     def range_search(self, Q, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All indexed vectors within `threshold` of each (already validated) query row.

@@ -13,6 +13,9 @@ Layout (format version 1; everything is an open format)::
       spaces/<fingerprint>/
         space.json                     {"fingerprint", "dim", "dtype", "info", "created", ...}
         shards/<time_ns>-<pid>-<rand>.arrow
+        keymap/                        the persisted key -> (shard, row) map of a large space
+                                       (<gen>.{keys,prefix,block,row}.npy + keymap.json naming the
+                                       shards it maps; a validated cache, rebuilt when they change)
       locks/                           flock files (one compaction per space at a time)
       quarantine/<fingerprint>/        shards that ``verify(quarantine=True)`` moved aside
 
