@@ -1,7 +1,7 @@
 """``GET /v1/audit``: the suspects of ``featurebank audit`` for the labelled files a store
 records, in the served model's vector space, for the web page (``featurebank serve --store DIR``).
 
-Computed once, on the first request (in a worker thread), then kept. Clients see each file's
+Computed once, when the app is built (before the server listens), then kept. Clients see each file's
 name relative to the folder holding all audited files, never a server path, unless the
 operator opts in (``--expose-paths``); thumbnails are served by content key only.
 """
@@ -37,50 +37,40 @@ def check_store(engine: ServiceEngine, store: Any) -> None:
 
 
 def audit_router(engine: ServiceEngine, store: Any) -> APIRouter:
+    """The audit routes over ``store``. The audit runs here, once, before the server listens
+    (28 s for 10,000 images on 2 cores: a first request would otherwise meet the request
+    timeout), so a store that cannot be audited fails at start, like a wrong classifier."""
+    from featurebank.curation import audit_store
+
     guard = key_guard(engine.config.api_key)
     codes = (401,) if guard else ()
     router = APIRouter()
-    cache: dict[str, Any] = {}
-    lock = asyncio.Lock()
+    raw = audit_store(store, engine.space)
+    rows = raw["suspects"]
+    names = _display_names({str(i): r["path"] for i, r in enumerate(rows)})
+    by_path = {r["path"]: names[str(i)] for i, r in enumerate(rows)}
+    suspects = []
+    for i, r in enumerate(rows):
+        row = {k: v for k, v in r.items() if k not in ("path", "related")}
+        row["name"] = names[str(i)]
+        row["related"] = [by_path.get(p, _printable(p.rsplit("/", 1)[-1])) for p in r["related"]]
+        row["thumbnail_url"] = f"/v1/audit/{r['key']}/thumbnail"
+        if engine.config.expose_paths:
+            row["path"] = _printable(r["path"])
+        suspects.append(row)
+    report = {"summary": raw["summary"], "suspects": suspects}
+    paths = {r["key"]: r["path"] for r in rows}
 
-    async def report() -> dict[str, Any]:
-        async with lock:
-            if "report" not in cache:
-                from featurebank.curation import audit_store
-
-                try:
-                    raw = await asyncio.to_thread(audit_store, store, engine.space)
-                except ValueError as exc:  # fewer than two labelled classes, a class of one image
-                    raise RequestRejected(409, f"no audit for this store: {exc}") from None
-                rows = raw["suspects"]
-                names = _display_names({str(i): r["path"] for i, r in enumerate(rows)})
-                by_path = {r["path"]: names[str(i)] for i, r in enumerate(rows)}
-                expose = engine.config.expose_paths
-                suspects = []
-                for i, r in enumerate(rows):
-                    row = {k: v for k, v in r.items() if k not in ("path", "related")}
-                    row["name"] = names[str(i)]
-                    row["related"] = [by_path.get(p, _printable(p.rsplit("/", 1)[-1])) for p in r["related"]]
-                    row["thumbnail_url"] = f"/v1/audit/{r['key']}/thumbnail"
-                    if expose:
-                        row["path"] = _printable(r["path"])
-                    suspects.append(row)
-                summary = {k: v for k, v in raw["summary"].items()}
-                cache["report"] = {"summary": summary, "suspects": suspects}
-                cache["paths"] = {r["key"]: r["path"] for r in rows}
-        return cache["report"]
-
-    @router.get("/v1/audit", tags=["audit"], dependencies=guard, responses={**problems(*codes), 409: {"description": "fewer than two labelled classes"}},
+    @router.get("/v1/audit", tags=["audit"], dependencies=guard, responses=problems(*codes),
                 summary="label issues, outliers and conflicts of the store's labelled images (featurebank audit)")
     async def audit() -> dict:
-        return await report()
+        return report
 
     @router.get("/v1/audit/{key}/thumbnail", tags=["audit"], dependencies=guard, response_class=Response,
                 responses={**problems(*codes, 404), 200: {"content": {"image/jpeg": {}}}},
                 summary="JPEG thumbnail of an audited image (by content key; never by path)")
     async def thumbnail(key: str) -> Response:
-        await report()
-        path = cache["paths"].get(key)
+        path = paths.get(key)
         if path is None:
             raise RequestRejected(404, f"id {key[:80]!r} is not among the audit's suspects")
         data = await asyncio.get_running_loop().run_in_executor(engine._decode_pool, engine._make_thumbnail, path)

@@ -101,3 +101,17 @@ def test_the_page_lists_the_suspects(audited, tiny_model, tmp_path):
         page.screenshot(path=str(tmp_path / "audit.png"), full_page=True)
         assert not errors, errors
     assert (tmp_path / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_store_that_cannot_be_audited_fails_at_start(faulty, tiny_model, tmp_path):
+    import shutil
+
+    from featurebank.embed_into_store import embed_images
+    from featurebank.errors import ImageSourceError
+    from featurebank.service import ServiceConfig, create_app
+
+    shutil.copytree(faulty.train / "grass", tmp_path / "one" / "grass")
+    embed_images(tmp_path / "one", tiny_model, store=tmp_path / "store", progress=False)
+    with pytest.raises(ImageSourceError, match=r"records fewer than two labelled classes in space .*; embed labelled "
+                                               r"folders \(SOURCE/<class>/image.jpg\) into it first"):
+        create_app(tiny_model, config=ServiceConfig(threads=1), store=tmp_path / "store")
