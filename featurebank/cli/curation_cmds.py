@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                        "  featurebank audit train/ --test test/ --store store/ --format csv -o suspects.csv "
                        "--sheet suspects.html")
     p.add_argument("source", metavar="SOURCE", help="labelled images: class subfolders or a list with a label column")
-    p.add_argument("--test", default=None, metavar="SOURCE", help="the test set: its images found in SOURCE are leakage")
+    p.add_argument("--test", default=None, metavar="SOURCE",
+                   help="the test set: its images found in SOURCE are leakage")
     _common(p)
     _classifier_options(p)
     p.add_argument("--cv", type=int, default=5, metavar="K", help="folds of the out-of-fold probabilities")
@@ -112,8 +113,8 @@ def _write_rows(rows: list[dict], columns: tuple[str, ...], args: argparse.Names
             w = csv.writer(fh)
             w.writerow(columns)
             for r in rows:
-                w.writerow(["" if r.get(c) is None else printable(";".join(r[c]) if isinstance(r[c], list) else str(r[c]))
-                            for c in columns])
+                w.writerow(["" if r.get(c) is None
+                            else printable(";".join(r[c]) if isinstance(r[c], list) else str(r[c])) for c in columns])
     finally:
         if args.output:
             fh.close()

@@ -17,7 +17,8 @@
   labels, and images of the test set that are also (or nearly) in the training set: leakage.
 
 The array functions here take ``X`` (n_samples, n_features) float32 and ``y`` (n_samples,)
-labels; :func:`featurebank.curation.images.audit_images` joins them to image sources and a store.
+labels; :func:`featurebank.curation.images.audit_images` joins them to image sources and a
+store.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ ISSUE_KINDS = ("leakage", "conflict", "label", "outlier", "far_from_classes")
 _MAD = 1.4826  # MAD -> standard deviation of a normal distribution
 
 
-def _check_classes(y: np.ndarray, cv: int) -> None:
+def _check_classes(y: np.ndarray) -> None:
     labels, counts = np.unique(y, return_counts=True)
     if len(labels) < 2:
-        raise ImageSourceError(f"only one class ({labels[0]!r}) in {len(y)} images; an audit needs at least two classes")
+        raise ImageSourceError(
+            f"only one class ({labels[0]!r}) in {len(y)} images; an audit needs at least two classes")
     small = [(str(lab), int(c)) for lab, c in zip(labels, counts) if c < 2]
     if small:
         lab, c = small[0]
@@ -68,7 +70,7 @@ def out_of_fold_proba(X: np.ndarray, y: Sequence[Any], *, classifier: str = "pro
     from featurebank.classifiers import make_classifier
 
     y = np.asarray(y, dtype=object)
-    _check_classes(y, cv)
+    _check_classes(y)
     if not isinstance(cv, int) or isinstance(cv, bool) or cv < 2:
         raise ValueError(f"cv must be an int >= 2 (folds); got cv={cv!r}")
     params = dict(params or {})

@@ -88,8 +88,9 @@ def audit_store(store: Any, space: str, **options: Any) -> dict[str, Any]:
     keep = np.flatnonzero(found)
     items = [items[i] for i in keep]
     if len({it.label for it in items}) < 2:
-        raise ImageSourceError(f"the store {str(store)!r} records fewer than two labelled classes in space {space[:12]}…; "
-                               "embed labelled folders (SOURCE/<class>/image.jpg) into it first")
+        raise ImageSourceError(
+            f"the store {str(store)!r} records fewer than two labelled classes in space {space[:12]}…; "
+            "embed labelled folders (SOURCE/<class>/image.jpg) into it first")
     report = audit_vectors(X[keep], [it.label for it in items], [it.path for it in items], [it.key for it in items],
                            **options)
     report["summary"]["space"] = space

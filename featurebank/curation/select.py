@@ -90,7 +90,8 @@ def select_vectors(X_pool: np.ndarray, budget: int, *, strategy: str = "combined
         raise ValueError(f"budget must be a positive integer; got {budget!r}")
     n = len(X_pool)
     if budget > n:
-        raise ValueError(f"budget {budget} is larger than the pool of {n} unlabelled images; lower --budget to at most {n}")
+        raise ValueError(
+            f"budget {budget} is larger than the pool of {n} unlabelled images; lower --budget to at most {n}")
     cold = X_labelled is None or len(X_labelled) == 0
     if cold and strategy in ("uncertainty", "combined"):
         raise ValueError(f"strategy {strategy!r} needs labelled images (--labelled SOURCE); for a cold start use "

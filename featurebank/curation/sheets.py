@@ -121,7 +121,8 @@ def _html_sheet(tiles: Sequence[dict[str, Any]], title: str, size: int) -> str:
         img = (f'<img src="{uri}" alt="" style="max-width:{size}px;max-height:{size}px">' if uri
                else '<div class="missing">unreadable</div>')
         lines = [str(x) for x in tile.get("lines", ())]
-        caption = "".join(('<div class="first">' if j == 0 else "<div>") + esc(t) + "</div>" for j, t in enumerate(lines))
+        caption = "".join(('<div class="first">' if j == 0 else "<div>") + esc(t) + "</div>"
+                          for j, t in enumerate(lines))
         border = f' style="border-color:{esc(str(tile["colour"]))}"' if tile.get("colour") else ""
         parts.append(f'<figure class="tile"{border} title="{esc(str(tile["path"]))}">'
                      f'<div class="thumb" style="width:{size}px;height:{size}px">{img}</div>'
