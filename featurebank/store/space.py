@@ -164,18 +164,36 @@ class Space:
             raise ValueError(f"chunk_rows must be a positive integer; got {chunk_rows!r}")
         index = self._refresh()
         masks = index.row_mask()
-        for i, block in enumerate(index.blocks):
-            if verify:
-                self._check_block(block)
-            keep = None if masks is None else masks[i]
-            for s in range(0, len(block.keys), chunk_rows):
-                k, X = block.keys[s : s + chunk_rows], block.vectors[s : s + chunk_rows]
-                if keep is not None:
-                    sel = keep[s : s + chunk_rows]
-                    if not sel.all():
-                        k, X = k[sel], X[sel]
-                if len(k):
-                    yield k, (X if dtype is None else X.astype(dtype, copy=False))
+        i = -1
+        for name in list(self._names or []):
+            # a mapping of its own per shard, dropped after it: one shard's pages resident at a time
+            try:
+                blocks = read_blocks(self.shard_dir / name, self.dim, self.dtype)
+            except FileNotFoundError:  # compacted away meanwhile: read through the cached mapping
+                blocks = self._blocks[name]
+            cached = self._blocks.get(name, [])
+            for j, block in enumerate(blocks):
+                i += 1
+                twin = cached[j] if j < len(cached) else None  # the Space's mapping of the same batch
+                if twin is not None and twin.intact is not None:
+                    block.intact = twin.intact  # checked once per open, whichever mapping read it
+                yield from self._stream_block(block, None if masks is None else masks[i], chunk_rows, verify, dtype)
+                if twin is not None:
+                    twin.intact = block.intact
+            del blocks
+
+    def _stream_block(self, block: Block, keep, chunk_rows: int, verify: bool, dtype):
+        if verify:
+            self._check_block(block)
+        for s in range(0, len(block.keys), chunk_rows):
+            k, X = block.keys[s : s + chunk_rows], block.vectors[s : s + chunk_rows]
+            if keep is not None:
+                sel = keep[s : s + chunk_rows]
+                if not sel.all():
+                    k, X = k[sel], X[sel]
+            if len(k):
+                # copies: the shard's mapping is dropped once streamed
+                yield np.array(k), (np.array(X) if dtype is None else X.astype(dtype))
 
     def gather(self, positions: np.ndarray, *, verify: bool = True) -> np.ndarray:
         """Vectors at ``positions`` of :meth:`key_array` (int array, shape (m,)): ndarray of
