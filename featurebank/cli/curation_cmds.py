@@ -129,8 +129,10 @@ def _table(rows: list[dict], columns: tuple[str, ...], limit: int = 25) -> None:
             return "-"
         if isinstance(v, float):
             return f"{v:.3f}"
-        if c == "path":
-            return printable(os.path.relpath(v) if os.path.isabs(v) and len(v) > 60 else v)[-60:]
+        if c == "path":  # relative to the working folder when shorter; a long one keeps its end
+            rel = os.path.relpath(v) if os.path.isabs(v) else v
+            shown = printable(rel if len(rel) < len(v) else v)
+            return shown if len(shown) <= 60 else "…" + shown[-59:]
         return printable(str(v))
 
     cells = [[cell(r, c) for c in columns] for r in rows[:limit]]
