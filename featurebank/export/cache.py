@@ -57,13 +57,13 @@ def cached_export(backbone: str, **export_options: Any) -> Path:
     QuantizationGateError : the INT8 model missed a gate (nothing cached)
     """
     options = {k: v for k, v in export_options.items() if v is not None}
-    if options.get("precision") == "int8" or "calibrate" in options:
-        return _cached_int8(backbone, options)
     if isinstance(options.get("layers"), str):
         options["layers"] = [options["layers"]]
     if "weights" in options and os.path.isfile(str(options["weights"])):
         options["weights"] = os.path.abspath(str(options["weights"]))
         options["_weights_mtime"] = os.stat(options["weights"]).st_mtime_ns
+    if options.get("precision") == "int8" or "calibrate" in options:
+        return _cached_int8(backbone, options)
     path = _cache_path(backbone, options)
     options.pop("_weights_mtime", None)
     if _is_cached(path):
