@@ -46,8 +46,8 @@ depthwise convolutions alone in fp32 made it worse (0.80): a lone fp32 node betw
 ones still sees 8-bit inputs and outputs, hence whole stages. Which stages is a speed question
 too (300 held-out size-mix photos, model-only CPU time at 1 thread, batches of 16):
 keeping ``blocks.0`` + ``blocks.1`` fp32 (the gain-only search's choice) gave median cosine
-0.9965 at 1.24x fp32; the stem + ``blocks.0`` gave 0.9960 at 2.26x, faster than everything
-quantized (1.64x): the quantized stem is *slower* than fp32's, so the search weighs each
+0.9965 at 1.27x fp32; the stem + ``blocks.0`` gave 0.9960 at 2.21x, faster than everything
+quantized (1.62x): the quantized stem is *slower* than fp32's, so the search weighs each
 stage's measured cost as well as its gain.
 
 The flags are not trusted blindly: :func:`u8s8_is_exact` runs one ``QLinearConv`` whose
