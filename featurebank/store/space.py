@@ -119,12 +119,11 @@ class Space:
             raise StoreError(f"{self.shard_dir}: shards keep disappearing while reading; is a compaction looping?")
         self._blocks = opened
         self._names = names
-        index = keymap.load_keymap(self.path, names, opened)
-        persisted = index is not None and len(index.blocks) == sum(len(opened[n]) for n in names)
+        index = keymap.load_keymap(self.path, names, opened)  # memory-mapped, or extended in memory
         if index is None:
             index = KeyIndex([b for n in names for b in opened[n]])
-        if index.n_rows >= keymap.KEYMAP_MIN_ROWS and not (persisted and isinstance(index.keys, np.memmap)):
-            keymap.save_keymap(self.path, names, opened, index)
+        if index.n_rows >= keymap.KEYMAP_MIN_ROWS and not isinstance(index.keys, np.memmap):
+            keymap.save_keymap(self.path, names, opened, index)  # built or extended: persist it
         self._index = index
         return self._index
 
