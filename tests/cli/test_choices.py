@@ -35,9 +35,12 @@ def test_named_choices_come_from_their_room():
         seen.setdefault(action.dest, set()).add(command)
     assert seen == {
         "decode_mode": {"embed", "train", "evaluate", "predict", "index build", "search", "serve", "sweep", "fewshot",
-                        "store export"},
-        "device": {"embed", "train", "evaluate", "predict", "index build", "search", "serve", "sweep", "fewshot"},
-        "pool": {"embed", "train", "evaluate", "predict", "index build", "search", "fewshot", "export", "cut"},
-        "precision": {"embed", "train", "evaluate", "predict", "index build", "search", "fewshot", "export", "cut"},
+                        "store export", "audit", "select", "map"},
+        "device": {"embed", "train", "evaluate", "predict", "index build", "search", "serve", "sweep", "fewshot",
+                   "audit", "select", "map"},
+        "pool": {"embed", "train", "evaluate", "predict", "index build", "search", "fewshot", "export", "cut", "audit",
+                 "select", "map"},
+        "precision": {"embed", "train", "evaluate", "predict", "index build", "search", "fewshot", "export", "cut",
+                      "audit", "select", "map"},
         "input_format": {"export", "cut"},
     }
