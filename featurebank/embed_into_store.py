@@ -12,8 +12,9 @@ own):
   ahead, so decoding overlaps inference and memory stays flat whatever the dataset size;
 * **infer**: :func:`~featurebank.embedder.batches.infer_batch` runs each batch on one
   onnxruntime session (CUDA with IO binding when present);
-* **write**: each batch goes into the store as one atomic shard, so a killed run loses at
-  most the batch in flight and a re-run redoes only what is missing.
+* **write**: each batch goes into the store as one atomic shard, on a writer thread while the
+  next batch infers, so a killed run loses at most the batches in flight (up to three) and a
+  re-run redoes only what is missing.
 
 Without a store the same stages run and the vectors stay in memory.
 """
@@ -24,6 +25,8 @@ import logging
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -41,6 +44,9 @@ __all__ = ["embed_images", "load_embeddings", "load_activations", "EmbedReport",
            "WorkPlan"]
 
 log = logging.getLogger("featurebank")
+
+# batches whose vectors are being written (or wait to be) while the next batch infers
+_WRITES_IN_FLIGHT = 2
 
 
 @dataclass
@@ -215,13 +221,34 @@ def embed_images(
     batch_size, workers = settings.batch_size, settings.workers
     report.settings = settings.to_dict()
 
-    # decode + infer + write, decode running ahead on a thread pool
+    # decode + infer + write: decoding runs ahead on a thread pool, and each batch's vectors go
+    # into the store on a writer thread while the next batch infers (a write, with its fsync,
+    # took 7-15% of a run's time when it sat between two inferences: benchmarks/embed_throughput.py)
     bar = _progress(len(todo_keys), bool(progress), "embedding")
     batches = [todo_keys[i : i + batch_size] for i in range(0, len(todo_keys), batch_size)]
+
+    def write(ok_keys: list[str], outs: dict[str, np.ndarray]) -> None:
+        t = time.perf_counter()
+        ok_paths = [unique[k] for k in ok_keys]
+        for name, vecs in outs.items():
+            if name in spaces:
+                # a space that already holds a key (shared with another export of the same
+                # layer) does not get it twice
+                rows = [i for i, k in enumerate(ok_keys) if k in plan.need[name]]
+                if rows:
+                    spaces[name].add([ok_keys[i] for i in rows], vecs[rows], paths=[ok_paths[i] for i in rows],
+                                     labels=[label_of.get(ok_paths[i]) for i in rows])
+            else:
+                memory[name].update(zip(ok_keys, vecs))
+        timings["write"] += time.perf_counter() - t
+
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fb-write")  # one: shards land in order
+    writes: deque[Future] = deque()
     try:
-        # on a CPU-only run inference is the critical path: decoding fills its gaps at a lower priority
+        # on a CPU-only run inference is the critical path: decoding fills its gaps at a lower
+        # priority, unless the measurement found that slower (other sessions on the cores)
         ahead = decode_ahead(([unique[k] for k in b] for b in batches), pre, mode=decode_mode, workers=workers,
-                             lower_priority=not runner.on_cuda)
+                             lower_priority=settings.lower_priority and not runner.on_cuda)
         with closing(ahead):  # on an error, the decode threads finish before it propagates
             for batch_keys, got in zip(batches, ahead):
                 timings["decode"] += got.seconds
@@ -232,23 +259,15 @@ def embed_images(
                     t = time.perf_counter()
                     outs = infer_batch(runner, got.decoded)
                     timings["infer"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    ok_paths = [unique[k] for k in ok_keys]
-                    for name, vecs in outs.items():
-                        if name in spaces:
-                            # a space that already holds a key (shared with another export of
-                            # the same layer) does not get it twice
-                            rows = [i for i, k in enumerate(ok_keys) if k in plan.need[name]]
-                            if rows:
-                                spaces[name].add([ok_keys[i] for i in rows], vecs[rows],
-                                                 paths=[ok_paths[i] for i in rows],
-                                                 labels=[label_of.get(ok_paths[i]) for i in rows])
-                        else:
-                            memory[name].update(zip(ok_keys, vecs))
-                    timings["write"] += time.perf_counter() - t
+                    while len(writes) >= _WRITES_IN_FLIGHT:  # bounded: memory stays flat
+                        writes.popleft().result()
+                    writes.append(writer.submit(write, ok_keys, outs))
                     report.embedded += len(ok_keys)
                 bar.update(len(batch_keys))
+        while writes:
+            writes.popleft().result()  # a failed write raises here
     finally:
+        writer.shutdown(wait=True)  # also on an error: no write runs on behind the caller's back
         bar.close()
         if st is not None and failures and first_space is not None:
             st.record_failures(first_space.fingerprint, [{"path": p, "key": k, "reason": r} for p, k, r in failures])

@@ -124,7 +124,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         size = settings.batch_size
         chunks = (items[start : start + size] for start in range(0, len(items), size))
         ahead = decode_ahead(chunks, runner.card, mode=self.decode_mode, workers=settings.workers,
-                             lower_priority=not runner.on_cuda)
+                             lower_priority=settings.lower_priority and not runner.on_cuda)
         with closing(ahead):  # on an error, the decode threads finish before it propagates
             for start, decoded in zip(range(0, len(items), size), ahead):
                 if decoded.failures:

@@ -93,6 +93,11 @@ class PipelineSettings:
     batch_size : images per inference batch (and per store shard)
     threads : onnxruntime intra-op threads
     workers : decode threads
+    lower_priority : decode threads at a lower priority than inference
+        (:func:`~featurebank.embedder.batches.lower_thread_priority`): right on a machine of
+        its own, where decoding then fills onnxruntime's gaps; wrong where other sessions
+        share the cores (Linux's autogroup scheduler then shrinks this process's share of the
+        core the decode threads run on), which the measurement sees
     origin : ``"measured"`` (just now), ``"cached"`` (from ``<model>.tuning.json``),
         ``"explicit"`` (all three given by the caller) or ``"default"`` (not measured yet:
         ``measure=False`` and nothing cached)
@@ -102,9 +107,11 @@ class PipelineSettings:
     threads: int
     workers: int
     origin: str
+    lower_priority: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "threads": self.threads, "workers": self.workers, "origin": self.origin}
+        return {"batch_size": self.batch_size, "threads": self.threads, "workers": self.workers,
+                "lower_priority": self.lower_priority, "origin": self.origin}
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,6 +269,7 @@ def tune_pipeline(
         threads if threads is not None else best["threads"],
         workers if workers is not None else best["workers"],
         origin,
+        bool(best.get("lower_priority", True)),
     )
 
 
@@ -355,7 +363,8 @@ def _grid(cores: int, on_cuda: bool) -> tuple[list[int], tuple[int, ...]]:
     return sorted({cores, max(1, cores - 1), max(1, cores // 2)}, reverse=True), CPU_BATCH_SIZES
 
 
-def _rate(runner: ModelRunner, images: Sequence[bytes], mode: str, batch: int, workers: int, seconds: float) -> float:
+def _rate(runner: ModelRunner, images: Sequence[bytes], mode: str, batch: int, workers: int, seconds: float,
+          lower: bool = True) -> float:
     """Images/s of decode_ahead + infer_batch on ``images`` (cycled), once the pipeline is full."""
 
     def batches():
@@ -364,7 +373,7 @@ def _rate(runner: ModelRunner, images: Sequence[bytes], mode: str, batch: int, w
             yield [images[(i + k) % len(images)] for k in range(batch)]
             i += batch
 
-    gen = decode_ahead(batches(), runner.card, mode=mode, workers=workers, lower_priority=not runner.on_cuda)
+    gen = decode_ahead(batches(), runner.card, mode=mode, workers=workers, lower_priority=lower and not runner.on_cuda)
     with closing(gen):
         infer_batch(runner, next(gen).decoded)  # the pipeline fills; onnxruntime sizes its buffers
         done, t0 = 0, time.perf_counter()
@@ -394,7 +403,8 @@ def _measure(path: str, device: str, decode_mode: str, key: dict[str, Any], sess
     """Two steps, so that a few seconds suffice: (1) the model alone for each intra-op thread
     count and batch size picks each thread count's batch size; (2) the whole pipeline, decoding
     real-sized JPEGs, for each thread count with its batch size and the decode threads (all
-    cores, and one per core onnxruntime leaves free). Each step in interleaved rounds."""
+    cores, and one per core onnxruntime leaves free); then, at the best of those, the decode
+    threads at a lower priority or at inference's. Each step in interleaved rounds."""
     if progress is None:
         progress = sys.stderr.isatty()
     t_start = time.perf_counter()
@@ -408,7 +418,8 @@ def _measure(path: str, device: str, decode_mode: str, key: dict[str, Any], sess
                for t in thread_counts}
     card = runners[thread_counts[0]].card
     split = [(t, w) for t in thread_counts for w in dict.fromkeys((cores, max(1, cores - t))) if not (on_cuda and w != cores)]
-    say = _Say(progress, ROUNDS * (len(thread_counts) * len(batch_sizes) + len(split)), card.backbone, decode_mode, path)
+    say = _Say(progress, ROUNDS * (len(thread_counts) * len(batch_sizes) + len(split) + (0 if on_cuda else 2)),
+               card.backbone, decode_mode, path)
     for t in thread_counts:
         infer_batch(runners[t], np.zeros((max(batch_sizes), *_hwc(card)), np.uint8))  # onnxruntime sizes its buffers
     alone: dict[tuple[int, int], list[float]] = {}
@@ -419,13 +430,23 @@ def _measure(path: str, device: str, decode_mode: str, key: dict[str, Any], sess
                 say.line(f"model alone, {t} onnxruntime threads, batch {b}", alone[(t, b)][-1])
     model_alone = {tb: float(np.median(v)) for tb, v in alone.items()}
     batch_of = {t: max(batch_sizes, key=lambda b: model_alone[(t, b)]) for t in thread_counts}
-    rates: dict[tuple[int, int], list[float]] = {tw: [] for tw in split}
-    for _ in range(ROUNDS):  # rounds interleaved: a burst of load elsewhere hits every point alike
-        for t, w in split:
-            rates[(t, w)].append(_rate(runners[t], images, decode_mode, batch_of[t], w, POINT_SECONDS))
-            say.line(f"pipeline, {t} onnxruntime threads, {w} decode threads, batch {batch_of[t]}", rates[(t, w)][-1])
-    points = [{"threads": t, "workers": w, "batch_size": batch_of[t], "images_per_s": round(float(np.median(v)), 2),
-               "runs": [round(x, 2) for x in v]} for (t, w), v in rates.items()]
+    rates: dict[tuple[int, int, bool], list[float]] = {(t, w, True): [] for t, w in split}
+
+    def measure(points: Sequence[tuple[int, int, bool]]) -> None:
+        for _ in range(ROUNDS):  # rounds interleaved: a burst of load elsewhere hits every point alike
+            for t, w, lower in points:
+                rates.setdefault((t, w, lower), []).append(
+                    _rate(runners[t], images, decode_mode, batch_of[t], w, POINT_SECONDS, lower))
+                say.line(f"pipeline, {t} onnxruntime threads, {w} decode threads{'' if lower else ' (same priority)'}, "
+                         f"batch {batch_of[t]}", rates[(t, w, lower)][-1])
+
+    measure(list(rates))
+    if not on_cuda:  # then the decode threads' priority, at the best split, against itself again
+        t, w, _ = max(rates, key=lambda k: float(np.median(rates[k])))
+        measure([(t, w, True), (t, w, False)])
+    points = [{"threads": t, "workers": w, "batch_size": batch_of[t], "lower_priority": lower,
+               "images_per_s": round(float(np.median(v)), 2), "runs": [round(x, 2) for x in v]}
+              for (t, w, lower), v in rates.items()]
     seconds = time.perf_counter() - t_start
     best = _best(points)
     say.done(best, seconds)
@@ -458,4 +479,5 @@ class _Say:
 
     def done(self, best: dict[str, Any], seconds: float) -> None:
         self._line(f"featurebank: chose batch {best['batch_size']}, {best['threads']} onnxruntime threads, "
-                   f"{best['workers']} decode threads ({best['images_per_s']:.1f} images/s) in {seconds:.1f} s")
+                   f"{best['workers']} decode threads{'' if best.get('lower_priority', True) else ' (same priority)'} "
+                   f"({best['images_per_s']:.1f} images/s) in {seconds:.1f} s")

@@ -109,7 +109,10 @@ def test_measured_once_with_progress_then_reused(model, capsys):
 def test_a_cached_choice_is_used_as_it_is(model):
     _write_cache(model, tuning_key(model, CPU, "fast"), POINTS)
     got = tune_pipeline(model, device="cpu")
-    assert (got.batch_size, got.threads, got.workers, got.origin) == (8, 1, 1, "cached")
+    assert (got.batch_size, got.threads, got.workers, got.lower_priority, got.origin) == (8, 1, 1, True, "cached")
+    same_priority = [{**POINTS[0], "lower_priority": False, "images_per_s": 120.0}, *POINTS]
+    _write_cache(model, tuning_key(model, CPU, "fast"), same_priority)
+    assert tune_pipeline(model, device="cpu").lower_priority is False
     # another decode mode is another key: not measured when told not to, the defaults instead
     cores = usable_cores()
     got = tune_pipeline(model, device="cpu", decode_mode="exact", measure=False)
@@ -150,19 +153,23 @@ def test_explicit_settings_win(model):
 def test_embed_images_runs_with_the_cached_choice_and_explicit_settings_win(tmp_path, model, photo_dir):
     _write_cache(model, tuning_key(model, CPU, "fast"), POINTS)
     emb = embed_images(photo_dir, model, device="cpu", progress=False)
-    assert emb.report.settings == {"batch_size": 8, "threads": 1, "workers": 1, "origin": "cached"}
+    assert emb.report.settings == {"batch_size": 8, "threads": 1, "workers": 1, "lower_priority": True,
+                                   "origin": "cached"}
     assert emb.ok.all() and emb.report.embedded == len(emb.paths)
     emb = embed_images(photo_dir, model, device="cpu", batch_size=3, progress=False)
-    assert emb.report.settings == {"batch_size": 3, "threads": 1, "workers": 1, "origin": "cached"}
+    assert emb.report.settings == {"batch_size": 3, "threads": 1, "workers": 1, "lower_priority": True,
+                                   "origin": "cached"}
     emb = embed_images(photo_dir, model, device="cpu", batch_size=3, threads=2, workers=2, progress=False)
-    assert emb.report.settings == {"batch_size": 3, "threads": 2, "workers": 2, "origin": "explicit"}
+    assert emb.report.settings == {"batch_size": 3, "threads": 2, "workers": 2, "lower_priority": True,
+                                   "origin": "explicit"}
 
 
 def test_a_small_run_does_not_measure(model, photo_dir):
     emb = embed_images(photo_dir, model, device="cpu", progress=False)
     assert len(emb.paths) < MEASURE_MIN_IMAGES
     cores = usable_cores()
-    assert emb.report.settings == {"batch_size": 16, "threads": cores, "workers": cores, "origin": "default"}
+    assert emb.report.settings == {"batch_size": 16, "threads": cores, "workers": cores, "lower_priority": True,
+                                   "origin": "default"}
     assert not tuning_file(model).exists()
 
 
