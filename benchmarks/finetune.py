@@ -17,8 +17,13 @@ Rows (each writes ``<results-dir>/<row>.json``; a row whose JSON exists is skipp
 
 * ``probe``: :class:`~featurebank.classifiers.probe.LinearProbe` on the frozen pooled features
   of all training images; test accuracy, wall time.
-* ``ft-blocks.6`` / ``ft-blocks.5`` / ``ft-blocks.4``: the default recipe of ``featurebank
-  finetune`` (LP-FT: probe-initialised head, AdamW lr 1e-3 head / 1e-4 top, cosine, early
+* ``ft-default``: ``featurebank finetune`` with no options: the unfreeze point its
+  ``default_unfreeze`` picks for the training split's size (8000 images: ``blocks.4``), label
+  smoothing and dropout before the head, the recipe below; ``--epochs`` cap.
+* ``ft-default-augment``: ft-default with ``--augment light`` and ``--views`` views per image
+  (augmentation is measured on the default configuration).
+* ``ft-blocks.6`` / ``ft-blocks.5`` / ``ft-blocks.4``: the recipe of ``featurebank
+  finetune`` without label smoothing and dropout (LP-FT: probe-initialised head, AdamW lr 1e-3 head / 1e-4 top, cosine, early
   stopping patience 3 on a stratified 20% validation split of the training images, batch norm in
   inference mode), trained on cached activations of the frozen bottom; test accuracy of the
   whole network on the decoded test images, wall time, epochs run. Epoch caps: ``--epochs``
