@@ -71,8 +71,11 @@ def register(sub: argparse._SubParsersAction, formatter_class: type) -> None:
                    help="a folder of images, a .txt/.csv/.parquet list of paths, or several")
     p.add_argument("--store", required=True, metavar="DIR", help="store directory (created if missing)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch and per store shard (GPU: 64-256)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch and per store shard (default: measured once for this machine and model, "
+                   "by the first run of at least 256 images, and cached beside the model; 16 before that and on Ray)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode threads (default: measured with the batch size; all cores before that)")
     p.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     p.add_argument("--store-dtype", choices=("float32", "float16"), default=None,
                    help="on-disk precision of a new space (float16: half the disk; loads as float32)")

@@ -64,7 +64,7 @@ def embed_on_ray(args: argparse.Namespace, model: str):
     return embed_images_ray(
         args.sources, model, store=args.store,
         address=None if args.ray == "local" else args.ray,
-        decode_mode=args.decode_mode or DEFAULT_DECODE_MODE, batch_size=args.batch_size,
+        decode_mode=args.decode_mode or DEFAULT_DECODE_MODE, batch_size=args.batch_size or 16,
         num_actors=args.num_actors, num_cpus_per_actor=args.num_cpus_per_actor or 1, num_gpus_per_actor=gpus,
         retry_failed=args.retry_failed, progress=args.progress,
     )

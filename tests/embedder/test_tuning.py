@@ -11,6 +11,7 @@ import pytest
 
 from featurebank.embed_into_store import embed_images
 from featurebank.embedder.session import open_model
+from featurebank.embedder.sources import list_images
 from featurebank.embedder.tuning import (
     MEASURE_MIN_IMAGES,
     cgroup_cpu_quota,
@@ -184,3 +185,28 @@ def test_image_embedder_uses_the_measured_batch_and_decodes_ahead(model, photo_d
     Y = ImageEmbedder(model, device="cpu", batch_size=2).fit().transform(paths)
     assert X.shape == (len(paths), tuned.n_features_out_)
     np.testing.assert_allclose(X, Y, rtol=1e-4, atol=1e-5)
+
+
+def test_the_embed_command_uses_the_cached_choice_and_its_flag_wins(tmp_path, model, photo_dir, capsys):
+    """`featurebank embed` without --batch-size embeds in the measured batch size (each batch is
+    one store shard); --batch-size wins."""
+    import pyarrow.ipc as ipc
+
+    from featurebank.cli import main
+    from featurebank.embedder.session import physical_cores
+
+    _write_cache(model, tuning_key(model, CPU, "fast"),
+                 [{"threads": physical_cores(), "workers": 1, "batch_size": 5, "images_per_s": 100.0}])
+
+    def shard_rows(store):
+        return sorted(ipc.open_file(str(p)).read_all().num_rows for p in store.rglob("*.arrow"))
+
+    n = len(list_images(photo_dir).paths)
+    assert n > 5
+    for args, batch in (([], 5), (["--batch-size", "4"], 4)):
+        store = tmp_path / f"store{batch}"
+        assert main(["embed", str(photo_dir), "--model", str(model), "--store", str(store), "--device", "cpu",
+                     "--no-progress", *args]) == 0
+        rows = shard_rows(store)
+        assert sum(rows) == n and max(rows) == batch, rows
+    capsys.readouterr()
