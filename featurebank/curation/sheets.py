@@ -1,7 +1,7 @@
 """Pictures a person scans: contact sheets of suspects or picks (PNG or a self-contained HTML
 page), each tile a thumbnail with its caption lines (given label, suggested label, why).
 
-Thumbnails are read with the one checked opener (:func:`featurebank._files.open_image_file`):
+Thumbnails are :func:`featurebank.decoding.decode.thumbnail` (the one checked opener):
 a file that can no longer be read gets a grey tile that says so, it never stops the sheet.
 """
 
@@ -17,24 +17,19 @@ from typing import Any, Sequence
 __all__ = ["thumbnail", "thumbnail_data_uri", "write_contact_sheet", "SHEET_FORMATS"]
 
 SHEET_FORMATS = (".png", ".html")
-_MAX_PIXELS = 89_478_485  # Pillow's own bomb limit
 
 
 def thumbnail(path: str, size: int = 128):
-    """An RGB PIL image whose longest side is ``size`` (None when the file cannot be read)."""
-    from PIL import Image, ImageOps
+    """An RGB PIL image whose longest side is ``size`` (None when the file cannot be read or is
+    over the decoder's default pixel limit): :func:`featurebank.decoding.decode.thumbnail`."""
+    from PIL import Image
 
-    from featurebank._files import open_image_file
+    from featurebank.decoding.decode import thumbnail as decode_thumbnail
+    from featurebank.errors import ImageTooLargeError
 
     try:
-        with open_image_file(path) as fh, Image.open(fh) as img:
-            if img.size[0] * img.size[1] > _MAX_PIXELS:
-                return None
-            img.draft("RGB", (size, size))
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            img.thumbnail((size, size), Image.Resampling.LANCZOS)
-            return img.copy()
-    except (OSError, ValueError, Image.DecompressionBombError):
+        return decode_thumbnail(path, size)
+    except (ImageTooLargeError, OSError, ValueError, Image.DecompressionBombError):
         return None
 
 

@@ -71,7 +71,7 @@ from featurebank._files import open_image_file
 from featurebank.decoding.formats import ACCEPTED_FORMATS, OPENERS, claimed_format
 from featurebank.errors import ImageDecodeError, ImageTooLargeError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "decode_image", "to_model_input"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "decode_image", "thumbnail", "to_model_input"]
 
 
 #: Default pixel limit, the same as Pillow's own warning threshold (about 9459 x 9459).
@@ -198,6 +198,31 @@ def decode_image(
     raise TypeError(
         "src must be a path, bytes, a PIL.Image.Image or a uint8 ndarray; got " + type(src).__name__
     )
+
+
+def thumbnail(path: str | os.PathLike[str], size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB thumbnail of the image file at ``path``, its longest side ``size`` (EXIF
+    orientation applied, the JPEG decoder drafting at reduced scale, Lanczos), read with the one
+    checked opener (:func:`featurebank._files.open_image_file`: a FIFO or device named like an
+    image is refused, never waited on).
+
+    Raises ImageTooLargeError above ``max_pixels`` (before decoding), OSError / ValueError /
+    PIL.Image.DecompressionBombError when the file cannot be read: the contact sheets draw a
+    grey tile for those, the service answers 413 / 404.
+    """
+    from PIL import ImageOps
+
+    from featurebank._files import open_image_file
+
+    with open_image_file(path) as fh, Image.open(fh) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(_bomb_message(str(path), w * h, (w, h), max_pixels), pixels=w * h,
+                                     size=(w, h), max_pixels=max_pixels)
+        img.draft("RGB", (size, size))
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        return img.copy()
 
 
 def to_model_input(

@@ -558,25 +558,19 @@ class ServiceEngine:
         return data
 
     def _make_thumbnail(self, path: str) -> bytes:
-        from PIL import Image, ImageOps
+        from PIL import Image
 
-        from featurebank._files import open_image_file
+        from featurebank.decoding.decode import thumbnail
 
         try:
-            # the one checked opener: a FIFO or device put where the image was cannot hang a thread
-            with open_image_file(path) as fh, Image.open(fh) as img:
-                if img.size[0] * img.size[1] > self.config.max_pixels:
-                    raise RequestRejected(413, "the indexed image is over the pixel limit")
-                img.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                img = ImageOps.exif_transpose(img).convert("RGB")
-                img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=85)
-                return buf.getvalue()
-        except RequestRejected:
-            raise
+            img = thumbnail(path, THUMBNAIL_SIZE, max_pixels=self.config.max_pixels)
+        except ImageTooLargeError:
+            raise RequestRejected(413, "the indexed image is over the pixel limit") from None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise RequestRejected(404, f"the indexed image file can no longer be read ({type(exc).__name__})") from None
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
 
     # ------------------------------------------------------------------ description
 
