@@ -60,6 +60,9 @@ def _chunks(space, catalog, keys, chunk_size):
     for s in range(0, len(keys), chunk_size):
         k = keys[s : s + chunk_size].astype(f"U{KEY_LEN}")
         X = space.gather(np.arange(s, s + len(k)))
+        # sorted-key order reads every shard in every chunk: without this the export's RSS
+        # would end at the size of all shards (their pages stay mapped, though reclaimable)
+        space.release_pages()
         latest = catalog.items_of_keys(k.tolist())
         yield k, X, [latest.get(x, ("", None))[0] for x in k], [latest.get(x, ("", None))[1] for x in k]
 
@@ -95,22 +98,60 @@ def _export_npy(space, out, chunks, n) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file; npy output is a directory")
     with atomic_directory(out) as tmp:
-        V = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, space.dim))
-        K = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=f"U{KEY_LEN}", shape=(n,))
-        paths: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        s = 0
-        for k, X, p, lab in chunks:
-            V[s : s + len(k)] = X
-            K[s : s + len(k)] = k
-            # per chunk as compact unicode arrays (no Python string per row kept)
-            paths.append(np.asarray(p, dtype=str))
-            labels.append(np.asarray([x or "" for x in lab], dtype=str))
-            s += len(k)
-        V.flush()
-        K.flush()
-        del V, K
-        np.save(tmp / "paths.npy", np.concatenate(paths) if paths else np.empty(0, dtype="U1"))
-        np.save(tmp / "labels.npy", np.concatenate(labels) if labels else np.empty(0, dtype="U1"))
+        # appended chunk by chunk with plain writes (not a writable memory map, whose dirty
+        # pages would count in the process's RSS up to the size of the output)
+        paths, labels = _TextColumn(tmp / ".paths"), _TextColumn(tmp / ".labels")
+        with open(tmp / "vectors.npy", "wb") as fv, open(tmp / "keys.npy", "wb") as fk:
+            _npy_header(fv, np.float32, (n, space.dim))
+            _npy_header(fk, f"U{KEY_LEN}", (n,))
+            s = 0
+            for k, X, p, lab in chunks:
+                fv.write(np.ascontiguousarray(X, dtype=np.float32).data)
+                fk.write(np.ascontiguousarray(k, dtype=f"U{KEY_LEN}").data)
+                paths.append(p)
+                labels.append([x or "" for x in lab])
+                s += len(k)
+            if s != n:  # pragma: no cover - the space changed under the export
+                raise RuntimeError(f"exported {s} rows, expected {n}; the space changed during the export, run it again")
+        paths.finish(tmp / "paths.npy")
+        labels.finish(tmp / "labels.npy")
         meta = {"fingerprint": space.fingerprint, "dim": space.dim, "dtype": space.dtype, "info": space.info}
         (tmp / "space.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _npy_header(fh, dtype, shape: tuple[int, ...]) -> None:
+    """Write the .npy header of a C-order array of ``dtype`` and ``shape`` whose bytes follow."""
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
+
+
+class _TextColumn:
+    """A unicode .npy column written in bounded memory: each chunk is parked in a file of its
+    own (its width unknown until the last chunk), then all are streamed into one array of the
+    widest width and the parts deleted."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir()
+        self.parts = 0
+        self.rows = 0
+        self.width = 1
+
+    def append(self, values) -> None:
+        a = np.asarray(values, dtype=str)
+        if a.size == 0:
+            return
+        self.width = max(self.width, a.dtype.itemsize // 4)
+        np.save(self.folder / f"{self.parts}.npy", a)
+        self.parts += 1
+        self.rows += len(a)
+
+    def finish(self, path: Path) -> None:
+        dtype = np.dtype(f"<U{self.width}")
+        with open(path, "wb") as fh:
+            _npy_header(fh, dtype, (self.rows,))
+            for i in range(self.parts):
+                fh.write(np.ascontiguousarray(np.load(self.folder / f"{i}.npy"), dtype=dtype).data)
+                (self.folder / f"{i}.npy").unlink()
+        self.folder.rmdir()

@@ -25,6 +25,7 @@ from featurebank.store.shards import (
     keys_to_array,
     list_shards,
     read_blocks,
+    release_pages,
     shard_schema,
     verify_ahead,
     write_shard,
@@ -203,6 +204,12 @@ class Space:
         X = np.empty((len(positions), self.dim), dtype=np.float32)
         index.gather(positions, X, np.arange(len(positions)), check=self._check_block if verify else None)
         return X
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the space's shard mappings (they stay in the
+        page cache; see :func:`featurebank.store.shards.release_pages`). Long passes that
+        :meth:`gather` across the whole space call it between chunks to keep RSS flat."""
+        release_pages(b for blocks in self._blocks.values() for b in blocks)
 
     def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
         """ndarray of shape (n,), bool: which of ``keys`` have a vector in this space."""

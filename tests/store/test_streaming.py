@@ -107,7 +107,39 @@ def test_export_and_verify_of_a_store_larger_than_one_chunk(tmp_path, monkeypatc
     np.testing.assert_array_equal(np.load(tmp_path / "npy" / "vectors.npy"), X[order])
     assert np.load(tmp_path / "npy" / "keys.npy").tolist() == [keys[i] for i in order]
     assert np.load(tmp_path / "npy" / "labels.npy")[list(order).index(3)] == "d"
+    paths = np.load(tmp_path / "npy" / "paths.npy")  # chunks of different widths, one column
+    assert paths.shape == (120,) and paths[list(order).index(1)] == str(tmp_path / "img1.jpg")
+    assert paths[list(order).index(50)] == "" and sorted(p.name for p in (tmp_path / "npy").iterdir()) == [
+        "keys.npy", "labels.npy", "paths.npy", "space.json", "vectors.npy"]
     assert rep.ok and (rep.n_rows, rep.n_vectors, rep.n_shards) == (123, 120, 4)
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(x.split()[1]) * 1024 for x in fh if x.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(shards_mod._madvise is None, reason="madvise(MADV_DONTNEED) is Linux-only")
+def test_release_pages_drops_the_mapped_shards_from_rss_and_keeps_the_data(tmp_path):
+    # 24 MB of float32 shards: read them all through the Space's mappings (as export does),
+    # then release: the file pages leave this process's RSS, and reads still return the data
+    rng = np.random.default_rng(0)
+    keys = make_keys(12_000)
+    X = rng.standard_normal((12_000, 512)).astype(np.float32)
+    with open_store(tmp_path / "s") as store:
+        space = store.space(FP_A, dim=512, dtype="float32")
+        for s in range(0, 12_000, 4_000):
+            space.add(keys[s : s + 4_000], X[s : s + 4_000])
+    with open_store(tmp_path / "s") as store:
+        space = store.space(FP_A)
+        order = np.argsort(keys)
+        before = _rss_file()
+        np.testing.assert_array_equal(space.gather(np.arange(12_000)), X[order])
+        touched = _rss_file()
+        assert touched - before > 20e6  # every page of the three shards is mapped in
+        space.release_pages()
+        assert touched - _rss_file() > 20e6
+        np.testing.assert_array_equal(space.gather(np.arange(12_000)), X[order])
 
 
 def test_each_record_batch_is_checked_once_per_open_not_per_read(tmp_path, monkeypatch):
