@@ -314,7 +314,8 @@ def search_step(args) -> dict:
     rr0, np0 = index.rerank, index.nprobe
     runs = [("rerank", rr0, np0), ("no_rerank", 0, np0)]
     if np0 is not None:
-        runs += [(f"rerank_nprobe{p}", rr0, p) for p in (8, 16, 32, 64, 128) if p != np0]
+        runs += [(f"rerank{rr}_nprobe{p}", rr, p) for p in (16, 32, 64, 128, 256) for rr in sorted({10, 20, rr0})
+                 if (p, rr) != (np0, rr0)]
     for label, rr, nprobe in runs:
         index.rerank = rr
         if nprobe is not None:

@@ -35,13 +35,25 @@ from featurebank.search.index import (
 )
 from featurebank.store import open_store
 
-__all__ = ["index_store", "build_store_index", "find_store_duplicates", "store_paths", "RERANK_DEFAULT", "CHUNK"]
+__all__ = ["index_store", "build_store_index", "find_store_duplicates", "store_paths", "RERANK_DEFAULT", "RERANK_FAST_SCAN", "default_rerank", "CHUNK"]
 
 #: vectors read from the store per add: 64 MiB at 256-d float32; a module constant so tests can
 #: lower it (the build's memory is this chunk plus the index and 64 bytes of id per vector)
 CHUNK = 65_536
-#: candidates per wanted neighbour that a compressed index hands to the exact re-rank
+#: candidates per wanted neighbour that a compressed index hands to the exact re-rank (8-bit
+#: PQ and scalar codes)
 RERANK_DEFAULT = 10
+#: the same for 4-bit fast-scan PQ codes, coarser per sub-quantizer (benchmarks/scale.py, 2M x
+#: 512, OPQ128,IVF2048,PQ128x4fs at nprobe 64: recall@10 0.955 at x10, 0.986 at x20, 0.993 at x30)
+RERANK_FAST_SCAN = 30
+
+
+def default_rerank(factory: str) -> int:
+    """Re-rank depth for a factory: 0 for exact codes, `RERANK_FAST_SCAN` for 4-bit
+    fast-scan PQ (``x4fs``), `RERANK_DEFAULT` for other compressed codes."""
+    if not is_compressed(factory):
+        return 0
+    return RERANK_FAST_SCAN if "X4FS" in factory.upper().split(",")[-1] else RERANK_DEFAULT
 
 
 def build_store_index(space, *, factory: str = "auto", metric: str = "cosine", nprobe: int | None = None,
@@ -52,7 +64,7 @@ def build_store_index(space, *, factory: str = "auto", metric: str = "cosine", n
     storage order. No Python object per vector: ids stay ``S64`` bytes.
 
     rerank : candidates per neighbour re-ranked exactly from the store's vectors; None picks
-        `RERANK_DEFAULT` for compressed factories (PQ, SQ) and 0 (off) otherwise.
+        `default_rerank` (compressed factories: PQ, SQ; 0, off, otherwise).
     """
     n = len(space)
     if n == 0:
@@ -95,7 +107,7 @@ def build_store_index(space, *, factory: str = "auto", metric: str = "cosine", n
     sim = SimilarityIndex(index, labels[:pos], factory=resolved, metric=metric, space=space.fingerprint)
     if nprobe is not None:
         sim.nprobe = nprobe
-    sim.rerank = (RERANK_DEFAULT if compressed else 0) if rerank is None else int(rerank)
+    sim.rerank = default_rerank(resolved) if rerank is None else int(rerank)
     sim.source = {"store": str(space.store.root), "shards": _shards_signature(space)}
     return sim
 

@@ -31,11 +31,8 @@ leaves at most a temporary file that nobody reads;
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import mmap
 import os
-import sys
 import threading
 import time
 import uuid
@@ -277,7 +274,7 @@ class Block:
     sum2d: str | None = None
     #: result of :meth:`verify`, computed once per opened shard (None: not checked yet)
     intact: bool | None = field(default=None, compare=False)
-    #: (address, length) of the shard's whole read-only file mapping, for :func:`release_pages`
+    #: (address, length) of the shard's whole read-only file mapping (:mod:`featurebank.store.pages`)
     mapping: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     def verify(self) -> bool:
@@ -365,43 +362,6 @@ def read_blocks(path: Path, dim: int, dtype: str) -> list[Block]:
         return blocks
     finally:
         mm.close()
-
-
-def _libc_madvise():
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # pragma: no cover - a libc without madvise
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-_madvise = _libc_madvise()
-
-
-def release_pages(blocks: Iterable[Block]) -> int:
-    """Drop this process's references to the pages of the shard mappings behind ``blocks``
-    (``madvise(MADV_DONTNEED)`` on each whole read-only file mapping, once per shard).
-
-    The data stays in the kernel's page cache and a later read maps it again, so nothing is
-    lost; what falls is this process's resident memory. For passes that read a large space in
-    an order other than storage order (``store export`` sorted by key) and would otherwise end
-    with every page of every shard counted in their RSS. Linux only (elsewhere a no-op).
-    Returns the number of mappings released.
-    """
-    if _madvise is None:
-        return 0
-    done = set()
-    for b in blocks:
-        if b.mapping is None or b.mapping in done:
-            continue
-        done.add(b.mapping)
-        # the range is a whole MAP_SHARED, PROT_READ file mapping created by read_blocks, never
-        # anonymous memory, so DONTNEED only unmaps pages: their content comes back from the file
-        _madvise(b.mapping[0], b.mapping[1], mmap.MADV_DONTNEED)
-    return len(done)
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -18,19 +18,9 @@ from featurebank.errors import StoreError
 from featurebank.store import index as keymap
 from featurebank.store.index import KeyIndex
 from featurebank.store.records import DTYPES, FORMAT_VERSION
-from featurebank.store.shards import (
-    KEY_LEN,
-    Block,
-    check_blocks,
-    keys_to_array,
-    list_shards,
-    read_blocks,
-    release_pages,
-    shard_schema,
-    verify_ahead,
-    write_shard,
-    write_shard_blocks,
-)
+from featurebank.store.pages import release_pages
+from featurebank.store.shards import (KEY_LEN, Block, check_blocks, keys_to_array, list_shards, read_blocks,
+                                      shard_schema, verify_ahead, write_shard, write_shard_blocks)
 
 if TYPE_CHECKING:
     from featurebank.store.store import EmbeddingStore
@@ -206,9 +196,8 @@ class Space:
         return X
 
     def release_pages(self) -> None:
-        """Drop this process's resident pages of the space's shard mappings (they stay in the
-        page cache; see :func:`featurebank.store.shards.release_pages`). Long passes that
-        :meth:`gather` across the whole space call it between chunks to keep RSS flat."""
+        """Drop this process's resident pages of the shard mappings (:mod:`featurebank.store.pages`):
+        long passes that :meth:`gather` across the whole space call it between chunks."""
         release_pages(b for blocks in self._blocks.values() for b in blocks)
 
     def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:

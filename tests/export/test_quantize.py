@@ -466,7 +466,16 @@ def test_exclusion_search_measures_each_conv_group_on_calibration_images(tiny_mo
     assert record["base_cpu_ms_per_image"] > 0 and record["fp32_cpu_ms_per_image"] > 0
     # groups of positive gain, or free ones (kept fp32 they run faster) retried beside those kept
     costs = record["costs_cpu_ms_per_image"]
-    assert record["chosen"] and all(record["gains"][g] > 0 or costs[g] <= 0 for g in record["chosen"])
+    greedy = record["greedy"]["chosen"]
+    assert greedy and all(record["gains"][g] > 0 or costs[g] <= 0 for g in greedy)
+    # then prefixes (the first j stages fp32), each measured; the cheaper of the two at the
+    # target wins, or the closer one when neither reaches it (0.99999 is out of reach here)
+    prefixes = record["prefixes"]
+    assert prefixes and [p["groups"] for p in prefixes] == [list(groups)[:j] for j in range(1, len(prefixes) + 1)]
+    candidates = [(greedy, record["greedy"]["median_cosine"])] + [(p["groups"], p["median_cosine"]) for p in prefixes]
+    assert all(c < 0.99999 for _, c in candidates)
+    assert record["median_cosine"] == max(c for _, c in candidates)
+    assert record["chosen"] in [g for g, c in candidates if c == record["median_cosine"]]
     # no group is kept that would make the model slower than the speed gate allows
     _, capped = search_exclusions(tiny_model, card, pixels, settings=settings_for(cpu_kernel_class()),
                                   calibration_method="minmax", target_cosine=0.99999, budget_s=120, threads=1,

@@ -84,10 +84,12 @@ def test_auto_picks_a_compressed_index_whose_reranked_recall_matches_exact_searc
     monkeypatch.setattr(index_mod, "AUTO_FLAT_MAX", 1000)
     monkeypatch.setattr(index_mod, "AUTO_COMPRESS_MIN", 1000)
     index, _ = index_store(tmp_path / "store", SPACE, tmp_path / "idx", factory="auto", max_memory="4GB")
-    assert index.factory == "IVF128,PQ24" and index.rerank == indexing.RERANK_DEFAULT
-    # 24-byte codes + 8-byte ids per vector, plus the PQ codebooks and the IVF centroids (fixed)
-    fixed = 24 * 256 * 8 * 4 + 128 * 192 * 4
-    assert abs(index.nbytes - (2500 * (24 + 8) + fixed)) < 4096, index.nbytes
+    # 24 bytes a vector as 48 4-bit fast-scan codes after an OPQ rotation, re-ranked x30
+    assert index.factory == "OPQ48,IVF128,PQ48x4fs" and index.rerank == indexing.RERANK_FAST_SCAN == 30
+    # 24 code bytes + 8 id bytes per vector (lists padded to blocks of 32 codes), plus the
+    # rotation, the 4-bit codebooks and the IVF centroids (fixed)
+    fixed = 192 * 192 * 4 + 48 * 16 * 4 * 4 + 128 * 192 * 4
+    assert 2500 * (24 + 8) + fixed <= index.nbytes <= (2500 + 128 * 31) * (24 + 8) + fixed + 4096, index.nbytes
     stored = crops.astype(np.float16).astype(np.float32)
     Q = stored[::20]
     truth = exact_neighbours(stored, Q, 10)
@@ -167,3 +169,8 @@ def test_cli_index_build_reports_bytes_per_vector_and_search_uses_the_index(tmp_
     assert hits[0]["id"] == str(keys[11]) and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="do not fit in max_memory"):
         index_mod.resolve_factory("auto", 10_000_000, dim=512, max_memory="50MB")
+    # 10M x 512 in 4 GB: 64-byte fast-scan codes, HNSW coarse quantizer; 8-bit PQ where 4-bit
+    # sub-quantizers of the same bytes do not divide the dimension
+    assert index_mod.resolve_factory("auto", 10_000_000, dim=512) == "OPQ128,IVF8192_HNSW32,PQ128x4fs"
+    assert index_mod.resolve_factory("auto", 2_000_000, dim=99) == "IVF2048,PQ11"
+    assert indexing.default_rerank("IVF2048,PQ11") == 10 and indexing.default_rerank("IVF64,Flat") == 0

@@ -13,6 +13,7 @@ from store_helpers import FP_A, make_keys, make_vectors
 
 import featurebank.store.export as export_mod
 import featurebank.store.index as keymap_mod
+import featurebank.store.pages as pages_mod
 import featurebank.store.shards as shards_mod
 import featurebank.store.space as space_mod
 from featurebank.errors import StoreError
@@ -119,7 +120,7 @@ def _rss_file() -> int:
         return next(int(x.split()[1]) * 1024 for x in fh if x.startswith("RssFile:"))
 
 
-@pytest.mark.skipif(shards_mod._madvise is None, reason="madvise(MADV_DONTNEED) is Linux-only")
+@pytest.mark.skipif(pages_mod._madvise is None, reason="madvise(MADV_DONTNEED) is Linux-only")
 def test_release_pages_drops_the_mapped_shards_from_rss_and_keeps_the_data(tmp_path):
     # 24 MB of float32 shards: read them all through the Space's mappings (as export does),
     # then release: the file pages leave this process's RSS, and reads still return the data
