@@ -49,6 +49,7 @@ def export_space(
     chunk_size = chunk_size or EXPORT_CHUNK
     keys = space.key_array()  # S64, memory-mapped for large spaces: no Python string per key
     n = len(keys)
+    space.check_batches()  # checksums first, shard by shard: the sorted pass below reads every shard per chunk
     writer = _export_parquet if format == "parquet" else _export_npy
     writer(space, out, _chunks(space, catalog, keys, chunk_size), n)
     return {"path": str(out), "format": format, "n_vectors": n, "dim": space.dim}

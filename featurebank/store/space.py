@@ -195,9 +195,16 @@ class Space:
         index.gather(positions, X, np.arange(len(positions)), check=self._check_block if verify else None)
         return X
 
+    def check_batches(self) -> None:
+        """Verify each record batch in use (once per open), each shard's pages released after it:
+        a later pass in another order (export) reads verified batches, never all shards at once."""
+        index = self._refresh()
+        for block in index.blocks_of(np.arange(len(index))):
+            self._check_block(block)
+            release_pages([block])
+
     def release_pages(self) -> None:
-        """Drop this process's resident pages of the shard mappings (:mod:`featurebank.store.pages`):
-        long passes that :meth:`gather` across the whole space call it between chunks."""
+        """Drop this process's resident pages of the shard mappings (:mod:`featurebank.store.pages`)."""
         release_pages(b for blocks in self._blocks.values() for b in blocks)
 
     def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
@@ -387,8 +394,7 @@ def available_memory() -> int | None:
 
 
 def check_memory(n_bytes: int, what: str) -> None:
-    """Refuse an allocation of ``n_bytes`` that would not fit in available memory (raises
-    StoreError saying how to proceed) instead of letting the kernel kill the process."""
+    """Refuse (StoreError, with how to proceed) an allocation that would not fit in memory."""
     avail = available_memory()
     if avail is not None and n_bytes > avail:
         raise StoreError(
