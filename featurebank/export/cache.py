@@ -96,7 +96,7 @@ def _cached_int8(backbone: str, options: dict[str, Any]) -> Path:
     import inspect
 
     from featurebank._cpu import cpu_kernel_class
-    from featurebank.export.quantize import calibration_keys, quantize_model, split_images  # no torch
+    from featurebank.export.quantize import SEARCH_VERSION, calibration_keys, quantize_model, split_images  # no torch
 
     calibrate = options.pop("calibrate", None)
     precision = options.pop("precision", "fp32")
@@ -124,6 +124,8 @@ def _cached_int8(backbone: str, options: dict[str, Any]) -> Path:
     keys = calibration_keys(calibrate)
     # refuse a too-small set now, with the count needed, not after a minute of export
     split_images(keys, recipe["calibration_size"], min_holdout=recipe["min_holdout"], seed=recipe["seed"])
+    if recipe.get("search_budget_s"):
+        recipe["search_version"] = SEARCH_VERSION  # a better search re-exports, not a stale choice
     path = _cache_path(backbone, {**fp32_options, "precision": "int8", "quantize": recipe,
                                   "calibration_keys": keys, "kernel_class": cpu_kernel_class()})
     if _is_cached(path):

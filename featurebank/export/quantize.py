@@ -103,6 +103,9 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: far more than either.
 DEFAULT_CALIBRATION_METHOD = "percentile"
 DEFAULT_SEARCH_BUDGET_S = 300.0
+#: bumped when :func:`search_exclusions` chooses differently for the same inputs (2: prefixes
+#: tried after the greedy set); part of the model cache key, so cached INT8 models are re-searched
+SEARCH_VERSION = 2
 DEFAULT_CALIBRATION_SIZE = 64
 #: Held-out images the gates need at the least (the issue's floor: a neighbour agreement over
 #: fewer images says little).
@@ -578,7 +581,7 @@ def search_exclusions(
     fp32_sess = _session(os.fspath(model), threads)
     ref = _embed(fp32_sess, card, probe, batch_size)
     record: dict[str, Any] = {"measured_on": f"calibration images: ranges from {half}, scored on {len(probe)}",
-                              "target_cosine": target_cosine}
+                              "target_cosine": target_cosine, "version": SEARCH_VERSION}
     with tempfile.TemporaryDirectory(prefix=".featurebank-int8-search-", dir=tmp_dir) as tmp:
         cache = Path(tmp) / "ranges.json"
 
