@@ -2,7 +2,9 @@
 
 Exported files live in ``$FEATUREBANK_CACHE`` (default ``~/.cache/featurebank``) under
 ``models/``, named by the backbone and a hash of the export options, so each distinct recipe
-is exported once. A cached file is used only if its model card still reads back.
+is exported once (the hash includes `GRAPH_VERSION`, so a featurebank that exports a better
+graph does not keep serving the old one). A cached file is used only if its model card still
+reads back.
 
 An INT8 model (``precision="int8"``, ``calibrate=[image paths]``) is keyed on its whole recipe:
 the fp32 export options, the calibration images by content (the sha256 of each distinct file,
@@ -74,8 +76,13 @@ def cached_export(backbone: str, **export_options: Any) -> Path:
     return path
 
 
+#: bumped when featurebank exports a different graph for the same recipe (2: the uint8 input
+#: prefix transposes to NCHW first, 17x cheaper), so cached models are exported again
+GRAPH_VERSION = 2
+
+
 def _cache_path(backbone: str, key_payload: dict[str, Any]) -> Path:
-    key = fingerprint_of({"backbone": backbone, **key_payload})[:16]
+    key = fingerprint_of({"backbone": backbone, "graph_version": GRAPH_VERSION, **key_payload})[:16]
     folder = cache_dir() / "models"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{backbone.replace('/', '_')}-{key}.onnx"
