@@ -11,6 +11,7 @@ import numpy as np
 
 from featurebank._atomic import atomic_directory, atomic_writer
 from featurebank.store.catalog import printable
+from featurebank.store.pages import release_array
 from featurebank.store.records import check_fingerprint
 from featurebank.store.shards import KEY_LEN
 
@@ -22,6 +23,8 @@ __all__ = ["export_space", "EXPORT_CHUNK"]
 #: rows read, looked up in the catalog and written per step: memory stays bounded by one chunk
 #: (16,384 x 512 float32 = 32 MiB) whatever the size of the space
 EXPORT_CHUNK = 16_384
+#: rows gathered between two releases of the shards' mapped pages (see `_chunks`)
+RELEASE_ROWS = 128
 
 
 def export_space(
@@ -60,10 +63,15 @@ def _chunks(space, catalog, keys, chunk_size):
     None where the catalog knows no file."""
     for s in range(0, len(keys), chunk_size):
         k = keys[s : s + chunk_size].astype(f"U{KEY_LEN}")
-        X = space.gather(np.arange(s, s + len(k)))
-        # sorted-key order reads every shard in every chunk: without this the export's RSS
-        # would end at the size of all shards (their pages stay mapped, though reclaimable)
-        space.release_pages()
+        # sorted-key order reads rows spread over every shard, and each row read maps its whole
+        # page-cache folio (up to 2 MB) into the process: a chunk of 16,384 rows mapped all 2 GB
+        # of a 2M-vector store. Read RELEASE_ROWS at a time and let go of the pages in between,
+        # so RSS stays near RELEASE_ROWS folios whatever the size of the store.
+        X = np.empty((len(k), space.dim), dtype=np.float32)
+        for j in range(0, len(k), RELEASE_ROWS):
+            X[j : j + RELEASE_ROWS] = space.gather(np.arange(s + j, s + min(len(k), j + RELEASE_ROWS)))
+            space.release_pages()
+        release_array(keys)  # the key map's pages read so far (memory-mapped for large spaces)
         latest = catalog.items_of_keys(k.tolist())
         yield k, X, [latest.get(x, ("", None))[0] for x in k], [latest.get(x, ("", None))[1] for x in k]
 

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from featurebank.store.shards import Block
 
-__all__ = ["release_pages"]
+__all__ = ["release_pages", "release_array"]
 
 
 def _libc_madvise():
@@ -48,3 +48,16 @@ def release_pages(blocks: Iterable[Block]) -> int:
         # only unmaps its pages, whose content comes back from the file
         _madvise(b.mapping[0], b.mapping[1], mmap.MADV_DONTNEED)
     return len(done)
+
+
+def release_array(a) -> bool:
+    """:func:`release_pages` for a read-only ``np.memmap`` (the persisted key map read front to
+    back by export); any other array is left alone (its memory is the data). True if released."""
+    import numpy as np
+
+    if _madvise is None or not isinstance(a, np.memmap) or a.mode != "r" or a.size == 0:
+        return False
+    page = mmap.PAGESIZE
+    start = a.ctypes.data // page * page
+    _madvise(start, a.ctypes.data + a.nbytes - start, mmap.MADV_DONTNEED)
+    return True

@@ -205,7 +205,7 @@ class Space:
 
     def release_pages(self) -> None:
         """Drop this process's resident pages of the shard mappings (:mod:`featurebank.store.pages`)."""
-        release_pages(b for blocks in self._blocks.values() for b in blocks)
+        release_pages(blocks[0] for blocks in self._blocks.values() if blocks)  # one mapping per shard
 
     def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
         """ndarray of shape (n,), bool: which of ``keys`` have a vector in this space."""
