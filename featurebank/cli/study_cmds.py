@@ -123,6 +123,9 @@ def _fewshot(args: argparse.Namespace) -> int:
         if args.normalize or args.precision:
             raise ValueError("--normalize and --precision change only an ONNX export; with --finetune/--scratch "
                              "give --backbone NAME (with --layer, --pool, --weights) without them")
+        from featurebank.cli.export_cmds import int8_options
+
+        int8_options(args)  # --calibrate and the other int8 flags refused, not silently ignored
         if args.layers and len(args.layers) > 1:
             raise ValueError(f"a few-shot study needs one layer; got --layer {', '.join(args.layers)}: give --layer once")
         model = {"model": args.model, "backbone": args.backbone, "layer": args.layers[0] if args.layers else None,

@@ -133,6 +133,10 @@ def test_cli_finetune_with_model_is_a_one_line_error(texture_dir, tiny_model, st
                  "--layer", "blocks.1", "--layer", "blocks.3", "--shots", "5", "--scratch", "--no-progress"])
     assert code == 2
     assert "a few-shot study needs one layer; got --layer blocks.1, blocks.3: give --layer once" in capsys.readouterr().err
+    code = main(["fewshot", str(texture_dir), "--store", str(studies_store), "--backbone", "test_efficientnet",
+                 "--shots", "5", "--finetune", "--calibrate", str(texture_dir), "--no-progress"])
+    assert code == 2
+    assert "featurebank: error: --calibrate only apply to --precision int8" in capsys.readouterr().err
 
 
 def test_cli_subprocess_prints_the_rows_as_json_and_the_eta_on_stderr(texture_dir, studies_store):
