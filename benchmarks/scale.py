@@ -314,7 +314,7 @@ def search_step(args) -> dict:
     rr0, np0 = index.rerank, index.nprobe
     runs = [("rerank", rr0, np0), ("no_rerank", 0, np0)]
     if np0 is not None:
-        runs += [(f"rerank{rr}_nprobe{p}", rr, p) for p in (16, 32, 64, 128, 256) for rr in sorted({10, 20, rr0})
+        runs += [(f"rerank{rr}_nprobe{p}", rr, p) for p in (16, 32, 64, 128, 256) for rr in sorted({10, 20, rr0, 50})
                  if (p, rr) != (np0, rr0)]
     for label, rr, nprobe in runs:
         index.rerank = rr
@@ -411,7 +411,7 @@ def main() -> None:
             log(f"n={n:,}: {step} ...")
             row[step] = run_child(step, args, ["--queries-file", str(qfile)] if step in ("truth", "search") else [])
             log(f"n={n:,}: {step}: {row[step]}")
-        results["sizes"][str(n)] = row
+        results["sizes"].setdefault(str(n), {}).update(row)  # --steps reruns some steps, keeps the others
         out_path.write_text(json.dumps(results, indent=2) + "\n")
         shutil.rmtree(store_dir, ignore_errors=True)  # disk is limited: one size at a time
         shutil.rmtree(index_dir, ignore_errors=True)
