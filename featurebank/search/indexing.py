@@ -167,8 +167,24 @@ def index_store(
                     n_added += index._append(X, np.asarray(keys[rows]))
                     bar.update(len(rows))
             index.source = {"store": str(store.root), "shards": _shards_signature(space)}
+        # each label's row in the store's sorted keys, for the re-rank (no key lookups)
+        index.store_rows = store_rows(space, index._labels) if index.rerank else None
+        index.source["rows_for"] = index.source.get("shards") if index.rerank else None
     index.save(index_dir)
     return index, n_added
+
+
+def store_rows(space, labels: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """Position of each label (S64 key; b"" for a removed one) in ``space.key_array()``, -1 where
+    the space lacks it: int32 (int64 past 2**31 keys), computed 1M labels at a time."""
+    keys = space.key_array()
+    out = np.empty(len(labels), dtype=np.int32 if len(keys) < 2**31 else np.int64)
+    for s in range(0, len(labels), chunk):
+        lab = np.asarray(labels[s : s + chunk])
+        pos = np.searchsorted(keys, lab)
+        hit = (pos < len(keys)) & (keys[np.minimum(pos, max(len(keys) - 1, 0))] == lab) if len(keys) else np.zeros(len(lab), bool)
+        out[s : s + chunk] = np.where(hit, pos, -1)
+    return out
 
 
 def _check_compatible(index: SimilarityIndex, index_dir: Path, space_fp: str, factory: str, metric: str) -> None:

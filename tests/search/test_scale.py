@@ -106,11 +106,26 @@ def test_auto_picks_a_compressed_index_whose_reranked_recall_matches_exact_searc
     assert with_rerank >= 0.95 and with_rerank > without + 0.1, (with_rerank, without)
 
 
-def test_compaction_after_the_build_is_detected_and_remapped_and_lost_rows_refused(tmp_path, crops):
+def test_compaction_after_the_build_is_detected_and_remapped_and_lost_rows_refused(tmp_path, crops, monkeypatch):
     fill_store(tmp_path / "store", crops[:1200], n_shards=6)
     index, _ = index_store(tmp_path / "store", SPACE, tmp_path / "idx", factory="IVF16,SQ8", rerank=5)
     Q = crops[:30]
+    # the re-rank reads candidates at the rows recorded at the build, with no key lookup (one
+    # lookup of one key per opened index checks that the shards are still those of the build)
+    rows = np.load(tmp_path / "idx" / "store_rows.npy")
+    with open_store(tmp_path / "store") as store:
+        keys = store.space(SPACE).key_array()
+    assert rows.dtype == np.int32 and (keys[rows] == open_index(tmp_path / "idx")._labels).all()
+    looked_up = []
+    real_get = index_mod.SimilarityIndex._store_vectors
+    monkeypatch.setattr(index_mod.SimilarityIndex, "_store_vectors",
+                        lambda self, space, k: looked_up.append(len(k)) or real_get(self, space, k))
     before = open_index(tmp_path / "idx").search(Q, 5)
+    assert looked_up == [1]
+    monkeypatch.undo()
+    by_key = open_index(tmp_path / "idx")
+    by_key.store_rows = None
+    assert by_key.search(Q, 5)[1] == before[1]
     with open_store(tmp_path / "store") as store:
         (report,) = store.compact(SPACE)["spaces"]
     assert report["shards_merged"] == 7 and report["rows_dropped"] == 5  # rows moved to a new shard
