@@ -28,6 +28,7 @@ from featurebank.search.index import (
     _train,
     as_vectors,
     default_nprobe,
+    fit_quantizer_search,
     is_compressed,
     open_index,
     resolve_factory,
@@ -104,6 +105,8 @@ def build_store_index(space, *, factory: str = "auto", metric: str = "cosine", n
             labels[pos : pos + len(keys)] = keys
             pos += len(keys)
             bar.update(len(keys))
+    if ivf is not None:  # after the adds: each vector's list is found at the quantizer's default effort
+        fit_quantizer_search(ivf)
     sim = SimilarityIndex(index, labels[:pos], factory=resolved, metric=metric, space=space.fingerprint)
     if nprobe is not None:
         sim.nprobe = nprobe

@@ -185,13 +185,13 @@ class Space:
                 # copies: the shard's mapping is dropped once streamed
                 yield np.array(k), (np.array(X) if dtype is None else X.astype(dtype))
 
-    def gather(self, positions: np.ndarray, *, verify: bool = True) -> np.ndarray:
+    def gather(self, positions: np.ndarray, *, verify: bool = True, dtype: str = "float32") -> np.ndarray:
         """Vectors at ``positions`` of :meth:`key_array` (int array, shape (m,)): ndarray of
-        shape (m, dim), float32. For seeded samples and re-ranking without key lookups."""
+        shape (m, dim), ``dtype`` (the space's own: no cast). For samples and re-ranking."""
         index = self._refresh()
         positions = np.asarray(positions, dtype=np.int64)
         check_memory(len(positions) * self.dim * 4, f"loading {len(positions):,} vectors of space {self.fingerprint[:12]}…")
-        X = np.empty((len(positions), self.dim), dtype=np.float32)
+        X = np.empty((len(positions), self.dim), dtype=dtype)
         index.gather(positions, X, np.arange(len(positions)), check=self._check_block if verify else None)
         return X
 
