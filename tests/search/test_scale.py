@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -189,3 +190,20 @@ def test_cli_index_build_reports_bytes_per_vector_and_search_uses_the_index(tmp_
     assert index_mod.resolve_factory("auto", 10_000_000, dim=512) == "OPQ128,IVF8192_HNSW32,PQ128x4fs"
     assert index_mod.resolve_factory("auto", 2_000_000, dim=99) == "IVF2048,PQ11"
     assert indexing.default_rerank("IVF2048,PQ11") == 10 and indexing.default_rerank("IVF64,Flat") == 0
+
+
+def test_an_hnsw_coarse_quantizer_searches_at_least_nprobe_wide(tmp_path, crops):
+    # FAISS's default efSearch (16) returns a poor set of nprobe lists once nprobe exceeds it
+    # (10M x 512: 84% of the right 128); the index raises it after the build and on open
+    fill_store(tmp_path / "store", crops[:3000], dup=False)
+    index, _ = index_store(tmp_path / "store", SPACE, tmp_path / "idx", factory="IVF64_HNSW32,SQ8", nprobe=48)
+
+    def ef(idx):
+        return faiss.downcast_index(faiss.extract_index_ivf(idx._index).quantizer).hnsw.efSearch
+
+    assert ef(index) == index_mod.QUANTIZER_EF_SEARCH == 128
+    for mmap in (False, True):
+        opened = open_index(tmp_path / "idx", mmap=mmap)
+        assert opened.nprobe == 48 and ef(opened) == 128
+        opened.nprobe = 64
+        assert ef(opened) == 128
