@@ -26,6 +26,7 @@ squared Euclidean distances, FAISS's own convention (smaller is closer).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -62,16 +63,10 @@ AUTO_FLAT_MAX = 50_000
 _RERANK_BLOCK = 64
 
 
-class _FP16Decoders(dict):
-    """One FAISS fp16 scalar quantizer (no training) per dimension, to widen stored rows."""
-
-    def get(self, dim: int) -> faiss.ScalarQuantizer:
-        if dim not in self:
-            self[dim] = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
-        return self[dim]
-
-
-_FP16 = _FP16Decoders()
+@functools.lru_cache(maxsize=None)
+def _fp16_decoder(dim: int) -> faiss.ScalarQuantizer:
+    """FAISS's fp16 scalar quantizer for ``dim`` (needs no training), to widen stored rows."""
+    return faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
 
 _TRAIN_ERROR = re.compile(r"Number of training points \((\d+)\) should be at least as large as number of clusters \((\d+)\)")
 
@@ -596,15 +591,19 @@ class SimilarityIndex:
             self._store_space = store.space(self.space)
         return self._store_space
 
+    def _check_store(self, space) -> None:
+        """Set `store_changed`, once per opened index (a listing of the shard folder): compacted
+        or grown since the build, rows are then found by key through the store's key map, which
+        the store rebuilds (re-maps) when its shards changed."""
+        if not self._store_checked:
+            built = (self.source or {}).get("shards")
+            self.store_changed = built is not None and _shards_signature(space) != built
+            self._store_checked = True
+
     def _store_vectors(self, space, keys: np.ndarray) -> np.ndarray:
         """Exact vectors of indexed ``keys`` (S array) from the store (memory-mapped shards, key
         map persisted by the store); refuses when some are gone."""
-        if not self._store_checked:  # once per opened index: a listing of the shard folder
-            built = (self.source or {}).get("shards")
-            # compacted or grown since the build: rows are found by key through the store's
-            # key map, which the store rebuilds (re-maps) when its shards changed
-            self.store_changed = built is not None and _shards_signature(space) != built
-            self._store_checked = True
+        self._check_store(space)
         X, found = space.get(keys)
         if not found.all():
             raise IndexFileError(
@@ -621,15 +620,14 @@ class SimilarityIndex:
         rows = self.store_rows
         src = self.source or {}
         if rows is not None and len(rows) == len(self._labels) and src.get("rows_for") is not None:
-            if not self._store_checked:
-                self._store_vectors(space, self._labels[labels[:1]])  # sets store_changed once
+            self._check_store(space)
             at = np.asarray(rows[labels], dtype=np.int64)
             if not self.store_changed and src.get("rows_for") == src.get("shards") and (at >= 0).all():
                 if space.dtype != "float16":
                     return space.gather(at)
                 # fp16 rows copied as they are, widened by FAISS's F16C decoder (numpy's cast
                 # was most of a re-rank's time: ~0.8 ns a value, 0.4 us per 512-d candidate)
-                return _FP16.get(self.dim).decode(space.gather(at, dtype="float16").view(np.uint8))
+                return _fp16_decoder(self.dim).decode(space.gather(at, dtype="float16").view(np.uint8))
         return self._store_vectors(space, self._labels[labels])
 
     def _search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:

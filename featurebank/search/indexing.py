@@ -178,15 +178,14 @@ def index_store(
 
 
 def store_rows(space, labels: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """Position of each label (S64 key; b"" for a removed one) in ``space.key_array()``, -1 where
-    the space lacks it: int32 (int64 past 2**31 keys), computed 1M labels at a time."""
-    keys = space.key_array()
-    out = np.empty(len(labels), dtype=np.int32 if len(keys) < 2**31 else np.int64)
+    """Each label's position in ``space.key_array()`` (:meth:`Space.positions
+    <featurebank.store.space.Space.positions>`), -1 for a removed label (b"") or a key the space
+    lacks: int32 (int64 past 2**31 keys), looked up 1M labels at a time."""
+    out = np.full(len(labels), -1, dtype=np.int32 if len(space) < 2**31 else np.int64)
     for s in range(0, len(labels), chunk):
         lab = np.asarray(labels[s : s + chunk])
-        pos = np.searchsorted(keys, lab)
-        hit = (pos < len(keys)) & (keys[np.minimum(pos, max(len(keys) - 1, 0))] == lab) if len(keys) else np.zeros(len(lab), bool)
-        out[s : s + chunk] = np.where(hit, pos, -1)
+        live = lab != b""
+        out[s : s + len(lab)][live] = space.positions(lab[live])
     return out
 
 

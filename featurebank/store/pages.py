@@ -14,6 +14,8 @@ import mmap
 import sys
 from typing import Iterable
 
+import numpy as np
+
 from featurebank.store.shards import Block
 
 __all__ = ["release_pages", "release_array"]
@@ -53,8 +55,6 @@ def release_pages(blocks: Iterable[Block]) -> int:
 def release_array(a) -> bool:
     """:func:`release_pages` for a read-only ``np.memmap`` (the persisted key map read front to
     back by export); any other array is left alone (its memory is the data). True if released."""
-    import numpy as np
-
     if _madvise is None or not isinstance(a, np.memmap) or a.mode != "r" or a.size == 0:
         return False
     page = mmap.PAGESIZE

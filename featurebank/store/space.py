@@ -154,36 +154,19 @@ class Space:
             raise ValueError(f"chunk_rows must be a positive integer; got {chunk_rows!r}")
         index = self._refresh()
         masks = index.row_mask()
-        i = -1
-        for name in list(self._names or []):
-            # a mapping of its own per shard, dropped after it: one shard's pages resident at a time
-            try:
-                blocks = read_blocks(self.shard_dir / name, self.dim, self.dtype)
-            except FileNotFoundError:  # compacted away meanwhile: read through the cached mapping
-                blocks = self._blocks[name]
-            cached = self._blocks.get(name, [])
-            for j, block in enumerate(blocks):
-                i += 1
-                twin = cached[j] if j < len(cached) else None  # the Space's mapping of the same batch
-                if twin is not None and twin.intact is not None:
-                    block.intact = twin.intact  # checked once per open, whichever mapping read it
-                yield from self._stream_block(block, None if masks is None else masks[i], chunk_rows, verify, dtype)
-                if twin is not None:
-                    twin.intact = block.intact
-            del blocks
-
-    def _stream_block(self, block: Block, keep, chunk_rows: int, verify: bool, dtype):
-        if verify:
-            self._check_block(block)
-        for s in range(0, len(block.keys), chunk_rows):
-            k, X = block.keys[s : s + chunk_rows], block.vectors[s : s + chunk_rows]
-            if keep is not None:
-                sel = keep[s : s + chunk_rows]
-                if not sel.all():
-                    k, X = k[sel], X[sel]
-            if len(k):
-                # copies: the shard's mapping is dropped once streamed
-                yield np.array(k), (np.array(X) if dtype is None else X.astype(dtype))
+        for i, block in enumerate(index.blocks):
+            if verify:
+                self._check_block(block)
+            keep = None if masks is None else masks[i]
+            for s in range(0, len(block.keys), chunk_rows):
+                k, X = block.keys[s : s + chunk_rows], block.vectors[s : s + chunk_rows]
+                if keep is not None:
+                    sel = keep[s : s + chunk_rows]
+                    if not sel.all():
+                        k, X = k[sel], X[sel]
+                if len(k):
+                    yield k, (X if dtype is None else X.astype(dtype, copy=False))
+            release_pages([block])  # its shard's pages leave RSS: one shard resident at a time
 
     def gather(self, positions: np.ndarray, *, verify: bool = True, dtype: str = "float32") -> np.ndarray:
         """Vectors at ``positions`` of :meth:`key_array` (int array, shape (m,)): ndarray of
@@ -207,10 +190,14 @@ class Space:
         """Drop this process's resident pages of the shard mappings (:mod:`featurebank.store.pages`)."""
         release_pages(blocks[0] for blocks in self._blocks.values() if blocks)  # one mapping per shard
 
+    def positions(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
+        """ndarray of shape (n,), int64: where each of ``keys`` sits in :meth:`key_array` (what
+        :meth:`gather` takes), -1 where the space lacks it."""
+        return self._refresh().lookup(keys_to_array(keys))
+
     def contains(self, keys: Iterable[str] | np.ndarray) -> np.ndarray:
         """ndarray of shape (n,), bool: which of ``keys`` have a vector in this space."""
-        q = keys_to_array(keys)
-        return self._refresh().lookup(q) >= 0
+        return self.positions(keys) >= 0
 
     def get(self, keys: Iterable[str] | np.ndarray, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Load vectors by key.
